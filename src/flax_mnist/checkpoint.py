@@ -1,0 +1,125 @@
+"""Checkpoints with orbax: the best epoch by validation accuracy, and the latest for resuming.
+
+A workdir holds two orbax CheckpointManagers, kept apart on purpose (orbax's ``best_fn``
+with ``max_to_keep`` would delete the latest checkpoint whenever validation worsens):
+
+  ``checkpoints/best/<epoch>``    written only when val accuracy strictly improves
+                                  (Keras ModelCheckpoint ``save_best_only``);
+  ``checkpoints/latest/<epoch>``  written every epoch, to resume an interrupted run.
+
+Each checkpoint holds ``state`` (model params, BatchNorm statistics and dropout RNG,
+optimizer state) and ``meta`` (JSON: epoch, metrics, model name, config). Orbax writes
+to a temporary directory and renames it, so an interrupted save never corrupts the
+previous checkpoint. This is the only module that imports orbax.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from flax_mnist import models
+from flax_mnist.errors import CheckpointError
+
+KINDS = ("best", "latest")
+
+
+def _abstract(tree: Any) -> Any:
+  return jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+class Checkpoints:
+  """The best and latest checkpoints of one workdir."""
+
+  def __init__(self, workdir: str | os.PathLike, *, read_only: bool = False):
+    self.directory = Path(workdir).resolve() / "checkpoints"
+    self._managers = {
+        kind: ocp.CheckpointManager(
+            self.directory / kind,
+            options=ocp.CheckpointManagerOptions(max_to_keep=1, create=not read_only,
+                                                 read_only=read_only))
+        for kind in KINDS
+    }
+
+  def epoch(self, kind: str) -> int | None:
+    """The epoch of the ``kind`` checkpoint, or None if there is none."""
+    return self._manager(kind).latest_step()
+
+  def save(self, kind: str, epoch: int, state: Any, meta: dict[str, Any]) -> None:
+    """Saves ``state`` (a pytree) and ``meta`` (JSON-able) as the ``kind`` checkpoint of ``epoch``."""
+    self._manager(kind).save(epoch, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+
+  def restore_meta(self, kind: str) -> dict[str, Any]:
+    """The JSON metadata of the ``kind`` checkpoint."""
+    epoch = self._require(kind)
+    return self._manager(kind).restore(
+        epoch, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+  def restore(self, kind: str, template: Any) -> tuple[Any, dict[str, Any]]:
+    """Restores the ``kind`` checkpoint into a pytree shaped like ``template``; returns (state, meta)."""
+    epoch = self._require(kind)
+    try:
+      restored = self._manager(kind).restore(epoch, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(_abstract(template)), meta=ocp.args.JsonRestore()))
+    except (ValueError, KeyError, TypeError) as error:
+      message = str(error).splitlines()[0] if str(error) else type(error).__name__
+      raise CheckpointError(
+          f"{self.directory / kind / str(epoch)}: does not match the model being restored ({message})") from None
+    return restored["state"], restored["meta"]
+
+  def wait(self) -> None:
+    """Blocks until asynchronous saves have finished."""
+    for manager in self._managers.values():
+      manager.wait_until_finished()
+
+  def close(self) -> None:
+    """Waits for pending saves and releases the managers."""
+    for manager in self._managers.values():
+      manager.close()
+
+  def _manager(self, kind: str) -> ocp.CheckpointManager:
+    if kind not in self._managers:
+      raise CheckpointError(f"checkpoint {kind!r}: unknown, expected one of {', '.join(KINDS)}")
+    return self._managers[kind]
+
+  def _require(self, kind: str) -> int:
+    epoch = self.epoch(kind)
+    if epoch is None:
+      raise CheckpointError(f"{self.directory / kind}: no {kind} checkpoint (has this workdir been trained?)")
+    return epoch
+
+
+def load_model(workdir: str | os.PathLike, which: str = "best") -> tuple[models.Classifier, dict[str, Any]]:
+  """Loads the ``which`` ("best" or "latest") checkpoint of a training workdir.
+
+  Returns ``(model, info)``: the model in eval mode, and a dict with at least ``epoch``,
+  ``val_accuracy``, ``val_loss``, ``model`` (its name) and ``config`` (as trained).
+  """
+  if not (Path(workdir) / "checkpoints").is_dir():
+    raise CheckpointError(f"{workdir}: no checkpoints directory (expected a workdir written by train.py)")
+  checkpoints = Checkpoints(workdir, read_only=True)
+  try:
+    meta = checkpoints.restore_meta(which)
+    config = meta["config"]
+    model = models.create_model(meta["model"], rngs=nnx.Rngs(0), conv_impl=config.get("conv_impl", "auto"))
+    graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
+    template = {"params": params, "model_state": model_state}
+    # Only the model is needed here: restore a subtree, leaving the optimizer state on disk.
+    state, _ = checkpoints.restore(which, {**template, "opt_state": _optimizer_template(config, params)})
+  finally:
+    checkpoints.close()
+  model = nnx.merge(graphdef, state["params"], state["model_state"])
+  model.eval()
+  return model, meta
+
+
+def _optimizer_template(config: dict[str, Any], params: Any) -> Any:
+  # Imported here: train imports checkpoint, not the other way round at import time.
+  from flax_mnist import train
+  return train.make_optimizer(config).init(params)

@@ -1,0 +1,171 @@
+"""MNIST data: where it comes from, IDX parsing with validation, and normalisation.
+
+Images are kept as uint8 NHWC ``(N, 28, 28, 1)`` and labels as int32, in the original
+order of the files; scaling to [0, 1] happens on device (``normalize_images``) so the
+host never holds a float copy of the dataset.
+
+Sources, first match wins (``load_mnist``):
+  1. an explicit ``data_dir`` (``config.data_dir``) holding the four IDX files;
+  2. the environment variable ``FLAX_MNIST_DATA_DIR``;
+  3. TFDS: the ``mnist_idx`` builder of ``flax_mnist.tfds_builder``, prepared as
+     array_record (downloads on a machine with internet; no TensorFlow needed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import os
+import zlib
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+
+from flax_mnist.errors import DatasetError
+
+DATA_DIR_ENV = "FLAX_MNIST_DATA_DIR"
+NUM_CLASSES = 10
+IMAGE_SHAPE = (28, 28, 1)
+SPLITS = ("train", "test")
+# File stems of the original distribution; each may also be gzipped (stem + ".gz").
+IDX_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+_IDX_UBYTE = 0x08
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+  """One split of MNIST on the host: uint8 NHWC images and int32 labels."""
+
+  images: np.ndarray
+  labels: np.ndarray
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+
+@dataclasses.dataclass(frozen=True)
+class Mnist:
+  """Both splits and a human-readable description of where they came from."""
+
+  train: Split
+  test: Split
+  source: str
+
+
+def _read_bytes(path: Path) -> bytes:
+  """Returns the decompressed bytes of ``path``, gzipped or not (told by its magic, not its name)."""
+  try:
+    raw = path.read_bytes()
+  except OSError as error:
+    raise DatasetError(f"{path}: cannot read ({error.strerror})") from None
+  if raw[:2] != _GZIP_MAGIC:
+    return raw
+  try:
+    return gzip.decompress(raw)
+  except (OSError, EOFError, zlib.error) as error:
+    raise DatasetError(f"{path}: corrupt gzip data ({error})") from None
+
+
+def read_idx(path: str | os.PathLike, *, ndim: int) -> np.ndarray:
+  """Reads an IDX file of unsigned bytes with ``ndim`` dimensions into a uint8 array.
+
+  Checks the magic number (0x0000 08 ndim), that the header is complete and that the
+  file length equals the header's dimensions; raises DatasetError naming the file.
+  """
+  path = Path(path)
+  data = _read_bytes(path)
+  header_size = 4 + 4 * ndim
+  if len(data) < 4:
+    raise DatasetError(f"{path}: {len(data)} bytes, too short for an IDX header (expected at least {header_size})")
+  expected_magic = bytes([0, 0, _IDX_UBYTE, ndim])
+  if data[:4] != expected_magic:
+    raise DatasetError(
+        f"{path}: bad magic number 0x{data[:4].hex()}, expected 0x{expected_magic.hex()} "
+        f"(IDX unsigned bytes, {ndim} dimension{'s' if ndim > 1 else ''})")
+  if len(data) < header_size:
+    raise DatasetError(f"{path}: truncated header, {len(data)} bytes, expected at least {header_size}")
+  dims = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
+  expected_size = header_size + int(np.prod(dims, dtype=np.int64))
+  if len(data) != expected_size:
+    raise DatasetError(
+        f"{path}: file length {len(data)} bytes, expected {expected_size} for dimensions {dims}")
+  return np.frombuffer(data, dtype=np.uint8, offset=header_size).reshape(dims)
+
+
+def read_images(path: str | os.PathLike) -> np.ndarray:
+  """Reads an IDX image file into uint8 NHWC ``(N, 28, 28, 1)``."""
+  images = read_idx(path, ndim=3)
+  if images.shape[1:] != IMAGE_SHAPE[:2]:
+    raise DatasetError(
+        f"{path}: images are {images.shape[1]}x{images.shape[2]}, expected "
+        f"{IMAGE_SHAPE[0]}x{IMAGE_SHAPE[1]}")
+  return images[..., None]
+
+
+def read_labels(path: str | os.PathLike) -> np.ndarray:
+  """Reads an IDX label file into int32 ``(N,)``, checking every label is in 0..9."""
+  labels = read_idx(path, ndim=1)
+  if labels.size and labels.max() >= NUM_CLASSES:
+    index = int(np.argmax(labels >= NUM_CLASSES))
+    raise DatasetError(
+        f"{path}: label {labels[index]} at index {index}, expected 0..{NUM_CLASSES - 1}")
+  return labels.astype(np.int32)
+
+
+def find_idx_file(directory: str | os.PathLike, stem: str) -> Path:
+  """Returns the path of ``stem`` or ``stem.gz`` in ``directory``; DatasetError if neither exists."""
+  directory = Path(directory)
+  for name in (stem, stem + ".gz"):
+    if (directory / name).is_file():
+      return directory / name
+  if not directory.is_dir():
+    raise DatasetError(f"{directory}: not a directory (expected one holding the MNIST IDX files)")
+  raise DatasetError(f"{directory / stem}: missing, expected {stem} or {stem}.gz in {directory}")
+
+
+def make_split(images: np.ndarray, labels: np.ndarray, *, images_name: str, labels_name: str) -> Split:
+  """Pairs images and labels, checking that their counts are equal."""
+  if len(images) != len(labels):
+    raise DatasetError(
+        f"{labels_name}: {len(labels)} labels, expected {len(images)} to match the images in {images_name}")
+  return Split(images=np.ascontiguousarray(images), labels=np.ascontiguousarray(labels))
+
+
+def load_idx_split(directory: str | os.PathLike, split: str) -> Split:
+  """Loads one split (``"train"`` or ``"test"``) from the IDX files in ``directory``."""
+  if split not in IDX_FILES:
+    raise DatasetError(f"split {split!r}: unknown, expected one of {', '.join(IDX_FILES)}")
+  images_stem, labels_stem = IDX_FILES[split]
+  images_path = find_idx_file(directory, images_stem)
+  labels_path = find_idx_file(directory, labels_stem)
+  return make_split(read_images(images_path), read_labels(labels_path),
+                    images_name=str(images_path), labels_name=str(labels_path))
+
+
+def load_idx_dir(directory: str | os.PathLike) -> Mnist:
+  """Loads train and test from a directory of IDX files."""
+  return Mnist(train=load_idx_split(directory, "train"), test=load_idx_split(directory, "test"),
+               source=f"IDX files in {Path(directory).resolve()}")
+
+
+def load_mnist(data_dir: str | os.PathLike | None = None, *,
+               tfds_data_dir: str | os.PathLike | None = None) -> Mnist:
+  """Loads MNIST from the first available source (see the module docstring)."""
+  if data_dir:
+    return load_idx_dir(data_dir)
+  env_dir = os.environ.get(DATA_DIR_ENV)
+  if env_dir:
+    return load_idx_dir(env_dir)
+  # Imported here so that the IDX path never pays for importing TFDS.
+  from flax_mnist import tfds_builder
+  return tfds_builder.load(data_dir=tfds_data_dir)
+
+
+def normalize_images(images: jnp.ndarray) -> jnp.ndarray:
+  """Scales uint8 images to float32 in [0, 1] (x / 255), as the notebook does; runs on device."""
+  return images.astype(jnp.float32) / 255.0

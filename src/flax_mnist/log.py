@@ -1,0 +1,96 @@
+"""Reporting a run: a live progress bar, one console line per epoch, TensorBoard event files.
+
+TensorBoard files are written with tensorboardX, which needs no TensorFlow (flax's and clu's
+writers import it). Like the notebook's ``TensorBoard(histogram_freq=1)``, every epoch
+logs the scalars and a histogram of every weight and bias.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, TextIO
+
+import jax
+import numpy as np
+from flax import nnx
+from tensorboardX import SummaryWriter
+from tqdm import tqdm
+
+from flax_mnist import models
+
+
+class ProgressBar:
+  """A per-epoch tqdm bar updated from inside the compiled epoch (through a host callback)."""
+
+  def __init__(self, total_steps: int, *, enabled: bool, stream: TextIO | None = None):
+    self.total_steps = total_steps
+    self.stream = stream or sys.stderr
+    self.enabled = enabled and self.stream.isatty()
+    self._bar: tqdm | None = None
+
+  def start(self, epoch: int, num_epochs: int) -> None:
+    """Opens the bar for one epoch."""
+    if self.enabled:
+      self._bar = tqdm(total=self.total_steps, desc=f"epoch {epoch}/{num_epochs}", unit="step",
+                       file=self.stream, leave=False, dynamic_ncols=True)
+
+  def update(self, step: Any, loss_sum: Any, correct_sum: Any, seen: Any) -> None:
+    """Called by the compiled epoch after each step with the running sums."""
+    if self._bar is None:
+      return
+    seen = max(int(seen), 1)
+    self._bar.n = int(step)
+    self._bar.set_postfix(loss=f"{float(loss_sum) / seen:.4f}", accuracy=f"{int(correct_sum) / seen:.4f}",
+                          refresh=False)
+    self._bar.refresh()
+
+  def close(self) -> None:
+    """Closes the bar of the current epoch."""
+    if self._bar is not None:
+      self._bar.close()
+      self._bar = None
+
+
+def format_epoch(record: dict[str, Any], num_epochs: int) -> str:
+  """One console line for an epoch's history record."""
+  return (f"epoch {record['epoch']:>3}/{num_epochs}  "
+          f"train_loss {record['train_loss']:.4f}  train_accuracy {record['train_accuracy']:.4f}  "
+          f"val_loss {record['val_loss']:.4f}  val_accuracy {record['val_accuracy']:.4f}  "
+          f"{record['seconds']:.2f} s  {record['images_per_second']:,.0f} images/s")
+
+
+def _parameter_name(path: tuple[Any, ...], layer_names: dict[int, str]) -> str:
+  parts = []
+  for key in path:
+    key = getattr(key, "key", getattr(key, "idx", key))
+    if key in ("layers", "linear", "value"):
+      continue
+    parts.append(layer_names.get(key, str(key)) if isinstance(key, int) else str(key))
+  return "/".join(parts)
+
+
+class TensorBoard:
+  """TensorBoard event files in ``<workdir>/tensorboard`` (scalars and weight histograms per epoch)."""
+
+  def __init__(self, logdir: str | os.PathLike, *, enabled: bool = True):
+    self.writer = SummaryWriter(os.fspath(logdir)) if enabled else None
+
+  def write_epoch(self, epoch: int, record: dict[str, Any], model: models.Classifier) -> None:
+    """Writes the epoch's scalars and a histogram of every parameter (named like ``dense_1/kernel``)."""
+    if self.writer is None:
+      return
+    for key, value in record.items():
+      if key != "epoch" and isinstance(value, (int, float)):
+        self.writer.add_scalar(key, value, epoch)
+    layer_names = dict(enumerate(models.layer_names(model)))
+    params = nnx.state(model, nnx.Param)
+    for path, value in jax.tree_util.tree_flatten_with_path(params)[0]:
+      self.writer.add_histogram(_parameter_name(path, layer_names), np.asarray(value), epoch)
+    self.writer.flush()
+
+  def close(self) -> None:
+    """Flushes and closes the event file."""
+    if self.writer is not None:
+      self.writer.close()
+

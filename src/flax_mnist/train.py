@@ -1,0 +1,321 @@
+"""Training: pure train/eval steps, one compiled program per epoch, and the loop.
+
+The whole dataset lives on device as uint8. Each epoch is one compiled call: a seeded
+on-device shuffle, a ``lax.scan`` over the full batches, then the last partial batch as one
+more step. Like Keras, the remainder is trained on, not dropped: 60,000 images at batch 512
+are 117 steps of 512 and a 118th of 96 (its loss is the mean over its 96 images). Evaluation
+covers every test image the same way (10,000 at batch 1,000 is 10 steps; any remainder is a
+last smaller step), in eval mode (no dropout, BatchNorm moving statistics).
+
+``train_and_evaluate(config, workdir)`` runs a whole experiment, resuming from the latest
+checkpoint in ``workdir`` if there is one, and returns the history (one dict per epoch).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+
+from flax_mnist import checkpoint, data, log, models
+from flax_mnist.errors import ConfigError, FlaxMnistError
+
+Metrics = dict[str, jax.Array]
+HISTORY_FILE = "history.json"
+CONFIG_FILE = "config.json"
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The notebook's settings; each file in ``configs/`` sets ``model`` and may override more."""
+  config = ml_collections.ConfigDict()
+  config.model = "cnn"
+  config.seed = 0
+  config.learning_rate = 1e-3
+  config.adam_eps = 1e-7  # Keras's default (optax's is 1e-8).
+  config.batch_size = 512
+  config.eval_batch_size = 1000
+  config.num_epochs = 20
+  config.shuffle = True
+  # IDX directory; unset: $FLAX_MNIST_DATA_DIR, else TFDS.
+  config.data_dir = ml_collections.config_dict.placeholder(str)
+  config.tfds_data_dir = ml_collections.config_dict.placeholder(str)  # Unset: TFDS's default.
+  config.conv_impl = "auto"  # "im2col" on CPU, "lax" elsewhere.
+  config.progress_bar = True  # Shown only on a terminal.
+  return config
+
+
+def make_optimizer(config: Mapping[str, Any]) -> optax.GradientTransformation:
+  """Adam with Keras's defaults (b1 0.9, b2 0.999, eps 1e-7 unless the config says otherwise)."""
+  return optax.adam(learning_rate=config["learning_rate"], b1=0.9, b2=0.999, eps=config["adam_eps"])
+
+
+def _zero_metrics() -> Metrics:
+  return {"loss_sum": jnp.zeros((), jnp.float32), "correct": jnp.zeros((), jnp.int32),
+          "count": jnp.zeros((), jnp.int32), "steps": jnp.zeros((), jnp.int32)}
+
+
+def _accumulate(metrics: Metrics, losses: jax.Array, logits: jax.Array, labels: jax.Array) -> Metrics:
+  correct = jnp.sum(jnp.argmax(logits, axis=-1) == labels, dtype=jnp.int32)
+  return {"loss_sum": metrics["loss_sum"] + losses.sum(), "correct": metrics["correct"] + correct,
+          "count": metrics["count"] + labels.shape[0], "steps": metrics["steps"] + 1}
+
+
+def _scan_batches(step: Callable[[Any, tuple[jax.Array, jax.Array]], Any], carry: Any,
+                  images: jax.Array, labels: jax.Array, batch_size: int) -> Any:
+  """Applies ``step`` to consecutive batches: full ones in a scan, then the remainder as one step."""
+  num_full = images.shape[0] // batch_size
+  split = num_full * batch_size
+  if num_full:
+    batches = (images[:split].reshape(num_full, batch_size, *images.shape[1:]),
+               labels[:split].reshape(num_full, batch_size))
+    carry, _ = jax.lax.scan(lambda carry, batch: (step(carry, batch), None), carry, batches)
+  if split < images.shape[0]:
+    carry = step(carry, (images[split:], labels[split:]))
+  return carry
+
+
+def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, carry: tuple,
+               batch: tuple[jax.Array, jax.Array]) -> tuple:
+  """One Adam step on a batch of uint8 images; a pure function of (params, model_state, opt_state, metrics)."""
+  params, model_state, opt_state, metrics = carry
+  images, labels = batch
+
+  def loss_fn(params):
+    model = nnx.merge(graphdef, params, model_state, copy=True)
+    logits = model(data.normalize_images(images))
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    _, _, new_model_state = nnx.split(model, nnx.Param, ...)  # BatchNorm stats, dropout RNG counts.
+    return losses.mean(), (losses, logits, new_model_state)
+
+  (_, (losses, logits, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+  updates, opt_state = tx.update(grads, opt_state, params)
+  params = optax.apply_updates(params, updates)
+  return params, model_state, opt_state, _accumulate(metrics, losses, logits, labels)
+
+
+def eval_step(graphdef: nnx.GraphDef, params: nnx.State, model_state: nnx.State, metrics: Metrics,
+              batch: tuple[jax.Array, jax.Array]) -> Metrics:
+  """Adds a batch's summed loss and correct count (eval-mode ``graphdef``) to ``metrics``."""
+  images, labels = batch
+  logits = nnx.merge(graphdef, params, model_state)(data.normalize_images(images))
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  return _accumulate(metrics, losses, logits, labels)
+
+
+def make_train_epoch(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, batch_size: int, *,
+                     shuffle: bool = True,
+                     progress: Callable[..., None] | None = None) -> Callable[..., tuple]:
+  """Returns the jitted ``train_epoch(params, model_state, opt_state, images, labels, key)``.
+
+  It returns ``(params, model_state, opt_state, metrics)`` with summed loss and correct count.
+  ``progress(step, loss_sum, correct, count)``, if given, is called on the host after each step.
+  """
+  def step(carry, batch):
+    carry = train_step(graphdef, tx, carry, batch)
+    if progress is not None:
+      metrics = carry[3]
+      jax.debug.callback(progress, metrics["steps"], metrics["loss_sum"], metrics["correct"], metrics["count"])
+    return carry
+
+  def train_epoch(params, model_state, opt_state, images, labels, key):
+    if shuffle:
+      order = jax.random.permutation(key, images.shape[0])
+      images, labels = images[order], labels[order]
+    return _scan_batches(step, (params, model_state, opt_state, _zero_metrics()), images, labels, batch_size)
+
+  return jax.jit(train_epoch)
+
+
+def make_evaluate(graphdef: nnx.GraphDef, batch_size: int) -> Callable[..., Metrics]:
+  """Returns the jitted ``evaluate(params, model_state, images, labels) -> metrics`` over every image."""
+  def evaluate(params, model_state, images, labels):
+    step = functools.partial(eval_step, graphdef, params, model_state)
+    return _scan_batches(step, _zero_metrics(), images, labels, batch_size)
+  return jax.jit(evaluate)
+
+
+def summarize(metrics: Metrics) -> dict[str, float]:
+  """Mean loss and accuracy from summed metrics (fetched to the host)."""
+  count = int(metrics["count"])
+  return {"loss": float(metrics["loss_sum"]) / count, "accuracy": int(metrics["correct"]) / count,
+          "correct": int(metrics["correct"]), "count": count}
+
+
+def evaluate_model(model: models.Classifier, images: Any, labels: Any, *, batch_size: int = 1000) -> dict[str, float]:
+  """Evaluates ``model`` (switched to eval mode) on uint8 NHWC images: loss, accuracy, correct, count."""
+  model.eval()
+  graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
+  metrics = make_evaluate(graphdef, batch_size)(params, model_state, jnp.asarray(images), jnp.asarray(labels))
+  return summarize(metrics)
+
+
+def validate_config(config: Mapping[str, Any]) -> None:
+  """Raises ConfigError naming the first field whose value cannot be used."""
+  if config["model"] not in models.model_names():
+    raise ConfigError(f"config.model {config['model']!r}: unknown, expected one of {', '.join(models.model_names())}")
+  for field in ("batch_size", "eval_batch_size"):
+    if not isinstance(config[field], int) or config[field] < 1:
+      raise ConfigError(f"config.{field} {config[field]!r}: expected a positive integer")
+  if not isinstance(config["num_epochs"], int) or config["num_epochs"] < 0:
+    raise ConfigError(f"config.num_epochs {config['num_epochs']!r}: expected an integer >= 0")
+  for field in ("learning_rate", "adam_eps"):
+    if not (isinstance(config[field], (int, float)) and math.isfinite(config[field]) and config[field] > 0):
+      raise ConfigError(f"config.{field} {config[field]!r}: expected a positive number")
+  models.resolve_conv_impl(config["conv_impl"])
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+  """A plain, JSON-able dict of a ConfigDict or mapping."""
+  return json.loads(json.dumps(config.to_dict() if hasattr(config, "to_dict") else dict(config)))
+
+
+def _write_json(path: Path, value: Any) -> None:
+  """Writes JSON atomically: a reader never sees a half-written file."""
+  temporary = path.with_suffix(path.suffix + ".tmp")
+  temporary.write_text(json.dumps(value, indent=2) + "\n")
+  os.replace(temporary, path)
+
+
+def _read_history(workdir: Path, last_epoch: int) -> list[dict[str, Any]]:
+  path = workdir / HISTORY_FILE
+  if not path.exists():
+    return []
+  try:
+    history = json.loads(path.read_text())
+  except json.JSONDecodeError as error:
+    raise FlaxMnistError(f"{path}: not valid JSON ({error.msg} at line {error.lineno}); move it away to resume") from None
+  return [record for record in history if record["epoch"] <= last_epoch]
+
+
+def _check_resumable(workdir: Path, config: Mapping[str, Any]) -> None:
+  """A workdir's checkpoints must be of the same model as the config."""
+  path = workdir / CONFIG_FILE
+  if not path.exists():
+    return
+  previous = json.loads(path.read_text())
+  if previous.get("model") != config["model"]:
+    raise ConfigError(f"{workdir}: holds a {previous.get('model')!r} run, config.model is {config['model']!r}; "
+                      "use another workdir")
+
+
+def train_and_evaluate(config: Any, workdir: str | os.PathLike, *,
+                       print_fn: Callable[[str], None] | None = print) -> list[dict[str, Any]]:
+  """Trains ``config.model`` for ``config.num_epochs``, validating on the test set after each epoch.
+
+  Writes into ``workdir``: config.json, history.json, checkpoints/{best,latest}, tensorboard/.
+  Resumes from ``checkpoints/latest`` if present. Returns the history, one dict per epoch with
+  epoch, train_loss, train_accuracy, val_loss, val_accuracy, seconds (train + eval, compile
+  excluded), train_seconds, eval_seconds and images_per_second (training throughput).
+  """
+  validate_config(config)
+  say = print_fn or (lambda line: None)
+  workdir = Path(workdir)
+  is_writer = jax.process_index() == 0
+  workdir.mkdir(parents=True, exist_ok=True)
+  _check_resumable(workdir, config)
+
+  mnist = data.load_mnist(config["data_dir"] or None, tfds_data_dir=config["tfds_data_dir"] or None)
+  train_images, train_labels = jax.device_put(mnist.train.images), jax.device_put(mnist.train.labels)
+  test_images, test_labels = jax.device_put(mnist.test.images), jax.device_put(mnist.test.labels)
+  say(f"data: {mnist.source}: {len(mnist.train):,} train, {len(mnist.test):,} test images")
+
+  seed_key = jax.random.key(config["seed"])
+  model = models.create_model(
+      config["model"], conv_impl=config["conv_impl"],
+      rngs=nnx.Rngs(params=jax.random.fold_in(seed_key, 0), dropout=jax.random.fold_in(seed_key, 1)))
+  shuffle_key = jax.random.fold_in(seed_key, 2)
+  say(models.summary(model))
+  model.train()
+  train_graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
+  model.eval()
+  eval_graphdef = nnx.graphdef(model)
+  tx = make_optimizer(config)
+  opt_state = tx.init(params)
+
+  checkpoints = checkpoint.Checkpoints(workdir)
+  try:
+    start_epoch, best_accuracy = 0, -math.inf
+    history: list[dict[str, Any]] = []
+    if checkpoints.epoch("latest") is not None:
+      restored, meta = checkpoints.restore("latest", {"params": params, "model_state": model_state,
+                                                      "opt_state": opt_state})
+      params, model_state, opt_state = restored["params"], restored["model_state"], restored["opt_state"]
+      start_epoch = meta["epoch"]
+      history = _read_history(workdir, start_epoch)
+      say(f"resumed from {checkpoints.directory / 'latest'} at epoch {start_epoch}")
+    if checkpoints.epoch("best") is not None:
+      best_accuracy = checkpoints.restore_meta("best")["val_accuracy"]
+    config_dict = config_to_dict(config)
+    if is_writer:
+      _write_json(workdir / CONFIG_FILE, config_dict)
+
+    num_epochs = config["num_epochs"]
+    batch_size = config["batch_size"]
+    steps_per_epoch = math.ceil(len(mnist.train) / batch_size)
+    progress = log.ProgressBar(steps_per_epoch, enabled=config["progress_bar"])
+    train_epoch = make_train_epoch(train_graphdef, tx, batch_size, shuffle=config["shuffle"],
+                                   progress=progress.update if progress.enabled else None)
+    evaluate = make_evaluate(eval_graphdef, config["eval_batch_size"])
+    if start_epoch < num_epochs:
+      started = time.perf_counter()
+      train_epoch = train_epoch.lower(params, model_state, opt_state, train_images, train_labels,
+                                       shuffle_key).compile()
+      evaluate = evaluate.lower(params, model_state, test_images, test_labels).compile()
+      say(f"compiled the train epoch ({steps_per_epoch} steps of {batch_size}) and evaluation "
+          f"in {time.perf_counter() - started:.1f} s")
+    tensorboard = log.TensorBoard(workdir / "tensorboard", enabled=is_writer)
+    try:
+      for epoch in range(start_epoch + 1, num_epochs + 1):
+        progress.start(epoch, num_epochs)
+        started = time.perf_counter()
+        params, model_state, opt_state, train_metrics = train_epoch(
+            params, model_state, opt_state, train_images, train_labels, jax.random.fold_in(shuffle_key, epoch))
+        train_summary = summarize(train_metrics)  # Fetching the sums waits for the epoch.
+        trained = time.perf_counter()
+        val_summary = summarize(evaluate(params, model_state, test_images, test_labels))
+        finished = time.perf_counter()
+        progress.close()
+        if not math.isfinite(train_summary["loss"]):
+          raise FlaxMnistError(f"training diverged at epoch {epoch}: train_loss is {train_summary['loss']}; "
+                               "lower config.learning_rate")
+        record = {"epoch": epoch,
+                  "train_loss": train_summary["loss"], "train_accuracy": train_summary["accuracy"],
+                  "val_loss": val_summary["loss"], "val_accuracy": val_summary["accuracy"],
+                  "seconds": finished - started, "train_seconds": trained - started,
+                  "eval_seconds": finished - trained,
+                  "images_per_second": train_summary["count"] / (trained - started)}
+        history.append(record)
+        say(log.format_epoch(record, num_epochs))
+
+        state = {"params": params, "model_state": model_state, "opt_state": opt_state}
+        meta = {"epoch": epoch, "model": config["model"], "val_accuracy": record["val_accuracy"],
+                "val_loss": record["val_loss"], "train_accuracy": record["train_accuracy"],
+                "train_loss": record["train_loss"], "config": config_dict}
+        # Best before latest: a crash between the two re-runs this epoch on resume, never loses a best.
+        if record["val_accuracy"] > best_accuracy:
+          best_accuracy = record["val_accuracy"]
+          checkpoints.save("best", epoch, state, meta)
+        checkpoints.save("latest", epoch, state, meta)
+        if is_writer:
+          _write_json(workdir / HISTORY_FILE, history)
+          tensorboard.write_epoch(epoch, record, nnx.merge(train_graphdef, params, model_state))
+    finally:
+      tensorboard.close()
+      progress.close()
+  finally:
+    checkpoints.close()
+  if history:
+    best = max(history, key=lambda record: record["val_accuracy"])
+    say(f"best val_accuracy {best['val_accuracy']:.4f} at epoch {best['epoch']}")
+  return history
