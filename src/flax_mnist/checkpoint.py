@@ -15,6 +15,7 @@ previous checkpoint. This is the only module that imports orbax.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,7 @@ class Checkpoints:
                                                  read_only=read_only))
         for kind in KINDS
     }
+    self._best_val_accuracy: float | None = None
 
   def epoch(self, kind: str) -> int | None:
     """The epoch of the ``kind`` checkpoint, or None if there is none."""
@@ -54,6 +56,25 @@ class Checkpoints:
     """Saves ``state`` (a pytree) and ``meta`` (JSON-able) as the ``kind`` checkpoint of ``epoch``."""
     self._manager(kind).save(epoch, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+
+  def best_val_accuracy(self) -> float:
+    """The val accuracy of the best checkpoint, or -inf if there is none."""
+    if self._best_val_accuracy is None:  # Read once; save_epoch keeps it current.
+      self._best_val_accuracy = (-math.inf if self.epoch("best") is None
+                                 else self.restore_meta("best")["val_accuracy"])
+    return self._best_val_accuracy
+
+  def save_epoch(self, epoch: int, state: Any, meta: dict[str, Any]) -> bool:
+    """Saves ``epoch`` as the latest checkpoint, and as the best if its ``meta["val_accuracy"]``
+    is strictly above the best so far (as Keras's ``save_best_only``). Returns whether it was best.
+    """
+    is_best = meta["val_accuracy"] > self.best_val_accuracy()
+    # Best before latest: a crash between the two re-runs this epoch on resume, never loses a best.
+    if is_best:
+      self.save("best", epoch, state, meta)
+      self._best_val_accuracy = meta["val_accuracy"]
+    self.save("latest", epoch, state, meta)
+    return is_best
 
   def restore_meta(self, kind: str) -> dict[str, Any]:
     """The JSON metadata of the ``kind`` checkpoint."""

@@ -63,7 +63,7 @@ def format_epoch(record: dict[str, Any], num_epochs: int) -> str:
 def _parameter_name(path: tuple[Any, ...], layer_names: dict[int, str]) -> str:
   parts = []
   for key in path:
-    key = getattr(key, "key", getattr(key, "idx", key))
+    key = getattr(key, "key", getattr(key, "idx", getattr(key, "name", key)))
     if key in ("layers", "linear", "value"):
       continue
     parts.append(layer_names.get(key, str(key)) if isinstance(key, int) else str(key))

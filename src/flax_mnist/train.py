@@ -108,7 +108,7 @@ def eval_step(graphdef: nnx.GraphDef, params: nnx.State, model_state: nnx.State,
               batch: tuple[jax.Array, jax.Array]) -> Metrics:
   """Adds a batch's summed loss and correct count (eval-mode ``graphdef``) to ``metrics``."""
   images, labels = batch
-  logits = nnx.merge(graphdef, params, model_state)(data.normalize_images(images))
+  logits = nnx.merge(graphdef, params, model_state, copy=True)(data.normalize_images(images))
   losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
   return _accumulate(metrics, losses, logits, labels)
 
@@ -245,7 +245,7 @@ def train_and_evaluate(config: Any, workdir: str | os.PathLike, *,
 
   checkpoints = checkpoint.Checkpoints(workdir)
   try:
-    start_epoch, best_accuracy = 0, -math.inf
+    start_epoch = 0
     history: list[dict[str, Any]] = []
     if checkpoints.epoch("latest") is not None:
       restored, meta = checkpoints.restore("latest", {"params": params, "model_state": model_state,
@@ -254,8 +254,6 @@ def train_and_evaluate(config: Any, workdir: str | os.PathLike, *,
       start_epoch = meta["epoch"]
       history = _read_history(workdir, start_epoch)
       say(f"resumed from {checkpoints.directory / 'latest'} at epoch {start_epoch}")
-    if checkpoints.epoch("best") is not None:
-      best_accuracy = checkpoints.restore_meta("best")["val_accuracy"]
     config_dict = config_to_dict(config)
     if is_writer:
       _write_json(workdir / CONFIG_FILE, config_dict)
@@ -302,11 +300,7 @@ def train_and_evaluate(config: Any, workdir: str | os.PathLike, *,
         meta = {"epoch": epoch, "model": config["model"], "val_accuracy": record["val_accuracy"],
                 "val_loss": record["val_loss"], "train_accuracy": record["train_accuracy"],
                 "train_loss": record["train_loss"], "config": config_dict}
-        # Best before latest: a crash between the two re-runs this epoch on resume, never loses a best.
-        if record["val_accuracy"] > best_accuracy:
-          best_accuracy = record["val_accuracy"]
-          checkpoints.save("best", epoch, state, meta)
-        checkpoints.save("latest", epoch, state, meta)
+        checkpoints.save_epoch(epoch, state, meta)
         if is_writer:
           _write_json(workdir / HISTORY_FILE, history)
           tensorboard.write_epoch(epoch, record, nnx.merge(train_graphdef, params, model_state))

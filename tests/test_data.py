@@ -1,0 +1,136 @@
+"""Tests for flax_mnist.data and the TFDS builder: IDX round trips, validation, sources."""
+
+from __future__ import annotations
+
+import gzip
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import make_digits, write_idx, write_mnist_dir
+
+from flax_mnist import data
+from flax_mnist.errors import DatasetError
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_idx_round_trip(tmp_path, compress):
+  images, labels = make_digits(7, seed=3)
+  images_path = write_idx(tmp_path / "images", images, compress=compress)
+  labels_path = write_idx(tmp_path / "labels", labels, compress=compress)
+  read = data.read_images(images_path)
+  assert read.shape == (7, 28, 28, 1) and read.dtype == np.uint8
+  np.testing.assert_array_equal(read[..., 0], images)
+  read_labels = data.read_labels(labels_path)
+  assert read_labels.dtype == np.int32
+  np.testing.assert_array_equal(read_labels, labels)
+
+
+def test_load_idx_dir_keeps_order_and_finds_plain_or_gz(tmp_path):
+  write_mnist_dir(tmp_path / "plain", num_train=12, num_test=5, compress=False)
+  write_mnist_dir(tmp_path / "gz", num_train=12, num_test=5, compress=True)
+  plain, gz = data.load_idx_dir(tmp_path / "plain"), data.load_idx_dir(tmp_path / "gz")
+  expected_images, expected_labels = make_digits(12, seed=0)
+  for mnist in (plain, gz):
+    assert len(mnist.train) == 12 and len(mnist.test) == 5
+    np.testing.assert_array_equal(mnist.train.images[..., 0], expected_images)
+    np.testing.assert_array_equal(mnist.train.labels, expected_labels)
+
+
+def _header(ndim, dims):
+  return bytes([0, 0, 8, ndim]) + np.asarray(dims, ">u4").tobytes()
+
+
+@pytest.mark.parametrize("content, reader, expected", [
+    (b"\x00\x00", data.read_labels, "too short for an IDX header"),
+    (bytes([0, 0, 8, 3]) + b"\x00" * 8, data.read_images, "bad magic number|truncated header"),
+    (_header(1, [3]) + b"\x00\x01\x02", data.read_images, "bad magic number 0x00000801, expected 0x00000803"),
+    (bytes([0, 0, 0x0D, 1]) + _header(1, [1])[4:] + b"\x00", data.read_labels, "bad magic number 0x00000d01"),
+    (_header(3, [2, 28, 28]) + b"\x00" * (2 * 784 - 1), data.read_images, "file length 1583 bytes, expected 1584"),
+    (_header(3, [2, 28, 28]) + b"\x00" * (2 * 784 + 5), data.read_images, "file length 1589 bytes, expected 1584"),
+    (_header(3, [1, 32, 32]) + b"\x00" * 1024, data.read_images, "images are 32x32, expected 28x28"),
+    (_header(1, [4]) + bytes([1, 2, 10, 3]), data.read_labels, "label 10 at index 2, expected 0..9"),
+])
+def test_validation_errors_name_the_file(tmp_path, content, reader, expected):
+  path = tmp_path / "broken-idx-ubyte"
+  path.write_bytes(content)
+  with pytest.raises(DatasetError, match=expected) as info:
+    reader(path)
+  message = str(info.value)
+  assert message.startswith(str(path)) and "\n" not in message
+
+
+def test_truncated_header_is_reported(tmp_path):
+  path = tmp_path / "labels"
+  path.write_bytes(bytes([0, 0, 8, 1]) + b"\x00\x00")
+  with pytest.raises(DatasetError, match="truncated header, 6 bytes, expected at least 8"):
+    data.read_labels(path)
+
+
+def test_corrupt_gzip_is_reported(tmp_path):
+  path = tmp_path / "train-labels-idx1-ubyte.gz"
+  path.write_bytes(gzip.compress(_header(1, [100]) + bytes(100))[:30])
+  with pytest.raises(DatasetError, match=f"{path}: corrupt gzip data"):
+    data.read_labels(path)
+
+
+def test_count_mismatch_names_the_labels_file(tmp_path):
+  directory = write_mnist_dir(tmp_path / "d", num_train=10, num_test=4, compress=False)
+  write_idx(directory / "t10k-labels-idx1-ubyte", np.zeros(3, np.uint8))
+  with pytest.raises(DatasetError, match=r"t10k-labels-idx1-ubyte: 3 labels, expected 4 to match the images"):
+    data.load_idx_dir(directory)
+
+
+def test_missing_file_and_missing_directory(tmp_path):
+  directory = write_mnist_dir(tmp_path / "d", num_train=10, num_test=4)
+  (directory / "train-labels-idx1-ubyte.gz").unlink()
+  with pytest.raises(DatasetError, match="train-labels-idx1-ubyte: missing, expected train-labels-idx1-ubyte or"):
+    data.load_idx_dir(directory)
+  with pytest.raises(DatasetError, match="not a directory"):
+    data.load_idx_dir(tmp_path / "nowhere")
+
+
+def test_source_order_config_then_env_then_tfds(tmp_path, monkeypatch):
+  config_dir = write_mnist_dir(tmp_path / "config", num_train=11, num_test=3)
+  env_dir = write_mnist_dir(tmp_path / "env", num_train=13, num_test=3)
+  monkeypatch.setenv(data.DATA_DIR_ENV, str(env_dir))
+  assert len(data.load_mnist(config_dir).train) == 11
+  assert len(data.load_mnist(None).train) == 13
+  monkeypatch.delenv(data.DATA_DIR_ENV)
+  calls = []
+  from flax_mnist import tfds_builder
+  monkeypatch.setattr(tfds_builder, "load", lambda data_dir=None: calls.append(data_dir) or "tfds")
+  assert data.load_mnist(None, tfds_data_dir=tmp_path / "tfds") == "tfds"
+  assert calls == [tmp_path / "tfds"]
+
+
+def test_tfds_prepares_from_idx_and_reads_back_without_tensorflow(tmp_path):
+  from flax_mnist import tfds_builder
+  manual_dir = write_mnist_dir(tmp_path / "manual", num_train=40, num_test=9)
+  mnist = tfds_builder.load(data_dir=tmp_path / "tfds", manual_dir=manual_dir)
+  expected = data.load_idx_dir(manual_dir)
+  assert mnist.source.startswith("TFDS mnist_idx")
+  for split in ("train", "test"):
+    got, want = getattr(mnist, split), getattr(expected, split)
+    assert got.images.dtype == np.uint8 and got.images.shape == want.images.shape
+    np.testing.assert_array_equal(got.images, want.images)  # Same order as the files.
+    np.testing.assert_array_equal(got.labels, want.labels)
+  assert (tmp_path / "tfds" / "mnist_idx" / "1.0.0").is_dir()
+  assert list((tmp_path / "tfds" / "mnist_idx" / "1.0.0").glob("*.array_record*"))
+  assert "tensorflow" not in sys.modules
+
+
+def test_tfds_prepare_validates_the_idx_files(tmp_path):
+  from flax_mnist import tfds_builder
+  manual_dir = write_mnist_dir(tmp_path / "manual", num_train=10, num_test=4, compress=False)
+  write_idx(manual_dir / "t10k-labels-idx1-ubyte", np.full(4, 12, np.uint8))
+  with pytest.raises(DatasetError, match="label 12 at index 0"):
+    tfds_builder.load(data_dir=tmp_path / "tfds", manual_dir=manual_dir)
+
+
+def test_normalize_images_scales_uint8_to_unit_interval():
+  images = jnp.asarray(np.array([[0, 51, 255]], np.uint8))
+  scaled = data.normalize_images(images)
+  assert scaled.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(scaled), [[0.0, 0.2, 1.0]], rtol=1e-7)

@@ -1,0 +1,162 @@
+"""Tests for flax_mnist.train: steps, batching with remainders, config, the loop and resume."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+from conftest import REPO_ROOT, make_digits
+from flax import nnx
+
+from flax_mnist import models, train
+from flax_mnist.errors import ConfigError
+
+TIMING_KEYS = {"seconds", "train_seconds", "eval_seconds", "images_per_second"}
+
+
+def small_config(idx_dir, **overrides) -> ml_collections.ConfigDict:
+  config = train.default_config()
+  config.model = "mlp"
+  config.data_dir = str(idx_dir)
+  config.batch_size = 64
+  config.eval_batch_size = 32
+  config.num_epochs = 2
+  config.progress_bar = False
+  config.update(overrides)
+  return config
+
+
+def _split(name="mlp", seed=0):
+  model = models.create_model(name, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
+  model.train()
+  return nnx.split(model, nnx.Param, ...)
+
+
+def test_train_steps_on_a_fixed_batch_lower_the_loss():
+  images, labels = make_digits(64, seed=0)
+  images, labels = jnp.asarray(images[..., None]), jnp.asarray(labels.astype(np.int32))
+  graphdef, params, model_state = _split()
+  tx = optax.adam(1e-3, eps=1e-7)
+  epoch = train.make_train_epoch(graphdef, tx, batch_size=64, shuffle=False)
+  opt_state = tx.init(params)
+  losses = []
+  for _ in range(15):
+    params, model_state, opt_state, metrics = epoch(params, model_state, opt_state, images, labels,
+                                                    jax.random.key(0))
+    losses.append(float(metrics["loss_sum"]) / 64)
+  assert losses[-1] < 0.5 * losses[0]
+
+
+def test_epoch_covers_every_image_with_a_last_partial_batch():
+  images, labels = make_digits(100, seed=0)
+  images, labels = jnp.asarray(images[..., None]), jnp.asarray(labels.astype(np.int32))
+  graphdef, params, model_state = _split()
+  tx = optax.adam(1e-3)
+  _, _, _, metrics = train.make_train_epoch(graphdef, tx, batch_size=32)(
+      params, model_state, tx.init(params), images, labels, jax.random.key(0))
+  assert int(metrics["count"]) == 100 and int(metrics["steps"]) == 4  # 3 x 32 + 1 x 4.
+  model = nnx.merge(graphdef, params, model_state)
+  model.eval()
+  eval_metrics = train.make_evaluate(nnx.graphdef(model), batch_size=48)(params, model_state, images, labels)
+  assert int(eval_metrics["count"]) == 100 and int(eval_metrics["steps"]) == 3
+
+
+def test_evaluation_is_independent_of_the_batch_size():
+  images, labels = make_digits(90, seed=2)
+  model = models.create_model("cnn_pool", rngs=nnx.Rngs(0))
+  results = [train.evaluate_model(model, images[..., None], labels.astype(np.int32), batch_size=size)
+             for size in (90, 40, 7)]
+  assert {result["correct"] for result in results} == {results[0]["correct"]}
+  assert all(result["count"] == 90 for result in results)
+  np.testing.assert_allclose([r["loss"] for r in results], results[0]["loss"], rtol=1e-5)
+
+
+def test_shuffle_is_seeded_and_changes_per_key():
+  images, labels = make_digits(64, seed=0)
+  images, labels = jnp.asarray(images[..., None]), jnp.asarray(labels.astype(np.int32))
+  graphdef, params, model_state = _split()
+  tx = optax.adam(1e-3)
+  epoch = train.make_train_epoch(graphdef, tx, batch_size=16)
+  run = lambda key: epoch(params, model_state, tx.init(params), images, labels, jax.random.key(key))[0]
+  leaves = lambda state: np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(state)])
+  np.testing.assert_array_equal(leaves(run(1)), leaves(run(1)))
+  assert not np.allclose(leaves(run(1)), leaves(run(2)))
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("model", "vgg", "config.model 'vgg': unknown"),
+    ("batch_size", 0, "config.batch_size 0: expected a positive integer"),
+    ("num_epochs", -1, "config.num_epochs -1: expected an integer >= 0"),
+    ("learning_rate", float("nan"), "config.learning_rate nan: expected a positive number"),
+    ("conv_impl", "winograd", "conv_impl 'winograd': unknown"),
+])
+def test_bad_config_values_are_named(field, value, message):
+  config = train.default_config()
+  config.unlock()
+  config[field] = value
+  with pytest.raises(ConfigError, match=message):
+    train.validate_config(config)
+
+
+@pytest.mark.parametrize("name", models.model_names())
+def test_config_files_hold_the_notebook_settings(name):
+  spec = importlib.util.spec_from_file_location(f"config_{name}", REPO_ROOT / "configs" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  assert config.model == name and config.seed == 0 and config.batch_size == 512
+  assert config.num_epochs == 20 and config.learning_rate == 1e-3 and config.adam_eps == 1e-7
+  train.validate_config(config)
+
+
+def _without_timing(history):
+  return [{key: value for key, value in record.items() if key not in TIMING_KEYS} for record in history]
+
+
+def test_train_and_evaluate_writes_the_workdir(idx_dir, tmp_path):
+  workdir = tmp_path / "run"
+  lines = []
+  history = train.train_and_evaluate(small_config(idx_dir), workdir, print_fn=lines.append)
+  assert [record["epoch"] for record in history] == [1, 2]
+  for record in history:
+    assert set(record) == {"epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy"} | TIMING_KEYS
+    assert 0 <= record["val_accuracy"] <= 1 and record["seconds"] > 0
+    assert record["val_accuracy"] * 100 == pytest.approx(round(record["val_accuracy"] * 100))  # n / 100 images.
+  assert json.loads((workdir / "history.json").read_text()) == history
+  assert json.loads((workdir / "config.json").read_text())["model"] == "mlp"
+  assert any('Model: "mlp"' in line for line in lines)
+  assert sum(line.startswith("epoch ") for line in lines) == 2
+  best = max(history, key=lambda record: record["val_accuracy"])
+  assert (workdir / "checkpoints" / "best" / str(best["epoch"])).is_dir()
+  assert (workdir / "checkpoints" / "latest" / "2").is_dir()
+
+
+def test_resume_continues_the_history_exactly(idx_dir, tmp_path):
+  straight = train.train_and_evaluate(small_config(idx_dir, num_epochs=3), tmp_path / "a", print_fn=None)
+  train.train_and_evaluate(small_config(idx_dir, num_epochs=1), tmp_path / "b", print_fn=None)
+  lines = []
+  resumed = train.train_and_evaluate(small_config(idx_dir, num_epochs=3), tmp_path / "b", print_fn=lines.append)
+  assert any("resumed from" in line and "at epoch 1" in line for line in lines)
+  assert sum(line.startswith("epoch ") for line in lines) == 2  # Epochs 2 and 3 only.
+  assert _without_timing(resumed) == _without_timing(straight)
+  # Already done: nothing to train, the history comes back as it is.
+  again = train.train_and_evaluate(small_config(idx_dir, num_epochs=3), tmp_path / "b", print_fn=None)
+  assert _without_timing(again) == _without_timing(straight)
+
+
+def test_workdir_of_another_model_is_refused(idx_dir, tmp_path):
+  train.train_and_evaluate(small_config(idx_dir, num_epochs=1), tmp_path / "run", print_fn=None)
+  with pytest.raises(ConfigError, match="holds a 'mlp' run, config.model is 'cnn_pool'"):
+    train.train_and_evaluate(small_config(idx_dir, model="cnn_pool"), tmp_path / "run", print_fn=None)
+
+
+def test_divergence_is_reported(idx_dir, tmp_path):
+  with pytest.raises(train.FlaxMnistError, match="training diverged at epoch 1"):
+    train.train_and_evaluate(small_config(idx_dir, learning_rate=1e30, num_epochs=1), tmp_path / "run",
+                             print_fn=None)
