@@ -19,6 +19,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv: list[str]) -> None:
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO.
+  sys.stdout.reconfigure(line_buffering=True)  # Epoch lines show up at once through a pipe or tee.
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   try:

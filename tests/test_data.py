@@ -134,3 +134,13 @@ def test_normalize_images_scales_uint8_to_unit_interval():
   scaled = data.normalize_images(images)
   assert scaled.dtype == jnp.float32
   np.testing.assert_allclose(np.asarray(scaled), [[0.0, 0.2, 1.0]], rtol=1e-7)
+
+
+def test_tfds_download_failure_is_one_clear_line(tmp_path, monkeypatch):
+  from flax_mnist import tfds_builder
+  from tensorflow_datasets.core.download import downloader
+  monkeypatch.setattr(tfds_builder, "DOWNLOAD_URL", "http://127.0.0.1:9/mnist/")  # Nothing listens there.
+  monkeypatch.setattr(downloader, "MAX_RETRIES", 0)  # TFDS would back off for minutes first.
+  with pytest.raises(DatasetError, match="could not download or prepare .*set FLAX_MNIST_DATA_DIR") as info:
+    tfds_builder.load(data_dir=tmp_path / "tfds")
+  assert "\n" not in str(info.value)

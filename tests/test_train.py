@@ -95,6 +95,7 @@ def test_shuffle_is_seeded_and_changes_per_key():
     ("num_epochs", -1, "config.num_epochs -1: expected an integer >= 0"),
     ("learning_rate", float("nan"), "config.learning_rate nan: expected a positive number"),
     ("conv_impl", "winograd", "conv_impl 'winograd': unknown"),
+    ("best_metric", "loss", "config.best_metric 'loss': expected one of val_accuracy, val_loss"),
 ])
 def test_bad_config_values_are_named(field, value, message):
   config = train.default_config()

@@ -3,8 +3,9 @@
 A workdir holds two orbax CheckpointManagers, kept apart on purpose (orbax's ``best_fn``
 with ``max_to_keep`` would delete the latest checkpoint whenever validation worsens):
 
-  ``checkpoints/best/<epoch>``    written only when val accuracy strictly improves
-                                  (Keras ModelCheckpoint ``save_best_only``);
+  ``checkpoints/best/<epoch>``    written only when the best metric strictly improves
+                                  (Keras ModelCheckpoint ``save_best_only``): val accuracy
+                                  by default, or val loss (``config.best_metric``);
   ``checkpoints/latest/<epoch>``  written every epoch, to resume an interrupted run.
 
 Each checkpoint holds ``state`` (model params, BatchNorm statistics and dropout RNG,
@@ -28,6 +29,9 @@ from flax_mnist import models
 from flax_mnist.errors import CheckpointError
 
 KINDS = ("best", "latest")
+# The metric that picks the best checkpoint, and its direction. The issue asks for val accuracy;
+# the notebook's ModelCheckpoint kept Keras's default, val_loss.
+BEST_METRICS = {"val_accuracy": "max", "val_loss": "min"}
 
 
 def _abstract(tree: Any) -> Any:
@@ -37,7 +41,12 @@ def _abstract(tree: Any) -> Any:
 class Checkpoints:
   """The best and latest checkpoints of one workdir."""
 
-  def __init__(self, workdir: str | os.PathLike, *, read_only: bool = False):
+  def __init__(self, workdir: str | os.PathLike, *, read_only: bool = False,
+               best_metric: str = "val_accuracy"):
+    if best_metric not in BEST_METRICS:
+      raise CheckpointError(f"best metric {best_metric!r}: unknown, expected one of {', '.join(BEST_METRICS)}")
+    self.best_metric = best_metric
+    self._maximize = BEST_METRICS[best_metric] == "max"
     self.directory = Path(workdir).resolve() / "checkpoints"
     self._managers = {
         kind: ocp.CheckpointManager(
@@ -46,7 +55,7 @@ class Checkpoints:
                                                  read_only=read_only))
         for kind in KINDS
     }
-    self._best_val_accuracy: float | None = None
+    self._best_value: float | None = None
 
   def epoch(self, kind: str) -> int | None:
     """The epoch of the ``kind`` checkpoint, or None if there is none."""
@@ -57,22 +66,23 @@ class Checkpoints:
     self._manager(kind).save(epoch, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
 
-  def best_val_accuracy(self) -> float:
-    """The val accuracy of the best checkpoint, or -inf if there is none."""
-    if self._best_val_accuracy is None:  # Read once; save_epoch keeps it current.
-      self._best_val_accuracy = (-math.inf if self.epoch("best") is None
-                                 else self.restore_meta("best")["val_accuracy"])
-    return self._best_val_accuracy
+  def best_value(self) -> float:
+    """The best checkpoint's value of the best metric; -inf (or +inf for a loss) if there is none."""
+    if self._best_value is None:  # Read once; save_epoch keeps it current.
+      worst = -math.inf if self._maximize else math.inf
+      self._best_value = worst if self.epoch("best") is None else self.restore_meta("best")[self.best_metric]
+    return self._best_value
 
   def save_epoch(self, epoch: int, state: Any, meta: dict[str, Any]) -> bool:
-    """Saves ``epoch`` as the latest checkpoint, and as the best if its ``meta["val_accuracy"]``
-    is strictly above the best so far (as Keras's ``save_best_only``). Returns whether it was best.
+    """Saves ``epoch`` as the latest checkpoint, and as the best if ``meta[best_metric]`` strictly
+    improves on the best so far (as Keras's ``save_best_only``). Returns whether it was the best.
     """
-    is_best = meta["val_accuracy"] > self.best_val_accuracy()
+    value = meta[self.best_metric]
+    is_best = value > self.best_value() if self._maximize else value < self.best_value()
     # Best before latest: a crash between the two re-runs this epoch on resume, never loses a best.
     if is_best:
       self.save("best", epoch, state, meta)
-      self._best_val_accuracy = meta["val_accuracy"]
+      self._best_value = value
     self.save("latest", epoch, state, meta)
     return is_best
 

@@ -80,7 +80,15 @@ def prepare(data_dir: str | os.PathLike | None = None,
                      file_format="array_record")
   download_config = tfds.download.DownloadConfig(
       manual_dir=None if manual_dir is None else os.fspath(manual_dir))
-  builder.download_and_prepare(download_config=download_config)
+  try:
+    builder.download_and_prepare(download_config=download_config)
+  except DatasetError:
+    raise
+  except Exception as error:  # Network, disk and TFDS errors alike: one line that says what to do.
+    reason = (str(error).strip().splitlines() or [""])[0][:300]
+    raise DatasetError(
+        f"TFDS mnist_idx in {builder.data_dir}: could not download or prepare ({type(error).__name__}: "
+        f"{reason}); set FLAX_MNIST_DATA_DIR or config.data_dir to a directory of the MNIST IDX files") from None
   return builder
 
 

@@ -52,6 +52,7 @@ def default_config() -> ml_collections.ConfigDict:
   config.tfds_data_dir = ml_collections.config_dict.placeholder(str)  # Unset: TFDS's default.
   config.conv_impl = "auto"  # "im2col" on CPU, "lax" elsewhere.
   config.progress_bar = True  # Shown only on a terminal.
+  config.best_metric = "val_accuracy"  # Or "val_loss" (what the notebook's ModelCheckpoint kept).
   return config
 
 
@@ -173,6 +174,9 @@ def validate_config(config: Mapping[str, Any]) -> None:
     if not (isinstance(config[field], (int, float)) and math.isfinite(config[field]) and config[field] > 0):
       raise ConfigError(f"config.{field} {config[field]!r}: expected a positive number")
   models.resolve_conv_impl(config["conv_impl"])
+  if config["best_metric"] not in checkpoint.BEST_METRICS:
+    raise ConfigError(f"config.best_metric {config['best_metric']!r}: expected one of "
+                      f"{', '.join(checkpoint.BEST_METRICS)}")
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:
@@ -243,7 +247,7 @@ def train_and_evaluate(config: Any, workdir: str | os.PathLike, *,
   tx = make_optimizer(config)
   opt_state = tx.init(params)
 
-  checkpoints = checkpoint.Checkpoints(workdir)
+  checkpoints = checkpoint.Checkpoints(workdir, best_metric=config["best_metric"])
   try:
     start_epoch = 0
     history: list[dict[str, Any]] = []
