@@ -71,3 +71,15 @@ def test_progress_bar_only_on_a_terminal_and_shows_running_metrics():
   bar.close()
   text = stream.getvalue()
   assert "epoch 1/20" in text and "4/10" in text and "loss=0.5000" in text and "accuracy=0.7500" in text
+
+
+def test_live_progress_bar_is_driven_from_the_compiled_epoch(idx_dir, tmp_path, monkeypatch):
+  terminal = _Terminal()
+  monkeypatch.setattr("sys.stderr", terminal)
+  history = train.train_and_evaluate(small_config(idx_dir, num_epochs=1, progress_bar=True), tmp_path,
+                                     print_fn=None)
+  text = terminal.getvalue()
+  # 300 images at batch 64: 5 steps, the last of 44; the bar's last update shows the epoch's sums.
+  assert "epoch 1/1" in text and "5/5" in text
+  assert f"accuracy={history[0]['train_accuracy']:.4f}" in text
+  assert f"loss={history[0]['train_loss']:.4f}" in text
