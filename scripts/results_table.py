@@ -8,8 +8,6 @@ writes ``table.md`` and copies each run's ``history.json`` and ``config.json`` b
 """
 
 import json
-import os
-import platform
 import shutil
 import statistics
 import sys
@@ -19,7 +17,7 @@ import jax
 from absl import app, flags
 from flax import nnx
 
-from flax_mnist import models
+from flax_mnist import log, models
 
 _WORKDIRS = flags.DEFINE_list("workdirs", None, "Comma-separated training workdirs.")
 _OUT = flags.DEFINE_string("out", None, "Directory for table.md and the copied histories.")
@@ -45,12 +43,10 @@ def summarize(workdir: Path) -> dict:
 
 
 def _hardware() -> str:
-  device = jax.devices()[0]
-  if device.platform != "cpu":
-    return f"{len(jax.devices())} x {device.device_kind}"
-  model_names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                 if line.startswith("model name")] if Path("/proc/cpuinfo").exists() else []
-  return f"CPU: {model_names[0] if model_names else platform.processor()}, {os.cpu_count()} cores"
+  environment = log.environment()
+  if environment["platform"] != "cpu":
+    return f"{environment['device_count']} x {environment['device_kind']}"
+  return f"CPU: {environment['cpu']}, {environment['cpu_count']} cores"
 
 
 def to_markdown(rows: list[dict]) -> str:

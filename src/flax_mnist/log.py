@@ -7,8 +7,11 @@ logs the scalars and a histogram of every weight and bias.
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
+import platform
 import sys
+from pathlib import Path
 from typing import Any, TextIO
 
 import jax
@@ -50,6 +53,26 @@ class ProgressBar:
     if self._bar is not None:
       self._bar.close()
       self._bar = None
+
+
+_VERSIONED = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "flax_mnist")
+
+
+def environment() -> dict[str, Any]:
+  """Where and with what a run happens: platform, devices, CPU, library versions, XLA flags."""
+  device = jax.devices()[0]
+  cpu = platform.processor()
+  if Path("/proc/cpuinfo").exists():
+    names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+             if line.startswith("model name")]
+    cpu = names[0] if names else cpu
+  return {
+      "platform": device.platform, "device_kind": device.device_kind, "device_count": jax.device_count(),
+      "process_count": jax.process_count(), "cpu": cpu, "cpu_count": os.cpu_count(),
+      "python": platform.python_version(),
+      "versions": {name: importlib.metadata.version(name) for name in _VERSIONED},
+      "xla_flags": os.environ.get("XLA_FLAGS", ""),
+  }
 
 
 def format_epoch(record: dict[str, Any], num_epochs: int) -> str:

@@ -294,3 +294,31 @@ def summary(model: Classifier, input_shape: Sequence[int] = (1, 28, 28, 1)) -> s
             f"Non-trainable params: {non_trainable:,}",
             rule]
   return "\n".join(lines)
+
+
+def layer_flops(model: Classifier, input_shape: Sequence[int] = (1, 28, 28, 1)) -> list[tuple[str, int]]:
+  """Forward FLOPs per image of each layer: 2 per multiply-add of convolutions and dense layers.
+
+  Elementwise work (bias, ReLU, pooling, BatchNorm, dropout) is not counted: it is
+  bandwidth-bound and small next to the matmuls, so it would only blur the GFLOP/s figure.
+  """
+  rows = []
+  for name, layer, shape in zip(layer_names(model), model.layers, layer_output_shapes(model, input_shape)):
+    if isinstance(layer, Conv):
+      kernel_h, kernel_w, in_features, out_features = layer.kernel.shape
+      flops = 2 * kernel_h * kernel_w * in_features * out_features * shape[1] * shape[2]
+    elif isinstance(layer, Dense):
+      in_features, out_features = layer.linear.kernel.shape
+      flops = 2 * in_features * out_features
+    else:
+      flops = 0
+    rows.append((name, flops))
+  return rows
+
+
+def training_flops(model: Classifier) -> tuple[int, int]:
+  """``(train, forward)`` FLOPs per image: a training step costs the forward pass plus twice it
+  backward (input and weight gradients), except that the first layer needs no input gradient."""
+  flops = [count for _, count in layer_flops(model) if count]
+  forward = sum(flops)
+  return 3 * forward - (flops[0] if flops else 0), forward

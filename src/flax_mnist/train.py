@@ -34,6 +34,7 @@ from flax_mnist.errors import ConfigError, FlaxMnistError
 Metrics = dict[str, jax.Array]
 HISTORY_FILE = "history.json"
 CONFIG_FILE = "config.json"
+RUN_FILE = "run.json"  # This invocation: compile times, hardware, versions.
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -217,7 +218,8 @@ def train_and_evaluate(config: Any, workdir: str | os.PathLike, *,
                        print_fn: Callable[[str], None] | None = print) -> list[dict[str, Any]]:
   """Trains ``config.model`` for ``config.num_epochs``, validating on the test set after each epoch.
 
-  Writes into ``workdir``: config.json, history.json, checkpoints/{best,latest}, tensorboard/.
+  Writes into ``workdir``: config.json, history.json, run.json (compile seconds, hardware,
+  versions), checkpoints/{best,latest}, tensorboard/.
   Resumes from ``checkpoints/latest`` if present. Returns the history, one dict per epoch with
   epoch, train_loss, train_accuracy, val_loss, val_accuracy, seconds (train + eval, compile
   excluded), train_seconds, eval_seconds and images_per_second (training throughput).
@@ -273,9 +275,15 @@ def train_and_evaluate(config: Any, workdir: str | os.PathLike, *,
       started = time.perf_counter()
       train_epoch = train_epoch.lower(params, model_state, opt_state, train_images, train_labels,
                                        shuffle_key).compile()
+      compiled_train = time.perf_counter()
       evaluate = evaluate.lower(params, model_state, test_images, test_labels).compile()
+      compile_seconds = {"train_epoch": compiled_train - started,
+                         "evaluate": time.perf_counter() - compiled_train}
       say(f"compiled the train epoch ({steps_per_epoch} steps of {batch_size}) and evaluation "
-          f"in {time.perf_counter() - started:.1f} s")
+          f"in {sum(compile_seconds.values()):.1f} s")
+      if is_writer:
+        _write_json(workdir / RUN_FILE, {"start_epoch": start_epoch, "compile_seconds": compile_seconds,
+                                         **log.environment()})
     tensorboard = log.TensorBoard(workdir / "tensorboard", enabled=is_writer)
     try:
       for epoch in range(start_epoch + 1, num_epochs + 1):

@@ -1,0 +1,185 @@
+"""Benchmark: times the project's real training path and, side by side, a Keras baseline.
+
+Each model runs in a fresh subprocess (so compile caches and peak memory are its own) through
+``train.train_and_evaluate``, the same function ``scripts/train.py`` calls. From its history and
+``run.json`` come: compile time, the median epoch time over epochs 2..N (train and eval apart;
+epoch 1 alone if N is 1), images/s, achieved GFLOP/s from the model's FLOP count
+(``models.training_flops``) and its fraction of the f32 matmul peak measured in the same run,
+peak host and device memory. ``benchmarks/keras_baseline.py`` measures the same models with
+Keras 3 + TensorFlow in its own interpreter (TensorFlow is never imported here).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from flax_mnist import log, models, train
+from flax_mnist.errors import FlaxMnistError
+
+NUM_TRAIN, NUM_TEST = 60_000, 10_000
+KERAS_BASELINE = Path(__file__).resolve().parents[2] / "benchmarks" / "keras_baseline.py"
+
+
+def measure_matmul_peak(size: int = 1024, repeats: int = 20) -> float:
+  """Median GFLOP/s of a jitted f32 ``size x size`` matmul on the default device."""
+  keys = jax.random.split(jax.random.key(0), 2)
+  left, right = (jax.random.normal(key, (size, size), jnp.float32) for key in keys)
+  matmul = jax.jit(jnp.matmul)
+  matmul(left, right).block_until_ready()
+  times = []
+  for _ in range(repeats):
+    started = time.perf_counter()
+    matmul(left, right).block_until_ready()
+    times.append(time.perf_counter() - started)
+  return 2 * size**3 / statistics.median(times) / 1e9
+
+
+def epoch_flops(model_name: str) -> dict[str, float]:
+  """FLOPs of one epoch (train 60,000 + evaluate 10,000 images) and per image."""
+  train_per_image, forward_per_image = models.training_flops(models.create_model(model_name, rngs=nnx.Rngs(0)))
+  return {"train_flops_per_image": train_per_image, "forward_flops_per_image": forward_per_image,
+          "train_flops": NUM_TRAIN * train_per_image, "eval_flops": NUM_TEST * forward_per_image}
+
+
+def _steady(history: list[dict[str, Any]], key: str) -> list[float]:
+  """The steady-state epochs: 2..N (the first may still warm caches), or the only one."""
+  values = [record[key] for record in history]
+  return values[1:] if len(values) > 1 else values
+
+
+def benchmark_model(model: str, epochs: int, data_dir: str | None = None,
+                    overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+  """Trains ``model`` for ``epochs`` in this process through train_and_evaluate and measures it."""
+  config = train.default_config()
+  config.model, config.num_epochs, config.progress_bar = model, epochs, False
+  config.data_dir = data_dir
+  config.update(overrides or {})
+  with tempfile.TemporaryDirectory(prefix=f"benchmark_{model}_") as workdir:
+    history = train.train_and_evaluate(config, workdir, print_fn=None)
+    run = json.loads((Path(workdir) / train.RUN_FILE).read_text())
+  device_stats = jax.devices()[0].memory_stats() or {}
+  flops = epoch_flops(model)
+  epoch_seconds = statistics.median(_steady(history, "seconds"))
+  train_seconds = statistics.median(_steady(history, "train_seconds"))
+  eval_seconds = statistics.median(_steady(history, "eval_seconds"))
+  return {
+      "model": model, "epochs": epochs,
+      "compile_seconds": sum(run["compile_seconds"].values()), "compile_breakdown": run["compile_seconds"],
+      "epoch_seconds": epoch_seconds, "train_seconds": train_seconds, "eval_seconds": eval_seconds,
+      "epoch_seconds_all": [record["seconds"] for record in history],
+      "train_images_per_second": NUM_TRAIN / train_seconds,
+      "eval_images_per_second": NUM_TEST / eval_seconds,
+      "gflops_per_second": (flops["train_flops"] + flops["eval_flops"]) / epoch_seconds / 1e9,
+      **flops,
+      "best_val_accuracy": max(record["val_accuracy"] for record in history),
+      "final_val_accuracy": history[-1]["val_accuracy"],
+      "peak_host_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+      "peak_device_memory_mb": (device_stats["peak_bytes_in_use"] / 2**20
+                                if "peak_bytes_in_use" in device_stats else None),
+      "environment": run,
+  }
+
+
+def _run_json_subprocess(command: Sequence[str], payload: dict[str, Any], what: str) -> Any:
+  """Runs ``command`` with ``payload`` as JSON on stdin; returns the JSON on its last stdout line."""
+  result = subprocess.run(list(command), input=json.dumps(payload), capture_output=True, text=True)
+  lines = result.stdout.strip().splitlines()
+  if result.returncode != 0 or not lines:
+    error_lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    reason = error_lines[-1] if error_lines else f"exit code {result.returncode}"
+    raise FlaxMnistError(f"{what} failed: {reason}")
+  return json.loads(lines[-1])
+
+
+def run_project(model: str, epochs: int, data_dir: str | None = None,
+                overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+  """``benchmark_model`` in a fresh Python process (its own compile cache and peak memory)."""
+  code = ("import json, sys; from absl import logging; logging.set_verbosity(logging.WARNING); "
+          "from flax_mnist import benchmark; "
+          "print(json.dumps(benchmark.benchmark_model(**json.load(sys.stdin))))")
+  return _run_json_subprocess([sys.executable, "-c", code],
+                              {"model": model, "epochs": epochs, "data_dir": data_dir, "overrides": overrides},
+                              f"benchmark of {model}")
+
+
+def run_keras(models_to_run: Sequence[str], epochs: int, data_dir: str | None, python: str) -> dict[str, Any]:
+  """Runs ``benchmarks/keras_baseline.py`` with ``python`` (an interpreter with keras + tensorflow)."""
+  return _run_json_subprocess([python, str(KERAS_BASELINE)],
+                              {"models": list(models_to_run), "epochs": epochs, "data_dir": data_dir},
+                              f"Keras baseline with {python}")
+
+
+def run(models_to_run: Sequence[str], epochs: int, *, data_dir: str | None = None,
+        baseline: str | None = None, baseline_python: str | None = None,
+        overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+  """The whole benchmark: environment, matmul peak, each model, and the baseline if asked."""
+  unknown = [name for name in models_to_run if name not in models.model_names()]
+  if unknown:
+    raise FlaxMnistError(f"models {', '.join(unknown)}: unknown, expected some of {', '.join(models.model_names())}")
+  if baseline not in (None, "keras"):
+    raise FlaxMnistError(f"baseline {baseline!r}: unknown, expected keras")
+  if data_dir is None:
+    data_dir = os.environ.get("FLAX_MNIST_DATA_DIR")
+  result: dict[str, Any] = {"environment": log.environment(), "matmul_peak_gflops": measure_matmul_peak(),
+                            "epochs": epochs, "models": {}}
+  for name in models_to_run:
+    measured = run_project(name, epochs, data_dir, overrides)
+    measured["fraction_of_matmul_peak"] = measured["gflops_per_second"] / result["matmul_peak_gflops"]
+    result["models"][name] = measured
+  if baseline == "keras":
+    keras = run_keras(models_to_run, epochs, data_dir, baseline_python or sys.executable)
+    result["baseline"] = keras
+    for name in models_to_run:
+      result["models"][name]["ratio_to_keras"] = (
+          result["models"][name]["epoch_seconds"] / keras["models"][name]["epoch_seconds"])
+  return result
+
+
+def to_markdown(result: dict[str, Any]) -> str:
+  """The benchmark's tables: per-model timing, and the per-layer FLOP counts."""
+  has_keras = "baseline" in result
+  header = ["model", "compile s", "epoch s (median)", "train s", "eval s", "train img/s", "GFLOP/s",
+            "% matmul peak", "peak host MB", "best val acc"]
+  if has_keras:
+    header += ["Keras-TF epoch s", "ratio to Keras"]
+  lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+  for name, row in result["models"].items():
+    cells = [name, f"{row['compile_seconds']:.1f}", f"{row['epoch_seconds']:.2f}", f"{row['train_seconds']:.2f}",
+             f"{row['eval_seconds']:.3f}", f"{row['train_images_per_second']:,.0f}",
+             f"{row['gflops_per_second']:.1f}", f"{100 * row['fraction_of_matmul_peak']:.0f}%",
+             f"{row['peak_host_memory_mb']:,.0f}", f"{row['best_val_accuracy']:.4f}"]
+    if has_keras:
+      keras = result["baseline"]["models"][name]
+      cells += [f"{keras['epoch_seconds']:.2f}", f"{row['ratio_to_keras']:.2f}x"]
+    lines.append("| " + " | ".join(cells) + " |")
+  environment = result["environment"]
+  hardware = (f"{environment['cpu']} ({environment['cpu_count']} cores)" if environment["platform"] == "cpu"
+              else f"{environment['device_count']} x {environment['device_kind']}")
+  lines += ["", f"{result['epochs']} epochs per model; epoch = train 60,000 + evaluate 10,000 images at batch 512, "
+            f"median of epochs 2..N, compilation excluded; {environment['platform']}: {hardware}; "
+            f"jax {environment['versions']['jax']}, flax {environment['versions']['flax']}; "
+            f"f32 matmul peak measured in this run: {result['matmul_peak_gflops']:.0f} GFLOP/s."]
+  if has_keras:
+    keras_env = result["baseline"]["environment"]
+    lines.append(f"Keras baseline: keras {keras_env['keras']}, tensorflow {keras_env['tensorflow']}, "
+                 f"{keras_env['intra_op_threads']} intra-op threads, same data, batch and epochs, same run.")
+  lines += ["", "| model | layer | forward MFLOP / image |", "| --- | --- | ---: |"]
+  for name in result["models"]:
+    for layer, flops in models.layer_flops(models.create_model(name, rngs=nnx.Rngs(0))):
+      if flops:
+        lines.append(f"| {name} | {layer} | {flops / 1e6:.3f} |")
+  return "\n".join(lines) + "\n"
