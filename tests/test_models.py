@@ -41,45 +41,78 @@ def test_unknown_model_lists_the_names():
     models.create_model("resnet", rngs=nnx.Rngs(0))
 
 
-def test_unknown_conv_impl_is_rejected():
-  with pytest.raises(ConfigError, match="conv_impl 'fft'"):
-    models.create_model("cnn", rngs=nnx.Rngs(0), conv_impl="fft")
+def test_unknown_impl_is_rejected():
+  with pytest.raises(ConfigError, match="impl 'fft': unknown, expected one of auto, lax, im2col, batch_minor"):
+    models.create_model("cnn", rngs=nnx.Rngs(0), impl="fft")
 
 
-def test_im2col_equals_lax_convolution():
+def test_im2col_and_batch_minor_convolutions_equal_lax():
   images = jax.random.normal(jax.random.key(1), (5, 13, 13, 8))
   kernel = jax.random.normal(jax.random.key(2), (3, 3, 8, 16))
-  got, want = models.im2col_conv(images, kernel), models.lax_conv(images, kernel)
-  assert got.shape == (5, 11, 11, 16)
-  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=1e-5)
+  want = models.lax_conv(images, kernel)
+  assert want.shape == (5, 11, 11, 16)
+  np.testing.assert_allclose(np.asarray(models.im2col_conv(images, kernel)), np.asarray(want), atol=2e-5, rtol=1e-5)
+  batch_minor = models.batch_minor_conv(jnp.swapaxes(images, 0, -1), kernel)
+  np.testing.assert_allclose(np.asarray(jnp.swapaxes(batch_minor, 0, -1)), np.asarray(want), atol=2e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["cnn", "cnn_pool_bn"])
-def test_conv_implementations_give_the_same_model_and_gradients(name):
-  outputs, grads = {}, {}
-  for impl in ("im2col", "lax"):
-    model = models.create_model(name, rngs=nnx.Rngs(0), conv_impl=impl)
+def _train_mode_step(name, impl):
+  """Logits, parameter gradients and updated model state of one train-mode call (dropout on)."""
+  model = models.create_model(name, rngs=nnx.Rngs(params=0, dropout=1), impl=impl)
+  model.train()
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  def loss(params):
+    model = nnx.merge(graphdef, params, rest, copy=True)
+    logits = model(_images(16))
+    return jnp.sum(logits * jnp.arange(10.0)), (logits, nnx.split(model, nnx.Param, ...)[2])
+
+  grads, (logits, new_rest) = jax.jit(jax.grad(loss, has_aux=True))(params)
+  return logits, jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(new_rest)
+
+
+@pytest.mark.parametrize("name", ["cnn_pool_bn", "mlp"])
+def test_every_impl_trains_the_same_function_with_the_same_dropout_masks(name):
+  reference = _train_mode_step(name, "lax")
+  for impl in ("im2col", "batch_minor"):
+    logits, grads, new_rest = _train_mode_step(name, impl)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(reference[0]), atol=1e-4, rtol=1e-4)
+    for got, want in zip(grads, reference[1], strict=True):
+      # Entries near 0 are sums of large terms that cancel: scale the tolerance to the array.
+      scale = float(jnp.abs(want).max())
+      np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5 * scale, rtol=1e-4)
+    for got, want in zip(new_rest, reference[2], strict=True):  # BatchNorm statistics, RNG counts.
+      if jnp.issubdtype(want.dtype, jax.dtypes.prng_key):
+        got, want = jax.random.key_data(got), jax.random.key_data(want)
+      np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["im2col", "batch_minor"])
+def test_cnn_eval_outputs_equal_across_impls(impl):
+  outputs = {}
+  for each in ("lax", impl):
+    model = models.create_model("cnn", rngs=nnx.Rngs(0), impl=each)
     model.eval()
-    outputs[impl] = model(_images())
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    loss = lambda params: nnx.merge(graphdef, params, rest)(_images()).sum()
-    grads[impl] = jax.tree_util.tree_leaves(jax.grad(loss)(params))
-  np.testing.assert_allclose(np.asarray(outputs["im2col"]), np.asarray(outputs["lax"]), atol=1e-5, rtol=1e-5)
-  for got, want in zip(grads["im2col"], grads["lax"]):
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4, rtol=1e-4)
+    outputs[each] = model(_images())
+  np.testing.assert_allclose(np.asarray(outputs[impl]), np.asarray(outputs["lax"]), atol=1e-5, rtol=1e-5)
 
 
-def test_auto_conv_is_im2col_on_cpu():
+def test_auto_impl_is_im2col_on_cpu():
   assert jax.default_backend() == "cpu"
-  assert models.resolve_conv_impl("auto") == "im2col"
+  assert models.resolve_impl("auto") == "im2col"
 
 
-def test_max_pool_matches_reduce_window_and_drops_odd_edges():
+def test_max_pool_and_its_gradient_match_reduce_window_and_drop_odd_edges():
   images = jax.random.normal(jax.random.key(3), (2, 11, 11, 4))
+  reference = lambda x: jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
   pooled = models.MaxPool()(images)
-  want = jax.lax.reduce_window(images, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
   assert pooled.shape == (2, 5, 5, 4)
-  np.testing.assert_array_equal(np.asarray(pooled), np.asarray(want))
+  np.testing.assert_array_equal(np.asarray(pooled), np.asarray(reference(images)))
+  weights = jax.random.normal(jax.random.key(4), (2, 5, 5, 4))
+  grad = jax.grad(lambda x: jnp.sum(models.MaxPool()(x) * weights))(images)
+  want = jax.grad(lambda x: jnp.sum(reference(x) * weights))(images)
+  np.testing.assert_array_equal(np.asarray(grad), np.asarray(want))
+  assert np.all(np.asarray(grad)[:, 10, :, :] == 0) and np.all(np.asarray(grad)[:, :, 10, :] == 0)
 
 
 def test_keras_initialisation_and_batchnorm_settings():

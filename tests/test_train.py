@@ -94,7 +94,8 @@ def test_shuffle_is_seeded_and_changes_per_key():
     ("batch_size", 0, "config.batch_size 0: expected a positive integer"),
     ("num_epochs", -1, "config.num_epochs -1: expected an integer >= 0"),
     ("learning_rate", float("nan"), "config.learning_rate nan: expected a positive number"),
-    ("conv_impl", "winograd", "conv_impl 'winograd': unknown"),
+    ("impl", "winograd", "impl 'winograd': unknown"),
+    ("dropout_rng_impl", "mt19937", "config.dropout_rng_impl 'mt19937': expected one of rbg"),
     ("best_metric", "loss", "config.best_metric 'loss': expected one of val_accuracy, val_loss"),
 ])
 def test_bad_config_values_are_named(field, value, message):

@@ -137,20 +137,16 @@ def load_model(workdir: str | os.PathLike, which: str = "best") -> tuple[models.
   checkpoints = Checkpoints(workdir, read_only=True)
   try:
     meta = checkpoints.restore_meta(which)
+    # Imported here: train imports this module.
+    from flax_mnist import train
     config = meta["config"]
-    model = models.create_model(meta["model"], rngs=nnx.Rngs(0), conv_impl=config.get("conv_impl", "auto"))
-    graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
-    template = {"params": params, "model_state": model_state}
-    # Only the model is needed here: restore a subtree, leaving the optimizer state on disk.
-    state, _ = checkpoints.restore(which, {**template, "opt_state": _optimizer_template(config, params)})
+    graphdef, params, model_state = nnx.split(train.init_model(config), nnx.Param, ...)
+    template = {"params": params, "model_state": model_state,
+                "opt_state": train.make_optimizer(config).init(params)}
+    state, _ = checkpoints.restore(which, template)
   finally:
     checkpoints.close()
   model = nnx.merge(graphdef, state["params"], state["model_state"])
   model.eval()
   return model, meta
 
-
-def _optimizer_template(config: dict[str, Any], params: Any) -> Any:
-  # Imported here: train imports checkpoint, not the other way round at import time.
-  from flax_mnist import train
-  return train.make_optimizer(config).init(params)

@@ -5,13 +5,16 @@ Every model is a ``Classifier``: a named stack of layers that takes float NHWC i
 them: Glorot-uniform kernels, zero biases, valid 3x3 convolutions with ReLU, 2x2 max-pooling,
 BatchNorm with momentum 0.99 and epsilon 1e-3.
 
-The convolution has two numerically equal implementations (tested): XLA's convolution on
-GPU/TPU, and on CPU an im2col matmul (the 9 shifted slices stacked on the channel axis, one
-dot), because XLA:CPU convolutions inside a compiled training loop are 10x slower.
+Every model has numerically equal implementations (tested), picked per platform by
+``resolve_impl``: NHWC with XLA's convolution on GPU/TPU; on CPU NHWC with convolutions as
+im2col matmuls, because XLA:CPU's convolutions inside a compiled training loop are 5-10x
+slower. A third, the whole network on batch-minor (CHWN) activations, is selectable.
+Dropout masks are drawn the same way in every layout.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -21,18 +24,31 @@ from flax import nnx
 
 from flax_mnist.errors import ConfigError
 
-CONV_IMPLS = ("auto", "lax", "im2col")
+IMPLS = ("auto", "lax", "im2col", "batch_minor")
 _glorot_uniform = nnx.initializers.glorot_uniform()
 _zeros = nnx.initializers.zeros_init()
 
 
-def resolve_conv_impl(impl: str) -> str:
-  """Maps ``"auto"`` to the fast implementation for the default backend (im2col on CPU)."""
-  if impl not in CONV_IMPLS:
-    raise ConfigError(f"conv_impl {impl!r}: unknown, expected one of {', '.join(CONV_IMPLS)}")
+def resolve_impl(impl: str) -> str:
+  """Maps ``"auto"`` to the fastest implementation measured for the default backend.
+
+  ``lax``: NHWC activations, XLA's convolution (GPU, TPU). ``im2col``: NHWC, convolutions as
+  one matmul over stacked shifted slices. ``batch_minor``: the whole network on activations
+  laid out (channels, height, width, batch), convolutions as im2col matmuls; with the batch
+  as the minor dimension, the elementwise, pooling and BatchNorm work vectorises.
+  """
+  if impl not in IMPLS:
+    raise ConfigError(f"impl {impl!r}: unknown, expected one of {', '.join(IMPLS)}")
   if impl == "auto":
+    # batch_minor was fastest on an AMD Zen 4 VM (shared/notes); on the Intel VM of the last
+    # measurement im2col was as fast for the pooled models and 1.6x faster for cnn.
     return "im2col" if jax.default_backend() == "cpu" else "lax"
   return impl
+
+
+def _swap_batch_axis(array: jax.Array) -> jax.Array:
+  """NHWC <-> CHWN and (N, F) <-> (F, N): swaps the first and last axes (its own inverse)."""
+  return jnp.swapaxes(array, 0, -1)
 
 
 def im2col_conv(images: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -47,6 +63,19 @@ def im2col_conv(images: jax.Array, kernel: jax.Array) -> jax.Array:
   return jnp.dot(patches, kernel.reshape(kernel_h * kernel_w * in_features, out_features))
 
 
+def batch_minor_conv(images: jax.Array, kernel: jax.Array) -> jax.Array:
+  """Valid, stride-1 convolution of CHWN images as one matmul (HWIO kernel): CHWN out."""
+  kernel_h, kernel_w, in_features, out_features = kernel.shape
+  out_h = images.shape[1] - kernel_h + 1
+  out_w = images.shape[2] - kernel_w + 1
+  # Slicing leading axes copies whole rows of the batch; stacked in (row, column, channel) order.
+  patches = jnp.concatenate(
+      [images[:, i:i + out_h, j:j + out_w, :] for i in range(kernel_h) for j in range(kernel_w)],
+      axis=0)
+  return jnp.tensordot(kernel.reshape(kernel_h * kernel_w * in_features, out_features), patches,
+                       axes=((0,), (0,)))
+
+
 def lax_conv(images: jax.Array, kernel: jax.Array) -> jax.Array:
   """Valid, stride-1 convolution with XLA's convolution (NHWC, HWIO)."""
   return jax.lax.conv_general_dilated(images, kernel, window_strides=(1, 1), padding="VALID",
@@ -59,18 +88,22 @@ class Conv(nnx.Module):
   keras_name = "conv2d"
 
   def __init__(self, in_features: int, out_features: int, kernel_size: int = 3, *,
-               activation: Callable[[jax.Array], jax.Array] | None = nnx.relu,
-               impl: str = "auto", rngs: nnx.Rngs):
+               activation: Callable[[jax.Array], jax.Array] | None = nnx.relu, rngs: nnx.Rngs):
     self.kernel = nnx.Param(_glorot_uniform(rngs.params(), (kernel_size, kernel_size, in_features, out_features)))
     self.bias = nnx.Param(_zeros(rngs.params(), (out_features,)))
     self.activation = activation
-    resolve_conv_impl(impl)  # Fail at construction on a bad name; "auto" resolves at trace time.
-    self.impl = impl
+
+  def forward(self, images: jax.Array, impl: str) -> jax.Array:
+    """The layer on activations in the layout of ``impl`` (NHWC, or CHWN for batch_minor)."""
+    if impl == "batch_minor":
+      outputs = batch_minor_conv(images, self.kernel[...]) + self.bias[...][:, None, None, None]
+    else:
+      conv = im2col_conv if impl == "im2col" else lax_conv
+      outputs = conv(images, self.kernel[...]) + self.bias[...]
+    return outputs if self.activation is None else self.activation(outputs)
 
   def __call__(self, images: jax.Array) -> jax.Array:
-    conv = im2col_conv if resolve_conv_impl(self.impl) == "im2col" else lax_conv
-    outputs = conv(images, self.kernel[...]) + self.bias[...]
-    return outputs if self.activation is None else self.activation(outputs)
+    return self.forward(images, "lax")
 
 
 class Dense(nnx.Module):
@@ -84,9 +117,53 @@ class Dense(nnx.Module):
                              bias_init=_zeros, rngs=rngs)
     self.activation = activation
 
-  def __call__(self, inputs: jax.Array) -> jax.Array:
-    outputs = self.linear(inputs)
+  def forward(self, inputs: jax.Array, impl: str) -> jax.Array:
+    """(N, F) inputs, or (F, N) for batch_minor."""
+    if impl == "batch_minor":
+      outputs = (jnp.tensordot(self.linear.kernel[...], inputs, axes=((0,), (0,)))
+                 + self.linear.bias[...][:, None])
+    else:
+      outputs = self.linear(inputs)
     return outputs if self.activation is None else self.activation(outputs)
+
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    return self.forward(inputs, "lax")
+
+
+def _pool_windows(images: jax.Array, window: int) -> jax.Array:
+  """(A, H, W, Z) to (A, H//w, w, W//w, w, Z): the non-overlapping windows, odd edges dropped."""
+  first, height, width, last = images.shape
+  out_h, out_w = height // window, width // window
+  return images[:, :out_h * window, :out_w * window, :].reshape(first, out_h, window, out_w, window, last)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def max_pool(images: jax.Array, window: int) -> jax.Array:
+  """Max over non-overlapping ``window x window`` windows of axes 1 and 2 (valid: odd edges dropped).
+
+  Its gradient is one elementwise pass that routes each output gradient to the input(s) equal
+  to the window's max; JAX's reduce-max gradient (it splits ties) costs 3-4 passes over the
+  input. The two differ only where a window holds tied maxima that are not zero after a ReLU.
+  """
+  return _pool_windows(images, window).max(axis=(2, 4))
+
+
+def _max_pool_forward(images, window):
+  pooled = max_pool(images, window)
+  return pooled, (images, pooled)
+
+
+def _max_pool_backward(window, residuals, pooled_grad):
+  images, pooled = residuals
+  windows = _pool_windows(images, window)
+  expand = lambda array: array[:, :, None, :, None, :]
+  windows_grad = jnp.where(windows == expand(pooled), expand(pooled_grad), 0.0).reshape(
+      images.shape[0], windows.shape[1] * window, windows.shape[3] * window, images.shape[3])
+  pad = ((0, 0), (0, images.shape[1] - windows_grad.shape[1]), (0, images.shape[2] - windows_grad.shape[2]), (0, 0))
+  return (jnp.pad(windows_grad, pad),)
+
+
+max_pool.defvjp(_max_pool_forward, _max_pool_backward)
 
 
 class MaxPool(nnx.Module):
@@ -97,12 +174,13 @@ class MaxPool(nnx.Module):
   def __init__(self, window: int = 2):
     self.window = window
 
+  def forward(self, images: jax.Array, impl: str) -> jax.Array:
+    """NHWC images, or CHWN for batch_minor (height and width are axes 1 and 2 in both)."""
+    del impl
+    return max_pool(images, self.window)
+
   def __call__(self, images: jax.Array) -> jax.Array:
-    batch, height, width, channels = images.shape
-    out_h, out_w, w = height // self.window, width // self.window, self.window
-    # A reshape + max differentiates to cheap elementwise ops, unlike reduce_window.
-    windows = images[:, :out_h * w, :out_w * w, :].reshape(batch, out_h, w, out_w, w, channels)
-    return windows.max(axis=(2, 4))
+    return self.forward(images, "lax")
 
 
 class Flatten(nnx.Module):
@@ -110,44 +188,85 @@ class Flatten(nnx.Module):
 
   keras_name = "flatten"
 
-  def __call__(self, inputs: jax.Array) -> jax.Array:
+  def forward(self, inputs: jax.Array, impl: str) -> jax.Array:
+    if impl == "batch_minor":
+      if inputs.ndim == 2:
+        return inputs
+      # The same (H, W, C) feature order as NHWC, so that weights mean the same in every impl.
+      return jnp.transpose(inputs, (1, 2, 0, 3)).reshape(-1, inputs.shape[-1])
     return inputs.reshape(inputs.shape[0], -1)
+
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    return self.forward(inputs, "lax")
 
 
 class Dropout(nnx.Dropout):
-  """Keras ``Dropout(rate)``; active in train mode only, masks from the model's dropout stream."""
+  """Keras ``Dropout(rate)``; active in train mode only, masks from the model's dropout stream.
+
+  Every impl draws the same mask (in NHWC order), so a seed trains the same on any layout.
+  """
 
   keras_name = "dropout"
 
+  def forward(self, inputs: jax.Array, impl: str) -> jax.Array:
+    if impl != "batch_minor":
+      return self(inputs)
+    if self.rate == 0.0 or self.deterministic:
+      return inputs
+    keep = 1.0 - self.rate
+    # nnx.Dropout's draw for the NHWC view, swapped: only the boolean mask is transposed.
+    mask = _swap_batch_axis(jax.random.bernoulli(self.rngs(), keep, _swap_batch_axis(inputs).shape))
+    return jax.lax.select(mask, inputs / keep, jnp.zeros_like(inputs))
+
 
 class BatchNorm(nnx.BatchNorm):
-  """Keras ``BatchNormalization()``: momentum 0.99, epsilon 1e-3, over the last axis."""
+  """Keras ``BatchNormalization()``: momentum 0.99, epsilon 1e-3, over the channel axis."""
 
   keras_name = "batch_normalization"
 
   def __init__(self, num_features: int, *, rngs: nnx.Rngs):
     super().__init__(num_features, momentum=0.99, epsilon=1e-3, rngs=rngs)
 
+  def forward(self, inputs: jax.Array, impl: str) -> jax.Array:
+    if impl != "batch_minor":
+      return self(inputs)
+    # nnx.BatchNorm's arithmetic (fast variance, clipped at 0) with the features on axis 0.
+    reduction_axes = tuple(range(1, inputs.ndim))
+    feature_shape = (-1,) + (1,) * (inputs.ndim - 1)
+    if self.use_running_average:
+      mean, var = self.mean[...], self.var[...]
+    else:
+      mean = inputs.mean(reduction_axes)
+      var = jnp.maximum(0.0, jnp.square(inputs).mean(reduction_axes) - jnp.square(mean))
+      self.mean[...] = jax.lax.stop_gradient(self.momentum * self.mean[...] + (1 - self.momentum) * mean)
+      self.var[...] = jax.lax.stop_gradient(self.momentum * self.var[...] + (1 - self.momentum) * var)
+    multiplier = jax.lax.rsqrt(var + self.epsilon) * self.scale[...]
+    return ((inputs - mean.reshape(feature_shape)) * multiplier.reshape(feature_shape)
+            + self.bias[...].reshape(feature_shape))
+
 
 class Classifier(nnx.Module):
-  """A named stack of layers: float NHWC images in, logits (N, 10) out."""
+  """A named stack of layers: float NHWC images in, logits (N, 10) out, in any ``impl``."""
 
-  def __init__(self, name: str, layers: Sequence[nnx.Module]):
+  def __init__(self, name: str, layers: Sequence[nnx.Module], impl: str = "auto"):
+    resolve_impl(impl)  # Fail at construction on a bad name; "auto" resolves at trace time.
     self.name = name
     self.layers = nnx.List(layers)
+    self.impl = impl
 
   def __call__(self, images: jax.Array) -> jax.Array:
-    outputs = images
+    impl = resolve_impl(self.impl)
+    outputs = _swap_batch_axis(images) if impl == "batch_minor" else images
     for layer in self.layers:
-      outputs = layer(outputs)
-    return outputs
+      outputs = layer.forward(outputs, impl)
+    return _swap_batch_axis(outputs) if impl == "batch_minor" else outputs
 
 
 _REGISTRY: dict[str, Callable[..., Classifier]] = {}
 
 
 def register(name: str) -> Callable[[Callable[..., Classifier]], Callable[..., Classifier]]:
-  """Registers a model factory ``fn(*, rngs, conv_impl) -> Classifier`` under ``name``."""
+  """Registers a model factory ``fn(*, rngs, impl) -> Classifier`` under ``name``."""
   def decorator(factory: Callable[..., Classifier]) -> Callable[..., Classifier]:
     if name in _REGISTRY:
       raise ValueError(f"model {name!r} is already registered")
@@ -161,16 +280,17 @@ def model_names() -> list[str]:
   return list(_REGISTRY)
 
 
-def create_model(name: str, *, rngs: nnx.Rngs, conv_impl: str = "auto") -> Classifier:
+def create_model(name: str, *, rngs: nnx.Rngs, impl: str = "auto") -> Classifier:
   """Builds the registered model ``name`` (in train mode) with parameters drawn from ``rngs``.
 
+  ``impl`` picks the implementation (``resolve_impl``); all give the same function.
   ``rngs`` needs a ``params`` stream and, for models with dropout, a ``dropout`` stream
   (``nnx.Rngs(params=seed, dropout=seed + 1)``; a single ``nnx.Rngs(seed)`` also works).
   """
   if name not in _REGISTRY:
     raise ConfigError(f"model {name!r}: unknown, expected one of {', '.join(_REGISTRY)}")
-  resolve_conv_impl(conv_impl)
-  return _REGISTRY[name](rngs=rngs, conv_impl=conv_impl)
+  resolve_impl(impl)
+  return _REGISTRY[name](rngs=rngs, impl=impl)
 
 
 def _dense_head(in_features: int, *, dropout: float, batch_norm: bool, rngs: nnx.Rngs) -> list[nnx.Module]:
@@ -186,54 +306,53 @@ def _dense_head(in_features: int, *, dropout: float, batch_norm: bool, rngs: nnx
 
 
 @register("mlp")
-def mlp(*, rngs: nnx.Rngs, conv_impl: str = "auto") -> Classifier:
+def mlp(*, rngs: nnx.Rngs, impl: str = "auto") -> Classifier:
   """Flatten, Dense 128, Drop 0.2, Dense 32, Drop 0.2, Dense 10: 104,938 params."""
-  del conv_impl  # No convolutions.
-  return Classifier("mlp", [Flatten(), *_dense_head(28 * 28, dropout=0.2, batch_norm=False, rngs=rngs)])
+  return Classifier("mlp", [Flatten(), *_dense_head(28 * 28, dropout=0.2, batch_norm=False, rngs=rngs)], impl)
 
 
 @register("cnn")
-def cnn(*, rngs: nnx.Rngs, conv_impl: str = "auto") -> Classifier:
+def cnn(*, rngs: nnx.Rngs, impl: str = "auto") -> Classifier:
   """Conv 8, Conv 16, then the mlp head on 24*24*16 features: 1,185,482 params."""
   return Classifier("cnn", [
-      Conv(1, 8, impl=conv_impl, rngs=rngs),
-      Conv(8, 16, impl=conv_impl, rngs=rngs),
+      Conv(1, 8, rngs=rngs),
+      Conv(8, 16, rngs=rngs),
       Flatten(),
       *_dense_head(24 * 24 * 16, dropout=0.2, batch_norm=False, rngs=rngs),
-  ])
+  ], impl)
 
 
 @register("cnn_pool")
-def cnn_pool(*, rngs: nnx.Rngs, conv_impl: str = "auto") -> Classifier:
+def cnn_pool(*, rngs: nnx.Rngs, impl: str = "auto") -> Classifier:
   """Conv 8, MaxPool, Conv 16, MaxPool, then the mlp head on 5*5*16: 57,034 params."""
   return Classifier("cnn_pool", [
-      Conv(1, 8, impl=conv_impl, rngs=rngs),
+      Conv(1, 8, rngs=rngs),
       MaxPool(),
-      Conv(8, 16, impl=conv_impl, rngs=rngs),
+      Conv(8, 16, rngs=rngs),
       MaxPool(),
       Flatten(),
       *_dense_head(5 * 5 * 16, dropout=0.2, batch_norm=False, rngs=rngs),
-  ])
+  ], impl)
 
 
 @register("cnn_pool_bn")
-def cnn_pool_bn(*, rngs: nnx.Rngs, conv_impl: str = "auto") -> Classifier:
+def cnn_pool_bn(*, rngs: nnx.Rngs, impl: str = "auto") -> Classifier:
   """cnn_pool with BatchNorm + Dropout 0.2 after each pool, BatchNorm + Dropout 0.5 in the head.
 
   57,402 trainable params and 368 BatchNorm statistics.
   """
   return Classifier("cnn_pool_bn", [
-      Conv(1, 8, impl=conv_impl, rngs=rngs),
+      Conv(1, 8, rngs=rngs),
       MaxPool(),
       BatchNorm(8, rngs=rngs),
       Dropout(0.2, rngs=rngs),
-      Conv(8, 16, impl=conv_impl, rngs=rngs),
+      Conv(8, 16, rngs=rngs),
       MaxPool(),
       BatchNorm(16, rngs=rngs),
       Dropout(0.2, rngs=rngs),
       Flatten(),
       *_dense_head(5 * 5 * 16, dropout=0.5, batch_norm=True, rngs=rngs),
-  ])
+  ], impl)
 
 
 def _size(state: Any) -> int:
