@@ -21,6 +21,8 @@ _JSON = flags.DEFINE_string("json", None, "Write every figure to this JSON file.
 _MARKDOWN = flags.DEFINE_string("markdown", None, "Also write the Markdown tables to this file.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "IDX directory (default: $FLAX_MNIST_DATA_DIR, then TFDS).")
 _BASELINE = flags.DEFINE_enum("baseline", None, ["keras"], "Also time this framework, same run.")
+_IMPL = flags.DEFINE_enum("impl", None, ["auto", "lax", "im2col", "batch_minor"],
+                          "Override config.impl (models.resolve_impl), to compare implementations.")
 _BASELINE_PYTHON = flags.DEFINE_string("baseline_python", None,
                                        "Interpreter with keras + tensorflow (default: this one).")
 
@@ -34,7 +36,8 @@ def main(argv: list[str]) -> None:
     sys.exit(1)
   try:
     result = benchmark.run(_MODELS.value, _EPOCHS.value, data_dir=_DATA_DIR.value, baseline=_BASELINE.value,
-                           baseline_python=_BASELINE_PYTHON.value)
+                           baseline_python=_BASELINE_PYTHON.value,
+                           overrides={"impl": _IMPL.value} if _IMPL.value else None)
   except FlaxMnistError as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(1)
