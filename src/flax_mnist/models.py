@@ -51,27 +51,27 @@ def _swap_batch_axis(array: jax.Array) -> jax.Array:
   return jnp.swapaxes(array, 0, -1)
 
 
+def _stacked_slices(images: jax.Array, kernel_h: int, kernel_w: int, axis: int) -> jax.Array:
+  """The valid shifted slices of axes 1 and 2, stacked on the channel ``axis`` (-1 for NHWC, 0
+  for CHWN) in (row, column, channel) order: the order of a row-major reshape of an HWIO kernel."""
+  out_h = images.shape[1] - kernel_h + 1
+  out_w = images.shape[2] - kernel_w + 1
+  return jnp.concatenate(
+      [images[:, i:i + out_h, j:j + out_w, :] for i in range(kernel_h) for j in range(kernel_w)], axis=axis)
+
+
 def im2col_conv(images: jax.Array, kernel: jax.Array) -> jax.Array:
   """Valid, stride-1 convolution as one matmul over the stacked shifted slices (NHWC, HWIO)."""
   kernel_h, kernel_w, in_features, out_features = kernel.shape
-  out_h = images.shape[1] - kernel_h + 1
-  out_w = images.shape[2] - kernel_w + 1
-  # Slice order (row, column, channel) matches the row-major reshape of the HWIO kernel.
-  patches = jnp.concatenate(
-      [images[:, i:i + out_h, j:j + out_w, :] for i in range(kernel_h) for j in range(kernel_w)],
-      axis=-1)
+  patches = _stacked_slices(images, kernel_h, kernel_w, axis=-1)
   return jnp.dot(patches, kernel.reshape(kernel_h * kernel_w * in_features, out_features))
 
 
 def batch_minor_conv(images: jax.Array, kernel: jax.Array) -> jax.Array:
   """Valid, stride-1 convolution of CHWN images as one matmul (HWIO kernel): CHWN out."""
   kernel_h, kernel_w, in_features, out_features = kernel.shape
-  out_h = images.shape[1] - kernel_h + 1
-  out_w = images.shape[2] - kernel_w + 1
-  # Slicing leading axes copies whole rows of the batch; stacked in (row, column, channel) order.
-  patches = jnp.concatenate(
-      [images[:, i:i + out_h, j:j + out_w, :] for i in range(kernel_h) for j in range(kernel_w)],
-      axis=0)
+  # Slicing leading axes copies whole rows of the batch.
+  patches = _stacked_slices(images, kernel_h, kernel_w, axis=0)
   return jnp.tensordot(kernel.reshape(kernel_h * kernel_w * in_features, out_features), patches,
                        axes=((0,), (0,)))
 
