@@ -162,3 +162,16 @@ def test_summary_lists_layers_shapes_and_totals():
   bn_text = models.summary(models.create_model("cnn_pool_bn", rngs=nnx.Rngs(0)))
   assert "Trainable params: 57,402" in bn_text and "Non-trainable params: 368" in bn_text
   assert "batch_normalization_3 (BatchNorm)" in bn_text
+
+
+@pytest.mark.parametrize("rate", [0.2, 0.5])
+def test_dropout_keeps_one_minus_rate_and_preserves_the_mean(rate):
+  dropout = models.Dropout(rate, rngs=nnx.Rngs(dropout=jax.random.key(0, impl="rbg")))
+  ones = jnp.ones((512, 13, 13, 8))
+  outputs = np.asarray(dropout(ones))
+  kept = outputs > 0
+  standard_error = np.sqrt(rate * (1 - rate) / ones.size)
+  assert abs(kept.mean() - (1 - rate)) < 5 * standard_error
+  np.testing.assert_allclose(outputs[kept], 1 / (1 - rate), rtol=2e-5)  # Scaled by the exact keep.
+  assert abs(outputs.mean() - 1.0) < 5 * standard_error / (1 - rate)
+  assert not np.array_equal(kept, np.asarray(dropout(ones)) > 0)  # A fresh mask per call.
