@@ -1,21 +1,28 @@
 """Evaluates a trained workdir on the 10,000 test images: python scripts/evaluate.py --workdir runs/cnn
 
 Prints test loss and accuracy of the best checkpoint (--which=latest for the last epoch),
-or one JSON object with --json.
+or one JSON object with --json. --report adds per-class accuracy and the confusion matrix
+(text), and writes confusion_matrix.png, mistakes.png and report.txt into --report_dir
+(default <workdir>/report). --predict FILE.png|FILE.npy prints the class probabilities of
+one 28x28 grey image (light digit on dark, as MNIST; other sizes are refused, not resized).
 """
 
 import json
 import sys
+from pathlib import Path
 
 from absl import app, flags, logging
 
-from flax_mnist import FlaxMnistError, checkpoint, data, train
+from flax_mnist import FlaxMnistError, checkpoint, data, report, train
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A workdir written by scripts/train.py.")
 _WHICH = flags.DEFINE_enum("which", "best", ["best", "latest"], "Which checkpoint to evaluate.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "IDX directory (default: the run's config, "
                                 "then $FLAX_MNIST_DATA_DIR, then TFDS).")
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of text.")
+_REPORT = flags.DEFINE_bool("report", False, "Per-class accuracy, confusion matrix, misclassified images.")
+_REPORT_DIR = flags.DEFINE_string("report_dir", None, "Where --report writes (default <workdir>/report).")
+_PREDICT = flags.DEFINE_string("predict", None, "A 28x28 .png or .npy image to classify.")
 flags.mark_flag_as_required("workdir")
 
 
@@ -26,22 +33,51 @@ def main(argv: list[str]) -> None:
   try:
     model, info = checkpoint.load_model(_WORKDIR.value, _WHICH.value)
     config = info["config"]
+    if _PREDICT.value:
+      probabilities = report.predict_probabilities(model, report.load_user_image(_PREDICT.value))[0]
+      if _JSON.value:
+        print(json.dumps({"file": _PREDICT.value, "predicted": int(probabilities.argmax()),
+                          "probabilities": [float(p) for p in probabilities]}))
+      else:
+        print(f"{_PREDICT.value}: predicted {probabilities.argmax()}")
+        for digit, probability in enumerate(probabilities):
+          print(f"  {digit}: {probability:.4f}")
+      return
     mnist = data.load_mnist(_DATA_DIR.value or config.get("data_dir"), tfds_data_dir=config.get("tfds_data_dir"))
     result = train.evaluate_model(model, mnist.test.images, mnist.test.labels,
                                   batch_size=config["eval_batch_size"])
   except FlaxMnistError as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(1)
-  report = {"workdir": _WORKDIR.value, "checkpoint": _WHICH.value, "model": info["model"],
+  summary = {"workdir": _WORKDIR.value, "checkpoint": _WHICH.value, "model": info["model"],
             "epoch": info["epoch"], "test_loss": result["loss"], "test_accuracy": result["accuracy"],
             "correct": result["correct"], "count": result["count"],
             "recorded_val_accuracy": info["val_accuracy"]}
+  if _REPORT.value:
+    summary.update(_write_report(model, mnist.test, config["eval_batch_size"], info))
   if _JSON.value:
-    print(json.dumps(report))
+    print(json.dumps(summary))
   else:
     print(f"{info['model']} ({_WHICH.value} checkpoint, epoch {info['epoch']}): "
           f"test_loss {result['loss']:.4f}  test_accuracy {result['accuracy']:.4f} "
           f"({result['correct']:,}/{result['count']:,})")
+
+
+def _write_report(model, test: data.Split, batch_size: int, info: dict) -> dict:
+  """Writes the report files, prints the text report, returns what --json adds."""
+  directory = Path(_REPORT_DIR.value or Path(_WORKDIR.value) / "report")
+  directory.mkdir(parents=True, exist_ok=True)
+  probabilities = report.predict_probabilities(model, test.images, batch_size=batch_size)
+  matrix = report.confusion_matrix(test.labels, probabilities.argmax(axis=1))
+  text = report.format_report(matrix)
+  (directory / "report.txt").write_text(text)
+  report.plot_confusion(matrix, directory / "confusion_matrix.png",
+                        f"{info['model']}, epoch {info['epoch']}: confusion matrix (colour: log counts)")
+  mistakes = report.plot_mistakes(test.images, test.labels, probabilities, directory / "mistakes.png")
+  if not _JSON.value:
+    print(text + f"wrote {directory}/report.txt, confusion_matrix.png, mistakes.png")
+  return {"per_class_accuracy": report.per_class_accuracy(matrix).tolist(), "confusion_matrix": matrix.tolist(),
+          "most_confident_mistakes": mistakes.tolist(), "report_dir": str(directory)}
 
 
 if __name__ == "__main__":

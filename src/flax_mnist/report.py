@@ -1,0 +1,142 @@
+"""Evaluation views of a trained model: probabilities, per-class accuracy, confusion matrix,
+the most confidently misclassified images, and predictions for a user's own image."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from flax_mnist import data, models
+from flax_mnist.errors import DatasetError
+
+
+def predict_probabilities(model: models.Classifier, images: np.ndarray, *, batch_size: int = 1000) -> np.ndarray:
+  """Softmax probabilities ``(N, 10)`` of uint8 NHWC images, in eval mode, batch by batch."""
+  model.eval()
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def probabilities(state, batch):
+    return jax.nn.softmax(nnx.merge(graphdef, state)(data.normalize_images(batch)))
+
+  return np.concatenate([np.asarray(probabilities(state, jnp.asarray(images[start:start + batch_size])))
+                         for start in range(0, len(images), batch_size)])
+
+
+def confusion_matrix(labels: np.ndarray, predictions: np.ndarray) -> np.ndarray:
+  """``[true, predicted]`` counts, (10, 10) int64."""
+  matrix = np.zeros((data.NUM_CLASSES, data.NUM_CLASSES), np.int64)
+  np.add.at(matrix, (labels, predictions), 1)
+  return matrix
+
+
+def per_class_accuracy(matrix: np.ndarray) -> np.ndarray:
+  """The accuracy on each true class: the diagonal over the row sums."""
+  return np.diag(matrix) / np.maximum(matrix.sum(axis=1), 1)
+
+
+def format_report(matrix: np.ndarray) -> str:
+  """Per-class accuracy and the confusion matrix as text (rows: true digit, columns: predicted)."""
+  accuracy = per_class_accuracy(matrix)
+  lines = ["digit  images  accuracy"]
+  lines += [f"{digit:>5}  {matrix[digit].sum():>6}  {accuracy[digit]:.4f}" for digit in range(data.NUM_CLASSES)]
+  lines += [f"{'all':>5}  {matrix.sum():>6}  {np.trace(matrix) / matrix.sum():.4f}", "",
+            "confusion matrix (rows: true digit, columns: predicted)",
+            "      " + "".join(f"{digit:>6}" for digit in range(data.NUM_CLASSES))]
+  lines += [f"{digit:>6}" + "".join(f"{count:>6}" for count in matrix[digit]) for digit in range(data.NUM_CLASSES)]
+  return "\n".join(lines) + "\n"
+
+
+def _pyplot():
+  import matplotlib
+  matplotlib.use("Agg")  # Files only: no display needed, none touched.
+  import matplotlib.pyplot as plt
+  return plt
+
+
+def plot_confusion(matrix: np.ndarray, path: str | os.PathLike, title: str = "") -> None:
+  """The confusion matrix as a PNG heat map with the counts written in."""
+  plt = _pyplot()
+  figure, axes = plt.subplots(figsize=(7, 6))
+  image = axes.imshow(np.log1p(matrix), cmap="Blues")
+  for true in range(data.NUM_CLASSES):
+    for predicted in range(data.NUM_CLASSES):
+      axes.text(predicted, true, str(matrix[true, predicted]), ha="center", va="center", fontsize=8,
+                color="white" if true == predicted else "black")
+  axes.set(xlabel="predicted digit", ylabel="true digit", xticks=range(10), yticks=range(10),
+           title=title or "confusion matrix (colour: log counts)")
+  figure.colorbar(image, ax=axes, label="log(1 + count)")
+  figure.tight_layout()
+  figure.savefig(path, dpi=120)
+  plt.close(figure)
+
+
+def most_confident_mistakes(labels: np.ndarray, probabilities: np.ndarray, count: int = 25) -> np.ndarray:
+  """Indices of misclassified images, highest predicted probability first."""
+  predictions = probabilities.argmax(axis=1)
+  wrong = np.flatnonzero(predictions != labels)
+  return wrong[np.argsort(-probabilities[wrong, predictions[wrong]], kind="stable")][:count]
+
+
+def plot_mistakes(images: np.ndarray, labels: np.ndarray, probabilities: np.ndarray,
+                  path: str | os.PathLike, count: int = 25) -> np.ndarray:
+  """A grid of the most confidently misclassified images (true, predicted, probability); returns their indices."""
+  plt = _pyplot()
+  indices = most_confident_mistakes(labels, probabilities, count)
+  columns = 5
+  rows = max(1, -(-len(indices) // columns))
+  figure, axes = plt.subplots(rows, columns, figsize=(2 * columns, 2.2 * rows), squeeze=False)
+  for axis in axes.ravel():
+    axis.axis("off")
+  for axis, index in zip(axes.ravel(), indices):
+    predicted = int(probabilities[index].argmax())
+    axis.imshow(images[index, ..., 0], cmap="gray")
+    axis.set_title(f"#{index}: true {labels[index]}, pred {predicted}\np={probabilities[index, predicted]:.3f}",
+                   fontsize=8)
+  figure.suptitle("most confidently misclassified test images")
+  figure.tight_layout()
+  figure.savefig(path, dpi=120)
+  plt.close(figure)
+  return indices
+
+
+def load_user_image(path: str | os.PathLike) -> np.ndarray:
+  """A user's image as uint8 (1, 28, 28, 1): a .png (converted to grey) or a .npy of 28x28 values.
+
+  Images are not resized: another size is an error, since MNIST digits are centred in 28x28
+  and a resize would quietly change what the model sees. Like MNIST, digits are light on dark;
+  .npy floats in [0, 1] are scaled to 0..255.
+  """
+  path = Path(path)
+  if not path.is_file():
+    raise DatasetError(f"{path}: no such file")
+  if path.suffix.lower() == ".npy":
+    try:
+      array = np.load(path, allow_pickle=False)
+    except ValueError as error:
+      raise DatasetError(f"{path}: not a readable .npy array ({error})") from None
+    array = np.squeeze(array)
+    if array.dtype.kind == "f":
+      if array.min() < 0 or array.max() > 1:
+        raise DatasetError(f"{path}: float values in [{array.min():.3g}, {array.max():.3g}], expected [0, 1]")
+      array = np.round(array * 255)
+    elif array.dtype.kind in "iu" and (array.min() < 0 or array.max() > 255):
+      raise DatasetError(f"{path}: integer values in [{array.min()}, {array.max()}], expected 0..255")
+  elif path.suffix.lower() == ".png":
+    from PIL import Image, UnidentifiedImageError
+    try:
+      with Image.open(path) as image:
+        array = np.asarray(image.convert("L"))
+    except (UnidentifiedImageError, OSError) as error:
+      raise DatasetError(f"{path}: not a readable PNG ({error})") from None
+  else:
+    raise DatasetError(f"{path}: unsupported file type {path.suffix!r}, expected .png or .npy")
+  if array.shape != data.IMAGE_SHAPE[:2]:
+    raise DatasetError(f"{path}: image is {'x'.join(map(str, array.shape))}, expected 28x28 "
+                       "(grey, digit light on dark, not resized)")
+  return array.astype(np.uint8)[None, ..., None]

@@ -1,0 +1,89 @@
+"""Tests for flax_mnist.report and evaluate.py's --report and --predict."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from test_integration import run_script
+from test_train import small_config
+
+from flax_mnist import data, report, train
+from flax_mnist.errors import DatasetError
+
+
+def test_confusion_matrix_and_per_class_accuracy():
+  labels = np.array([0, 0, 1, 1, 1, 2])
+  predictions = np.array([0, 1, 1, 1, 2, 2])
+  matrix = report.confusion_matrix(labels, predictions)
+  assert matrix[0, 0] == 1 and matrix[0, 1] == 1 and matrix[1, 1] == 2 and matrix[1, 2] == 1 and matrix[2, 2] == 1
+  assert matrix.sum() == 6 and matrix.shape == (10, 10)
+  np.testing.assert_allclose(report.per_class_accuracy(matrix)[:3], [0.5, 2 / 3, 1.0])
+  assert report.per_class_accuracy(matrix)[5] == 0  # No images of 5: no division by zero.
+  text = report.format_report(matrix)
+  assert "    1       3  0.6667" in text and "  all       6  0.6667" in text
+
+
+def test_most_confident_mistakes_come_first():
+  labels = np.array([0, 1, 2, 3])
+  probabilities = np.full((4, 10), 0.01)
+  probabilities[0, 0] = 0.9            # Right.
+  probabilities[1, 7] = 0.6            # Wrong, less sure.
+  probabilities[2, 5] = 0.95           # Wrong, most sure.
+  probabilities[3, 3], probabilities[3, 4] = 0.3, 0.5  # Wrong, least sure.
+  assert report.most_confident_mistakes(labels, probabilities).tolist() == [2, 1, 3]
+  assert report.most_confident_mistakes(labels, probabilities, count=1).tolist() == [2]
+
+
+def test_load_user_image_png_and_npy(tmp_path):
+  digit = np.zeros((28, 28), np.uint8)
+  digit[5:20, 12:15] = 255
+  Image.fromarray(digit).save(tmp_path / "grey.png")
+  Image.fromarray(np.stack([digit] * 3, axis=-1)).save(tmp_path / "rgb.png")
+  np.save(tmp_path / "floats.npy", digit / 255.0)
+  for name in ("grey.png", "rgb.png", "floats.npy"):
+    image = report.load_user_image(tmp_path / name)
+    assert image.shape == (1, 28, 28, 1) and image.dtype == np.uint8
+    np.testing.assert_array_equal(image[0, ..., 0], digit)
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("big.npy", np.zeros((32, 32)), "image is 32x32, expected 28x28"),
+    ("range.npy", np.full((28, 28), 2.0), r"float values in \[2, 2\], expected \[0, 1\]"),
+    ("digit.jpg", None, "unsupported file type '.jpg', expected .png or .npy"),
+    ("broken.png", b"not a png", "not a readable PNG"),
+])
+def test_bad_user_images_are_one_line_errors(tmp_path, name, content, message):
+  path = tmp_path / name
+  if isinstance(content, np.ndarray):
+    np.save(path, content)
+  else:
+    path.write_bytes(content or b"")
+  with pytest.raises(DatasetError, match=message) as info:
+    report.load_user_image(path)
+  assert str(info.value).startswith(str(path)) and "\n" not in str(info.value)
+
+
+def test_evaluate_report_and_predict_from_the_command_line(idx_dir, tmp_path):
+  workdir = tmp_path / "run"
+  history = train.train_and_evaluate(small_config(idx_dir, num_epochs=3), workdir, print_fn=None)
+  result = run_script("evaluate.py", "--workdir", str(workdir), "--data_dir", str(idx_dir), "--report", "--json")
+  assert result.returncode == 0, result.stderr[-3000:]
+  summary = json.loads(result.stdout.strip().splitlines()[-1])
+  matrix = np.array(summary["confusion_matrix"])
+  best = max(history, key=lambda record: record["val_accuracy"])
+  assert matrix.sum() == 100 and np.trace(matrix) / 100 == best["val_accuracy"] == summary["test_accuracy"]
+  for name in ("report.txt", "confusion_matrix.png", "mistakes.png"):
+    assert (workdir / "report" / name).stat().st_size > 0
+  assert Image.open(workdir / "report" / "confusion_matrix.png").size[0] > 300
+  test = data.load_idx_dir(idx_dir).test
+  np.save(tmp_path / "digit.npy", test.images[0, ..., 0])
+  result = run_script("evaluate.py", "--workdir", str(workdir), "--predict", str(tmp_path / "digit.npy"), "--json")
+  assert result.returncode == 0, result.stderr[-3000:]
+  prediction = json.loads(result.stdout.strip().splitlines()[-1])
+  assert abs(sum(prediction["probabilities"]) - 1) < 1e-5
+  assert prediction["predicted"] == int(np.argmax(prediction["probabilities"]))
+  result = run_script("evaluate.py", "--workdir", str(workdir), "--predict", str(tmp_path / "missing.png"))
+  assert result.returncode == 1 and "Traceback" not in result.stderr and "missing.png: no such file" in result.stderr
