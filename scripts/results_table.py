@@ -3,8 +3,9 @@
   python scripts/results_table.py --workdirs runs/mlp,runs/cnn,runs/cnn_pool,runs/cnn_pool_bn \
       --out results/notebook_family
 
-writes ``table.md`` and copies each run's ``history.json`` and ``config.json`` beside it
-(``<out>/<model>/``), so the committed figures can be checked against the raw per-epoch data.
+writes ``table.md`` and copies each run's ``history.json``, ``config.json``, ``run.json`` and, if
+the run was logged there, ``train.log`` beside it (``<out>/<model>/``), so the committed figures
+can be checked against the raw per-epoch data.
 """
 
 import json
@@ -42,13 +43,6 @@ def summarize(workdir: Path) -> dict:
   }
 
 
-def _hardware() -> str:
-  environment = log.environment()
-  if environment["platform"] != "cpu":
-    return f"{environment['device_count']} x {environment['device_kind']}"
-  return f"CPU: {environment['cpu']}, {environment['cpu_count']} cores"
-
-
 def to_markdown(rows: list[dict]) -> str:
   """The results table."""
   lines = ["| model | params (trainable + BN stats) | best val acc (epoch) | final val acc | "
@@ -72,10 +66,11 @@ def main(argv: list[str]) -> None:
     row = summarize(workdir)
     rows.append(row)
     (out / row["model"]).mkdir(exist_ok=True)
-    for name in ("history.json", "config.json"):
-      shutil.copyfile(workdir / name, out / row["model"] / name)
+    for name in ("history.json", "config.json", "run.json", "train.log"):
+      if (workdir / name).is_file():  # run.json and train.log are there for runs of this version / with tee.
+        shutil.copyfile(workdir / name, out / row["model"] / name)
   footer = (f"\n{rows[0]['epochs']} epochs, batch 512, Adam 1e-3, seed 0; seconds per epoch = train 60,000 + "
-            f"evaluate 10,000 images, compilation excluded; {_hardware()}; jax {jax.__version__}.\n")
+            f"evaluate 10,000 images, compilation excluded; {log.describe_hardware(log.environment())}; jax {jax.__version__}.\n")
   (out / "table.md").write_text(to_markdown(rows) + footer)
   sys.stdout.write(to_markdown(rows) + footer)
 

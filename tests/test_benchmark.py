@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from flax import nnx
 from test_integration import run_script
 
-from flax_mnist import benchmark, models
+from flax_mnist import FlaxMnistError, benchmark, models
 
 
 def test_layer_flops_of_the_cnn_follow_the_formulas():
@@ -38,7 +39,8 @@ def test_markdown_shows_the_keras_ratio_when_there_is_a_baseline():
                          "models": {"cnn_pool": {"epoch_seconds": 2.0}}}}
   text = benchmark.to_markdown(result)
   assert "| cnn_pool | 2.0 | 3.00 |" in text and "| 2.00 | 1.50x |" in text
-  assert "| cnn_pool | conv2d_1 | 0.279 |" in text  # 2*9*8*16*11*11 FLOPs per image.
+  assert "| cnn_pool | conv2d_1 | 0.279 |" in text
+  assert "CPU: Test CPU, 2 cores" in text and "f32 matmul peak measured in this run: 200 GFLOP/s" in text  # 2*9*8*16*11*11 FLOPs per image.
 
 
 def test_tiny_benchmark_run_writes_json_and_tables(real_data_dir, tmp_path):
@@ -53,3 +55,9 @@ def test_tiny_benchmark_run_writes_json_and_tables(real_data_dir, tmp_path):
   assert mlp["compile_seconds"] > 0 and mlp["epoch_seconds"] > 0 and mlp["train_images_per_second"] > 0
   assert 0 < mlp["fraction_of_matmul_peak"] < 1 and mlp["peak_host_memory_mb"] > 100
   assert mlp["best_val_accuracy"] > 0.85 and len(mlp["epoch_seconds_all"]) == 1
+
+
+def test_keras_baseline_needs_an_idx_directory(monkeypatch):
+  monkeypatch.delenv("FLAX_MNIST_DATA_DIR", raising=False)
+  with pytest.raises(FlaxMnistError, match="the Keras baseline reads IDX files: pass --data_dir"):
+    benchmark.run_keras(["mlp"], 1, None, "python3")

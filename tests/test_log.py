@@ -83,3 +83,10 @@ def test_live_progress_bar_is_driven_from_the_compiled_epoch(idx_dir, tmp_path, 
   assert "epoch 1/1" in text and "5/5" in text
   assert f"accuracy={history[0]['train_accuracy']:.4f}" in text
   assert f"loss={history[0]['train_loss']:.4f}" in text
+
+
+def test_describe_hardware_names_the_cpu_or_the_accelerators():
+  assert log.describe_hardware({"platform": "cpu", "cpu": "Xeon", "cpu_count": 2}) == "CPU: Xeon, 2 cores"
+  assert log.describe_hardware({"platform": "gpu", "device_count": 8, "device_kind": "H200"}) == "8 x H200"
+  environment = log.environment()
+  assert environment["versions"]["flax_mnist"] and environment["platform"] == "cpu"

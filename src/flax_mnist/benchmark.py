@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from flax_mnist import log, models, train
+from flax_mnist import data, log, models, train
 from flax_mnist.errors import FlaxMnistError
 
 NUM_TRAIN, NUM_TEST = 60_000, 10_000
@@ -118,6 +118,9 @@ def run_project(model: str, epochs: int, data_dir: str | None = None,
 
 def run_keras(models_to_run: Sequence[str], epochs: int, data_dir: str | None, python: str) -> dict[str, Any]:
   """Runs ``benchmarks/keras_baseline.py`` with ``python`` (an interpreter with keras + tensorflow)."""
+  data_dir = data_dir or os.environ.get(data.DATA_DIR_ENV)  # The baseline reads IDX files only.
+  if not data_dir:
+    raise FlaxMnistError(f"the Keras baseline reads IDX files: pass --data_dir or set {data.DATA_DIR_ENV}")
   return _run_json_subprocess([python, str(KERAS_BASELINE)],
                               {"models": list(models_to_run), "epochs": epochs, "data_dir": data_dir},
                               f"Keras baseline with {python}")
@@ -132,8 +135,6 @@ def run(models_to_run: Sequence[str], epochs: int, *, data_dir: str | None = Non
     raise FlaxMnistError(f"models {', '.join(unknown)}: unknown, expected some of {', '.join(models.model_names())}")
   if baseline not in (None, "keras"):
     raise FlaxMnistError(f"baseline {baseline!r}: unknown, expected keras")
-  if data_dir is None:
-    data_dir = os.environ.get("FLAX_MNIST_DATA_DIR")
   result: dict[str, Any] = {"environment": log.environment(), "matmul_peak_gflops": measure_matmul_peak(),
                             "epochs": epochs, "models": {}}
   for name in models_to_run:
@@ -167,10 +168,8 @@ def to_markdown(result: dict[str, Any]) -> str:
       cells += [f"{keras['epoch_seconds']:.2f}", f"{row['ratio_to_keras']:.2f}x"]
     lines.append("| " + " | ".join(cells) + " |")
   environment = result["environment"]
-  hardware = (f"{environment['cpu']} ({environment['cpu_count']} cores)" if environment["platform"] == "cpu"
-              else f"{environment['device_count']} x {environment['device_kind']}")
   lines += ["", f"{result['epochs']} epochs per model; epoch = train 60,000 + evaluate 10,000 images at batch 512, "
-            f"median of epochs 2..N, compilation excluded; {environment['platform']}: {hardware}; "
+            f"median of epochs 2..N, compilation excluded; {log.describe_hardware(environment)}; "
             f"jax {environment['versions']['jax']}, flax {environment['versions']['flax']}; "
             f"f32 matmul peak measured in this run: {result['matmul_peak_gflops']:.0f} GFLOP/s."]
   if has_keras:

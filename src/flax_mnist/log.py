@@ -75,6 +75,13 @@ def environment() -> dict[str, Any]:
   }
 
 
+def describe_hardware(environment: dict[str, Any]) -> str:
+  """One phrase for the hardware of ``environment()``: the CPU and its cores, or the accelerators."""
+  if environment["platform"] == "cpu":
+    return f"CPU: {environment['cpu']}, {environment['cpu_count']} cores"
+  return f"{environment['device_count']} x {environment['device_kind']}"
+
+
 def format_epoch(record: dict[str, Any], num_epochs: int) -> str:
   """One console line for an epoch's history record."""
   return (f"epoch {record['epoch']:>3}/{num_epochs}  "
