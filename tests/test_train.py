@@ -162,3 +162,31 @@ def test_divergence_is_reported(idx_dir, tmp_path):
   with pytest.raises(train.FlaxMnistError, match="training diverged at epoch 1"):
     train.train_and_evaluate(small_config(idx_dir, learning_rate=1e30, num_epochs=1), tmp_path / "run",
                              print_fn=None)
+
+
+@pytest.mark.parametrize("impl", ["im2col", "batch_minor"])
+def test_a_padded_masked_batch_steps_like_the_unpadded_one(impl):
+  # The epoch pads its last partial batch to the batch size; the mask must make that step the
+  # same as a step on the real rows alone: loss mean, gradients, BatchNorm statistics, metrics.
+  rngs = nnx.Rngs(params=0)
+  layers = [models.Conv(1, 4, rngs=rngs), models.BatchNorm(4, rngs=rngs), models.Flatten(),
+            models.Dense(26 * 26 * 4, 10, rngs=rngs)]
+  model = models.Classifier("conv_bn", layers, impl=impl)
+  model.train()
+  graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
+  tx = optax.adam(1e-2)
+  images, labels = make_digits(12, seed=3)
+  images, labels = jnp.asarray(images[..., None]), jnp.asarray(labels.astype(np.int32))
+  padded_images = jnp.concatenate([images, jnp.full((4, 28, 28, 1), 255, jnp.uint8)])
+  padded_labels = jnp.concatenate([labels, jnp.zeros(4, jnp.int32)])
+  mask = jnp.arange(16) < 12
+  carry = (params, model_state, tx.init(params), train._zero_metrics())
+  plain = train.train_step(graphdef, tx, carry, (images, labels, None))
+  masked = train.train_step(graphdef, tx, carry, (padded_images, padded_labels, mask))
+  for got, want in zip(jax.tree.leaves(masked[:3]), jax.tree.leaves(plain[:3])):
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-6)
+  assert int(masked[3]["count"]) == 12 and int(masked[3]["correct"]) == int(plain[3]["correct"])
+  np.testing.assert_allclose(masked[3]["loss_sum"], plain[3]["loss_sum"], rtol=1e-5)
+  # Without the mask the padding would move the BatchNorm statistics.
+  unmasked = train.train_step(graphdef, tx, carry, (padded_images, padded_labels, None))
+  assert not np.allclose(jax.tree.leaves(unmasked[1])[0], jax.tree.leaves(plain[1])[0])

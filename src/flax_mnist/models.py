@@ -237,17 +237,21 @@ class BatchNorm(nnx.BatchNorm):
   def __init__(self, num_features: int, *, rngs: nnx.Rngs):
     super().__init__(num_features, momentum=0.99, epsilon=1e-3, rngs=rngs)
 
-  def forward(self, inputs: jax.Array, impl: str) -> jax.Array:
+  def forward(self, inputs: jax.Array, impl: str, mask: jax.Array | None = None) -> jax.Array:
+    """Normalises ``inputs``; ``mask`` (one bool per example) leaves padding out of the batch statistics."""
+    batch_axis = inputs.ndim - 1 if impl == "batch_minor" else 0
+    if mask is not None:
+      mask = mask.reshape(tuple(-1 if axis == batch_axis else 1 for axis in range(inputs.ndim)))
     if impl != "batch_minor":
-      return self(inputs)
+      return self(inputs, mask=mask)
     # nnx.BatchNorm's arithmetic (fast variance, clipped at 0) with the features on axis 0.
     reduction_axes = tuple(range(1, inputs.ndim))
     feature_shape = (-1,) + (1,) * (inputs.ndim - 1)
     if self.use_running_average:
       mean, var = self.mean[...], self.var[...]
     else:
-      mean = inputs.mean(reduction_axes)
-      var = jnp.maximum(0.0, jnp.square(inputs).mean(reduction_axes) - jnp.square(mean))
+      mean = inputs.mean(reduction_axes, where=mask)
+      var = jnp.maximum(0.0, jnp.square(inputs).mean(reduction_axes, where=mask) - jnp.square(mean))
       self.mean[...] = jax.lax.stop_gradient(self.momentum * self.mean[...] + (1 - self.momentum) * mean)
       self.var[...] = jax.lax.stop_gradient(self.momentum * self.var[...] + (1 - self.momentum) * var)
     multiplier = jax.lax.rsqrt(var + self.epsilon) * self.scale[...]
@@ -264,11 +268,17 @@ class Classifier(nnx.Module):
     self.layers = nnx.List(layers)
     self.impl = impl
 
-  def __call__(self, images: jax.Array) -> jax.Array:
+  def __call__(self, images: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
+    """Logits of ``images``; ``mask`` (bool, one per image) marks the real images of a padded batch,
+    which alone enter BatchNorm's batch statistics (padded rows' outputs are to be ignored).
+    """
     impl = resolve_impl(self.impl)
     outputs = _swap_batch_axis(images) if impl == "batch_minor" else images
     for layer in self.layers:
-      outputs = layer.forward(outputs, impl)
+      if isinstance(layer, BatchNorm):
+        outputs = layer.forward(outputs, impl, mask)
+      else:
+        outputs = layer.forward(outputs, impl)
     return _swap_batch_axis(outputs) if impl == "batch_minor" else outputs
 
 
