@@ -1,7 +1,9 @@
 """Trains one model of the family: python scripts/train.py --config configs/cnn.py --workdir runs/cnn
 
 Any config field can be overridden: --config.num_epochs=3 --config.seed=1. Running again with
-the same workdir resumes from its latest checkpoint.
+the same workdir resumes from its latest checkpoint. Several seeds, compiled once:
+--config.num_seeds=5 (or --config.seeds="(0,3,7)") trains each into WORKDIR/seed_<seed>/ and
+writes the mean and spread over seeds to WORKDIR/seeds.json.
 """
 
 import sys
@@ -23,7 +25,10 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   try:
-    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    if len(train.seed_list(_CONFIG.value)) > 1:
+      train.train_seeds(_CONFIG.value, _WORKDIR.value)
+    else:
+      train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except FlaxMnistError as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(1)

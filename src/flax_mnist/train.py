@@ -25,6 +25,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from flax import nnx
 
@@ -53,18 +54,58 @@ def default_config() -> ml_collections.ConfigDict:
   config.data_dir = ml_collections.config_dict.placeholder(str)
   config.tfds_data_dir = ml_collections.config_dict.placeholder(str)  # Unset: TFDS's default.
   config.impl = "auto"  # models.resolve_impl: "im2col" on CPU, "lax" elsewhere.
-  # PRNG of the dropout masks: XLA's RngBitGenerator ("rbg") draws them ~10 ms/step faster than
-  # threefry on CPU for cnn_pool_bn; "threefry2x32" is JAX's default.
-  config.dropout_rng_impl = "rbg"
+  # PRNG of the dropout masks. "auto": XLA's RngBitGenerator ("rbg") on CPU, where it draws them
+  # ~10 ms/step faster than threefry for cnn_pool_bn; "threefry2x32" (JAX's default) elsewhere,
+  # because rbg draws other bits under vmap, and seeds are vmapped there (seed_parallelism).
+  config.dropout_rng_impl = "auto"
   config.progress_bar = True  # Shown only on a terminal.
   config.best_metric = "val_accuracy"  # Or "val_loss" (what the notebook's ModelCheckpoint kept).
+  # Several seeds (train_seeds, or scripts/train.py with num_seeds > 1): seeds seed, seed + 1, ...
+  # unless ``seeds`` lists them. "vmap" trains them in one compiled program, "loop" one after the
+  # other with one compiled program; "auto": loop on CPU (vmapping measured no gain there), vmap
+  # elsewhere. Either way a seed's results equal its single-seed run (tested).
+  config.num_seeds = 1
+  config.seeds = ()
+  config.seed_parallelism = "auto"
   return config
 
 
-def init_model(config: Mapping[str, Any]) -> models.Classifier:
-  """The config's model, initialised from ``config.seed`` (in train mode)."""
-  seed_key = jax.random.key(config["seed"])
-  dropout_key = jax.random.fold_in(jax.random.key(config["seed"], impl=config["dropout_rng_impl"]), 1)
+SEED_PARALLELISMS = ("auto", "loop", "vmap")
+SEED_DIR = "seed_{}"  # Each seed's workdir inside a multi-seed workdir.
+SEEDS_FILE = "seeds.json"  # A multi-seed workdir's aggregate over seeds.
+
+
+def resolve_dropout_rng_impl(name: str) -> str:
+  """The PRNG implementation ``config.dropout_rng_impl`` stands for on this platform."""
+  if name == "auto":
+    return "rbg" if jax.default_backend() == "cpu" else "threefry2x32"
+  if name not in DROPOUT_RNG_IMPLS:
+    raise ConfigError(f"config.dropout_rng_impl {name!r}: expected one of auto, {', '.join(DROPOUT_RNG_IMPLS)}")
+  return name
+
+
+def resolve_seed_parallelism(name: str) -> str:
+  """"loop" or "vmap": how ``config.seed_parallelism`` trains several seeds on this platform."""
+  if name not in SEED_PARALLELISMS:
+    raise ConfigError(f"config.seed_parallelism {name!r}: expected one of {', '.join(SEED_PARALLELISMS)}")
+  if name == "auto":
+    return "loop" if jax.default_backend() == "cpu" else "vmap"
+  return name
+
+
+def seed_list(config: Mapping[str, Any]) -> list[int]:
+  """The seeds a config trains: ``config.seeds`` if set, else ``num_seeds`` from ``config.seed`` on."""
+  seeds = config.get("seeds") or ()
+  if seeds:
+    return [int(seed) for seed in seeds]
+  return list(range(config["seed"], config["seed"] + config.get("num_seeds", 1)))
+
+
+def init_model(config: Mapping[str, Any], seed: int | None = None) -> models.Classifier:
+  """The config's model, initialised from ``seed`` (default ``config.seed``), in train mode."""
+  seed = config["seed"] if seed is None else seed
+  seed_key = jax.random.key(seed)
+  dropout_key = jax.random.fold_in(jax.random.key(seed, impl=resolve_dropout_rng_impl(config["dropout_rng_impl"])), 1)
   return models.create_model(config["model"], impl=config["impl"],
                              rngs=nnx.Rngs(params=jax.random.fold_in(seed_key, 0), dropout=dropout_key))
 
@@ -153,13 +194,17 @@ def eval_step(graphdef: nnx.GraphDef, params: nnx.State, model_state: nnx.State,
 
 
 def make_train_epoch(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, batch_size: int, *,
-                     shuffle: bool = True,
-                     progress: Callable[..., None] | None = None) -> Callable[..., tuple]:
+                     shuffle: bool = True, progress: Callable[..., None] | None = None,
+                     over_seeds: bool = False) -> Callable[..., tuple]:
   """Returns the jitted ``train_epoch(params, model_state, opt_state, images, labels, key)``.
 
   It returns ``(params, model_state, opt_state, metrics)`` with summed loss and correct count.
   ``progress(step, loss_sum, correct, count)``, if given, is called on the host after each step.
+  ``over_seeds``: the states, the key and the returned metrics carry a leading seed axis (vmap);
+  the images and labels are shared.
   """
+  if over_seeds and progress is not None:
+    raise ValueError("progress is not supported over seeds (the callback would run once per seed)")
   def step(carry, batch):
     carry = train_step(graphdef, tx, carry, batch)
     if progress is not None:
@@ -172,15 +217,18 @@ def make_train_epoch(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, b
     return _scan_batches(step, (params, model_state, opt_state, _zero_metrics()), images, labels, batch_size,
                          order)
 
-  return jax.jit(train_epoch)
+  return jax.jit(jax.vmap(train_epoch, in_axes=(0, 0, 0, None, None, 0)) if over_seeds else train_epoch)
 
 
-def make_evaluate(graphdef: nnx.GraphDef, batch_size: int) -> Callable[..., Metrics]:
-  """Returns the jitted ``evaluate(params, model_state, images, labels) -> metrics`` over every image."""
+def make_evaluate(graphdef: nnx.GraphDef, batch_size: int, *, over_seeds: bool = False) -> Callable[..., Metrics]:
+  """Returns the jitted ``evaluate(params, model_state, images, labels) -> metrics`` over every image.
+
+  ``over_seeds``: the states and the returned metrics carry a leading seed axis (vmap).
+  """
   def evaluate(params, model_state, images, labels):
     step = functools.partial(eval_step, graphdef, params, model_state)
     return _scan_batches(step, _zero_metrics(), images, labels, batch_size)
-  return jax.jit(evaluate)
+  return jax.jit(jax.vmap(evaluate, in_axes=(0, 0, None, None)) if over_seeds else evaluate)
 
 
 def summarize(metrics: Metrics) -> dict[str, float]:
@@ -211,9 +259,17 @@ def validate_config(config: Mapping[str, Any]) -> None:
     if not (isinstance(config[field], (int, float)) and math.isfinite(config[field]) and config[field] > 0):
       raise ConfigError(f"config.{field} {config[field]!r}: expected a positive number")
   models.resolve_impl(config["impl"])
-  if config["dropout_rng_impl"] not in DROPOUT_RNG_IMPLS:
-    raise ConfigError(f"config.dropout_rng_impl {config['dropout_rng_impl']!r}: expected one of "
-                      f"{', '.join(DROPOUT_RNG_IMPLS)}")
+  dropout_rng_impl = resolve_dropout_rng_impl(config["dropout_rng_impl"])
+  if not isinstance(config.get("num_seeds", 1), int) or config.get("num_seeds", 1) < 1:
+    raise ConfigError(f"config.num_seeds {config['num_seeds']!r}: expected a positive integer")
+  seeds = seed_list(config)
+  if len(set(seeds)) != len(seeds):
+    raise ConfigError(f"config.seeds {tuple(seeds)!r}: expected distinct seeds")
+  parallelism = resolve_seed_parallelism(config.get("seed_parallelism", "auto"))
+  # Every model of the family has Dropout.
+  if len(seeds) > 1 and parallelism == "vmap" and dropout_rng_impl in ("rbg", "unsafe_rbg"):
+    raise ConfigError(f"config.dropout_rng_impl {config['dropout_rng_impl']!r} with seed_parallelism 'vmap': "
+                      "rbg draws other masks under vmap than alone; use threefry2x32 or 'loop'")
   if config["best_metric"] not in checkpoint.BEST_METRICS:
     raise ConfigError(f"config.best_metric {config['best_metric']!r}: expected one of "
                       f"{', '.join(checkpoint.BEST_METRICS)}")
@@ -243,121 +299,273 @@ def _read_history(workdir: Path, last_epoch: int) -> list[dict[str, Any]]:
 
 
 def _check_resumable(workdir: Path, config: Mapping[str, Any]) -> None:
-  """A workdir's checkpoints must be of the same model as the config."""
+  """A workdir's checkpoints must be of the same model (and seed) as the config."""
   path = workdir / CONFIG_FILE
   if not path.exists():
     return
   previous = json.loads(path.read_text())
-  if previous.get("model") != config["model"]:
-    raise ConfigError(f"{workdir}: holds a {previous.get('model')!r} run, config.model is {config['model']!r}; "
-                      "use another workdir")
+  for field in ("model", "seed"):
+    if field in previous and previous[field] != config[field]:
+      raise ConfigError(f"{workdir}: holds a run with {field} {previous[field]!r}, config.{field} is "
+                        f"{config[field]!r}; use another workdir")
 
 
-def train_and_evaluate(config: Any, workdir: str | os.PathLike, *,
-                       print_fn: Callable[[str], None] | None = print) -> list[dict[str, Any]]:
-  """Trains ``config.model`` for ``config.num_epochs``, validating on the test set after each epoch.
+def _stack(trees: list[Any]) -> Any:
+  return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
 
-  Writes into ``workdir``: config.json, history.json, run.json (compile seconds, hardware,
-  versions), checkpoints/{best,latest}, tensorboard/.
-  Resumes from ``checkpoints/latest`` if present. Returns the history, one dict per epoch with
-  epoch, train_loss, train_accuracy, val_loss, val_accuracy, seconds (train + eval, compile
-  excluded), train_seconds, eval_seconds and images_per_second (training throughput).
-  """
-  validate_config(config)
-  say = print_fn or (lambda line: None)
-  workdir = Path(workdir)
+
+def _unstack(tree: Any, index: int) -> Any:
+  return jax.tree.map(lambda leaf: leaf[index], tree)
+
+
+class _SeedRun:
+  """One seed's workdir: its state, checkpoints, history and TensorBoard log."""
+
+  def __init__(self, config_dict: dict[str, Any], workdir: Path, template: dict[str, Any], *,
+               is_writer: bool, say: Callable[[str], None]):
+    self.seed = config_dict["seed"]
+    self.config_dict = config_dict
+    self.workdir = workdir
+    self.is_writer = is_writer
+    workdir.mkdir(parents=True, exist_ok=True)
+    _check_resumable(workdir, config_dict)
+    self.checkpoints = checkpoint.Checkpoints(workdir, best_metric=config_dict["best_metric"])
+    self.tensorboard: log.TensorBoard | None = None
+    self.state = template
+    self.start_epoch = 0
+    self.history: list[dict[str, Any]] = []
+    try:
+      if self.checkpoints.epoch("latest") is not None:
+        self.state, meta = self.checkpoints.restore("latest", template)
+        self.start_epoch = meta["epoch"]
+        self.history = _read_history(workdir, self.start_epoch)
+        say(f"resumed from {self.checkpoints.directory / 'latest'} at epoch {self.start_epoch}")
+      if is_writer:
+        _write_json(workdir / CONFIG_FILE, config_dict)
+    except BaseException:
+      self.checkpoints.close()
+      raise
+
+  def finish_epoch(self, epoch: int, state: dict[str, Any], train_metrics: Metrics, val_metrics: Metrics,
+                   timings: dict[str, float], train_graphdef: nnx.GraphDef) -> dict[str, Any]:
+    """Records an epoch: history, checkpoints, TensorBoard. Returns its history record."""
+    train_summary, val_summary = summarize(train_metrics), summarize(val_metrics)
+    if not math.isfinite(train_summary["loss"]):
+      raise FlaxMnistError(f"training diverged at epoch {epoch} (seed {self.seed}): train_loss is "
+                           f"{train_summary['loss']}; lower config.learning_rate")
+    record = {"epoch": epoch,
+              "train_loss": train_summary["loss"], "train_accuracy": train_summary["accuracy"],
+              "val_loss": val_summary["loss"], "val_accuracy": val_summary["accuracy"],
+              **timings, "images_per_second": timings["parallel_seeds"] * train_summary["count"] / timings["train_seconds"]}
+    self.history.append(record)
+    self.state = state
+    meta = {"epoch": epoch, "model": self.config_dict["model"], "val_accuracy": record["val_accuracy"],
+            "val_loss": record["val_loss"], "train_accuracy": record["train_accuracy"],
+            "train_loss": record["train_loss"], "config": self.config_dict}
+    self.checkpoints.save_epoch(epoch, state, meta)
+    if self.is_writer:
+      _write_json(self.workdir / HISTORY_FILE, self.history)
+      if self.tensorboard is None:
+        self.tensorboard = log.TensorBoard(self.workdir / "tensorboard", enabled=True)
+      self.tensorboard.write_epoch(epoch, record, nnx.merge(train_graphdef, state["params"], state["model_state"]))
+    return record
+
+  def close(self) -> None:
+    """Closes the TensorBoard writer and waits for pending checkpoint saves."""
+    try:
+      if self.tensorboard is not None:
+        self.tensorboard.close()
+    finally:
+      self.checkpoints.close()
+
+
+def _run_config_dict(config: Any, seed: int) -> dict[str, Any]:
+  """The config as one seed's run of it: what config.json and each checkpoint record."""
+  config_dict = config_to_dict(config)
+  config_dict.update(seed=seed, num_seeds=1, seeds=[],
+                     dropout_rng_impl=resolve_dropout_rng_impl(config["dropout_rng_impl"]))
+  return config_dict
+
+
+def _train(config: Any, seeds: list[int], workdirs: list[Path], say: Callable[[str], None],
+           parallelism: str) -> list[list[dict[str, Any]]]:
+  """Trains one copy of ``config.model`` per seed, each into its workdir; returns the histories."""
   is_writer = jax.process_index() == 0
-  workdir.mkdir(parents=True, exist_ok=True)
-  _check_resumable(workdir, config)
-
+  for workdir in workdirs:
+    workdir.mkdir(parents=True, exist_ok=True)
   mnist = data.load_mnist(config["data_dir"] or None, tfds_data_dir=config["tfds_data_dir"] or None)
   train_images, train_labels = jax.device_put(mnist.train.images), jax.device_put(mnist.train.labels)
   test_images, test_labels = jax.device_put(mnist.test.images), jax.device_put(mnist.test.labels)
   say(f"data: {mnist.source}: {len(mnist.train):,} train, {len(mnist.test):,} test images")
 
-  model = init_model(config)
-  shuffle_key = jax.random.fold_in(jax.random.key(config["seed"]), 2)
+  tx = make_optimizer(config)
+  templates, shuffle_keys = [], []
+  for seed in seeds:
+    model = init_model(config, seed)
+    model.train()
+    train_graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
+    templates.append({"params": params, "model_state": model_state, "opt_state": tx.init(params)})
+    shuffle_keys.append(jax.random.fold_in(jax.random.key(seed), 2))
   say(models.summary(model))
-  model.train()
-  train_graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
   model.eval()
   eval_graphdef = nnx.graphdef(model)
-  tx = make_optimizer(config)
-  opt_state = tx.init(params)
 
-  checkpoints = checkpoint.Checkpoints(workdir, best_metric=config["best_metric"])
+  runs: list[_SeedRun] = []
   try:
-    start_epoch = 0
-    history: list[dict[str, Any]] = []
-    if checkpoints.epoch("latest") is not None:
-      restored, meta = checkpoints.restore("latest", {"params": params, "model_state": model_state,
-                                                      "opt_state": opt_state})
-      params, model_state, opt_state = restored["params"], restored["model_state"], restored["opt_state"]
-      start_epoch = meta["epoch"]
-      history = _read_history(workdir, start_epoch)
-      say(f"resumed from {checkpoints.directory / 'latest'} at epoch {start_epoch}")
-    config_dict = config_to_dict(config)
-    if is_writer:
-      _write_json(workdir / CONFIG_FILE, config_dict)
-
+    for seed, workdir, template in zip(seeds, workdirs, templates):
+      runs.append(_SeedRun(_run_config_dict(config, seed), workdir, template, is_writer=is_writer, say=say))
     num_epochs = config["num_epochs"]
     batch_size = config["batch_size"]
     steps_per_epoch = math.ceil(len(mnist.train) / batch_size)
-    progress = log.ProgressBar(steps_per_epoch, enabled=config["progress_bar"])
+    over_seeds = parallelism == "vmap"
+    if over_seeds and len({run.start_epoch for run in runs}) > 1:
+      raise ConfigError("seed_parallelism 'vmap' resumes only seeds stopped at the same epoch; these are at "
+                        + ", ".join(f"{run.seed}: {run.start_epoch}" for run in runs)
+                        + "; resume with --config.seed_parallelism=loop")
+    progress = log.ProgressBar(steps_per_epoch, enabled=config["progress_bar"] and not over_seeds)
     train_epoch = make_train_epoch(train_graphdef, tx, batch_size, shuffle=config["shuffle"],
-                                   progress=progress.update if progress.enabled else None)
-    evaluate = make_evaluate(eval_graphdef, config["eval_batch_size"])
-    if start_epoch < num_epochs:
-      started = time.perf_counter()
-      train_epoch = train_epoch.lower(params, model_state, opt_state, train_images, train_labels,
-                                       shuffle_key).compile()
-      compiled_train = time.perf_counter()
-      evaluate = evaluate.lower(params, model_state, test_images, test_labels).compile()
-      compile_seconds = {"train_epoch": compiled_train - started,
-                         "evaluate": time.perf_counter() - compiled_train}
-      say(f"compiled the train epoch ({steps_per_epoch} steps of {batch_size}) and evaluation "
-          f"in {sum(compile_seconds.values()):.1f} s")
-      if is_writer:
-        _write_json(workdir / RUN_FILE, {"start_epoch": start_epoch, "compile_seconds": compile_seconds,
-                                         **log.environment()})
-    tensorboard = log.TensorBoard(workdir / "tensorboard", enabled=is_writer)
-    try:
-      for epoch in range(start_epoch + 1, num_epochs + 1):
-        progress.start(epoch, num_epochs)
-        started = time.perf_counter()
-        params, model_state, opt_state, train_metrics = train_epoch(
-            params, model_state, opt_state, train_images, train_labels, jax.random.fold_in(shuffle_key, epoch))
-        train_summary = summarize(train_metrics)  # Fetching the sums waits for the epoch.
-        trained = time.perf_counter()
-        val_summary = summarize(evaluate(params, model_state, test_images, test_labels))
-        finished = time.perf_counter()
-        progress.close()
-        if not math.isfinite(train_summary["loss"]):
-          raise FlaxMnistError(f"training diverged at epoch {epoch}: train_loss is {train_summary['loss']}; "
-                               "lower config.learning_rate")
-        record = {"epoch": epoch,
-                  "train_loss": train_summary["loss"], "train_accuracy": train_summary["accuracy"],
-                  "val_loss": val_summary["loss"], "val_accuracy": val_summary["accuracy"],
-                  "seconds": finished - started, "train_seconds": trained - started,
-                  "eval_seconds": finished - trained,
-                  "images_per_second": train_summary["count"] / (trained - started)}
-        history.append(record)
-        say(log.format_epoch(record, num_epochs))
+                                   progress=progress.update if progress.enabled else None, over_seeds=over_seeds)
+    evaluate = make_evaluate(eval_graphdef, config["eval_batch_size"], over_seeds=over_seeds)
+    pending = [run for run in runs if run.start_epoch < num_epochs]
+    if not pending:
+      return [run.history for run in runs]
 
-        state = {"params": params, "model_state": model_state, "opt_state": opt_state}
-        meta = {"epoch": epoch, "model": config["model"], "val_accuracy": record["val_accuracy"],
-                "val_loss": record["val_loss"], "train_accuracy": record["train_accuracy"],
-                "train_loss": record["train_loss"], "config": config_dict}
-        checkpoints.save_epoch(epoch, state, meta)
-        if is_writer:
-          _write_json(workdir / HISTORY_FILE, history)
-          tensorboard.write_epoch(epoch, record, nnx.merge(train_graphdef, params, model_state))
+    # One compiled program for every seed: all seeds' states have the same shapes.
+    example = _stack([run.state for run in pending]) if over_seeds else pending[0].state
+    example_key = _stack(shuffle_keys[:len(pending)]) if over_seeds else shuffle_keys[0]
+    started = time.perf_counter()
+    train_epoch = train_epoch.lower(example["params"], example["model_state"], example["opt_state"],
+                                    train_images, train_labels, example_key).compile()
+    compiled_train = time.perf_counter()
+    evaluate = evaluate.lower(example["params"], example["model_state"], test_images, test_labels).compile()
+    compile_seconds = {"train_epoch": compiled_train - started, "evaluate": time.perf_counter() - compiled_train}
+    together = f" for {len(pending)} seeds at once" if over_seeds else ""
+    say(f"compiled the train epoch ({steps_per_epoch} steps of {batch_size}) and evaluation{together} "
+        f"in {sum(compile_seconds.values()):.1f} s")
+    if is_writer:
+      for run in pending:
+        _write_json(run.workdir / RUN_FILE, {
+            "start_epoch": run.start_epoch, "compile_seconds": compile_seconds, "seed_parallelism": parallelism,
+            "compiled_once_for_seeds": [other.seed for other in pending], **log.environment()})
+
+    def timed_epoch(states: dict[str, Any], keys: jax.Array) -> tuple:
+      started = time.perf_counter()
+      params, model_state, opt_state, train_metrics = train_epoch(
+          states["params"], states["model_state"], states["opt_state"], train_images, train_labels, keys)
+      train_metrics = jax.device_get(train_metrics)  # Waits for the epoch.
+      trained = time.perf_counter()
+      val_metrics = jax.device_get(evaluate(params, model_state, test_images, test_labels))
+      finished = time.perf_counter()
+      timings = {"seconds": finished - started, "train_seconds": trained - started,
+                 "eval_seconds": finished - trained, "parallel_seeds": len(pending) if over_seeds else 1}
+      return {"params": params, "model_state": model_state, "opt_state": opt_state}, train_metrics, val_metrics, timings
+
+    def report(run: _SeedRun, record: dict[str, Any]) -> None:
+      prefix = f"seed {run.seed}: " if len(runs) > 1 else ""
+      say(prefix + log.format_epoch(record, num_epochs))
+
+    try:
+      if over_seeds:
+        states = _stack([run.state for run in pending])
+        keys = _stack([key for run, key in zip(runs, shuffle_keys) if run in pending])
+        for epoch in range(pending[0].start_epoch + 1, num_epochs + 1):
+          states, train_metrics, val_metrics, timings = timed_epoch(
+              states, jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, epoch))
+          for index, run in enumerate(pending):
+            report(run, run.finish_epoch(epoch, _unstack(states, index), _unstack(train_metrics, index),
+                                         _unstack(val_metrics, index), timings, train_graphdef))
+      else:
+        for run, key in zip(runs, shuffle_keys):
+          state = run.state
+          for epoch in range(run.start_epoch + 1, num_epochs + 1):
+            progress.start(epoch, num_epochs)
+            state, train_metrics, val_metrics, timings = timed_epoch(state, jax.random.fold_in(key, epoch))
+            progress.close()
+            report(run, run.finish_epoch(epoch, state, train_metrics, val_metrics, timings, train_graphdef))
     finally:
-      tensorboard.close()
       progress.close()
   finally:
-    checkpoints.close()
+    for run in runs:
+      run.close()
+  return [run.history for run in runs]
+
+
+def train_and_evaluate(config: Any, workdir: str | os.PathLike, *,
+                       print_fn: Callable[[str], None] | None = print) -> list[dict[str, Any]]:
+  """Trains ``config.model`` from ``config.seed`` for ``config.num_epochs``, validating on the test
+  set after each epoch. (Several seeds: ``train_seeds``.)
+
+  Writes into ``workdir``: config.json, history.json, run.json (compile seconds, hardware,
+  versions), checkpoints/{best,latest}, tensorboard/.
+  Resumes from ``checkpoints/latest`` if present. Returns the history, one dict per epoch with
+  epoch, train_loss, train_accuracy, val_loss, val_accuracy, seconds (train + eval, compile
+  excluded), train_seconds, eval_seconds, parallel_seeds (1 here) and images_per_second
+  (training throughput).
+  """
+  validate_config(config)
+  if len(seed_list(config)) > 1:
+    raise ConfigError(f"config trains seeds {seed_list(config)}: use train_seeds for several seeds")
+  say = print_fn or (lambda line: None)
+  [history] = _train(config, [config["seed"]], [Path(workdir)], say, "loop")
+  _say_best(history, say)
+  return history
+
+
+def _say_best(history: list[dict[str, Any]], say: Callable[[str], None], prefix: str = "") -> None:
   if history:
     best = max(history, key=lambda record: record["val_accuracy"])
-    say(f"best val_accuracy {best['val_accuracy']:.4f} at epoch {best['epoch']}")
-  return history
+    say(f"{prefix}best val_accuracy {best['val_accuracy']:.4f} at epoch {best['epoch']}")
+
+
+AGGREGATED = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")
+
+
+def aggregate_seeds(histories: Mapping[int, list[dict[str, Any]]]) -> dict[str, Any]:
+  """Mean, std (ddof 1), min and max over seeds of each epoch's metrics and of the best epoch."""
+  def stats(values: list[float]) -> dict[str, float]:
+    array = np.asarray(values, np.float64)
+    return {"mean": float(array.mean()), "std": float(array.std(ddof=1)) if array.size > 1 else 0.0,
+            "min": float(array.min()), "max": float(array.max())}
+
+  best = {seed: max(history, key=lambda record: record["val_accuracy"]) for seed, history in histories.items()
+          if history}
+  num_epochs = min((len(history) for history in histories.values()), default=0)
+  return {
+      "seeds": list(histories),
+      "best": {str(seed): {"epoch": record["epoch"], "val_accuracy": record["val_accuracy"],
+                           "val_loss": record["val_loss"]} for seed, record in best.items()},
+      "best_val_accuracy": stats([record["val_accuracy"] for record in best.values()]) if best else None,
+      "epochs": [{"epoch": epoch + 1,
+                  **{name: stats([history[epoch][name] for history in histories.values()]) for name in AGGREGATED}}
+                 for epoch in range(num_epochs)],
+  }
+
+
+def train_seeds(config: Any, workdir: str | os.PathLike, *,
+                print_fn: Callable[[str], None] | None = print) -> dict[int, list[dict[str, Any]]]:
+  """Trains ``config.model`` from each seed of ``seed_list(config)``, compiling once.
+
+  Each seed gets a full single-seed workdir, ``workdir/seed_<seed>/`` (the same files, history
+  and best checkpoint as ``train_and_evaluate`` with that seed would write, to float tolerance
+  under vmap and exactly in a loop); ``workdir/seeds.json`` holds the aggregate over seeds
+  (``aggregate_seeds``). ``config.seed_parallelism`` picks vmap or loop. Returns
+  {seed: history}.
+  """
+  validate_config(config)
+  say = print_fn or (lambda line: None)
+  seeds = seed_list(config)
+  workdir = Path(workdir)
+  parallelism = resolve_seed_parallelism(config["seed_parallelism"])
+  say(f"seeds {', '.join(map(str, seeds))} ({parallelism})")
+  histories = _train(config, seeds, [workdir / SEED_DIR.format(seed) for seed in seeds], say, parallelism)
+  by_seed = dict(zip(seeds, histories))
+  for seed, history in by_seed.items():
+    _say_best(history, say, prefix=f"seed {seed}: ")
+  aggregate = aggregate_seeds(by_seed)
+  if jax.process_index() == 0:
+    _write_json(workdir / SEEDS_FILE, {"model": config["model"], "seed_parallelism": parallelism, **aggregate})
+  if aggregate["best_val_accuracy"]:
+    best = aggregate["best_val_accuracy"]
+    say(f"best val_accuracy over {len(seeds)} seeds: {best['mean']:.4f} ± {best['std']:.4f} "
+        f"(min {best['min']:.4f}, max {best['max']:.4f})")
+  return by_seed
