@@ -2,6 +2,7 @@
 
   python scripts/benchmark.py --models mlp,cnn,cnn_pool,cnn_pool_bn --epochs 5 --json OUT.json
   python scripts/benchmark.py --models cnn --epochs 5 --baseline keras --baseline_python .venv-keras/bin/python
+  python scripts/benchmark.py --models cnn_pool --epochs 3 --seeds 5 --seed_parallelism vmap
 
 Prints Markdown tables and writes every figure to --json. Run nothing else on the machine
 meanwhile: the figures are wall times.
@@ -23,6 +24,10 @@ _DATA_DIR = flags.DEFINE_string("data_dir", None, "IDX directory (default: $FLAX
 _BASELINE = flags.DEFINE_enum("baseline", None, ["keras"], "Also time this framework, same run.")
 _IMPL = flags.DEFINE_enum("impl", None, ["auto", "lax", "im2col", "batch_minor"],
                           "Override config.impl (models.resolve_impl), to compare implementations.")
+_SEEDS = flags.DEFINE_integer("seeds", 1, "Also time this many seeds trained together (train_seeds).",
+                              lower_bound=1)
+_SEED_PARALLELISM = flags.DEFINE_enum("seed_parallelism", "auto", ["auto", "loop", "vmap"],
+                                      "How --seeds trains them (auto: loop on CPU, vmap elsewhere).")
 _BASELINE_PYTHON = flags.DEFINE_string("baseline_python", None,
                                        "Interpreter with keras + tensorflow (default: this one).")
 
@@ -37,7 +42,8 @@ def main(argv: list[str]) -> None:
   try:
     result = benchmark.run(_MODELS.value, _EPOCHS.value, data_dir=_DATA_DIR.value, baseline=_BASELINE.value,
                            baseline_python=_BASELINE_PYTHON.value,
-                           overrides={"impl": _IMPL.value} if _IMPL.value else None)
+                           overrides={"impl": _IMPL.value} if _IMPL.value else None,
+                           num_seeds=_SEEDS.value, seed_parallelism=_SEED_PARALLELISM.value)
   except FlaxMnistError as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(1)

@@ -46,7 +46,7 @@ def test_markdown_shows_the_keras_ratio_when_there_is_a_baseline():
 def test_tiny_benchmark_run_writes_json_and_tables(real_data_dir, tmp_path):
   out = tmp_path / "bench.json"
   result = run_script("benchmark.py", "--models", "mlp", "--epochs", "1", "--json", str(out),
-                      "--data_dir", str(real_data_dir))
+                      "--data_dir", str(real_data_dir), "--seeds", "2")
   assert result.returncode == 0, result.stderr[-3000:]
   assert "| mlp |" in result.stdout and "forward MFLOP / image" in result.stdout
   report = json.loads(out.read_text())
@@ -55,6 +55,10 @@ def test_tiny_benchmark_run_writes_json_and_tables(real_data_dir, tmp_path):
   assert mlp["compile_seconds"] > 0 and mlp["epoch_seconds"] > 0 and mlp["train_images_per_second"] > 0
   assert 0 < mlp["fraction_of_matmul_peak"] < 1 and mlp["peak_host_memory_mb"] > 100
   assert mlp["best_val_accuracy"] > 0.85 and len(mlp["epoch_seconds_all"]) == 1
+  seeds = mlp["seeds"]  # Two seeds in a loop on CPU: about twice one seed's epoch, compiled once.
+  assert seeds["num_seeds"] == 2 and seeds["seed_parallelism"] == "loop" and seeds["dropout_rng_impl"] == "rbg"
+  assert 1.0 < seeds["ratio_to_one_seed"] < 4.0 and seeds["compile_seconds"] > 0
+  assert "| mlp | 2 | loop | rbg |" in result.stdout
 
 
 def test_keras_baseline_needs_an_idx_directory(monkeypatch):

@@ -82,3 +82,40 @@ def test_cli_errors_are_one_line(tmp_path):
   result = run_script("train.py", "--config", "configs/mlp.py", "--workdir", str(tmp_path / "run"),
                       "--config.model=vgg")
   _assert_one_line_error(result, "config.model 'vgg': unknown, expected one of mlp, cnn")
+
+
+def test_tiny_seed_comparison_writes_the_report(real_data_dir, tmp_path):
+  # CI's small version of the committed 5-seed, 20-epoch report: 2 seeds, 1 epoch, 2 models.
+  from flax_mnist import compare
+  out = tmp_path / "report"
+  result = run_script("compare.py", "--models", "mlp,cnn_pool", "--seeds", "2", "--epochs", "1",
+                      "--out", str(out), "--workdir", str(tmp_path / "runs"), "--data_dir", str(real_data_dir))
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = (out / "report.md").read_text()
+  for section in compare.SECTIONS:
+    assert f"## {section}" in report, section
+  for plot in ("val_curves", "accuracy_vs_params", "train_vs_val"):
+    assert (out / compare.PLOTS[plot]).stat().st_size > 10_000
+  results = json.loads((out / "results.json").read_text())
+  assert results["settings"] == {"models": ["mlp", "cnn_pool"], "seeds": [0, 1], "num_epochs": 1}
+  assert results["environment"]["platform"] == "cpu" and results["environment"]["versions"]["jax"]
+  for name in ("mlp", "cnn_pool"):
+    histories = results["models"][name]["histories"]
+    assert set(histories) == {"0", "1"} and all(len(history) == 1 for history in histories.values())
+    assert results["models"][name]["seed_parallelism"] == "loop"
+    assert (tmp_path / "runs" / name / "seed_1" / "checkpoints" / "best").is_dir()
+    assert not list(out.rglob("checkpoints"))  # The report directory holds no checkpoints.
+  assert results["models"]["cnn_pool"]["summary"]["best_val_accuracy"]["mean"] > 0.9
+  mlp_best = [histories[0]["val_accuracy"] for histories in results["models"]["mlp"]["histories"].values()]
+  assert f"| mlp | {sum(mlp_best) / 2:.4f} ±" in report
+  # Seed 0 of the comparison is the single-seed run: the same history.
+  single = train.train_and_evaluate(
+      _config_from(results["models"]["mlp"]["config"], seed=0, seeds=()), tmp_path / "single", print_fn=None)
+  assert single[0]["val_accuracy"] == results["models"]["mlp"]["histories"]["0"][0]["val_accuracy"]
+
+
+def _config_from(saved, **overrides):
+  config = train.default_config()
+  config.update({key: value for key, value in saved.items() if key not in ("seeds",)})
+  config.update(overrides)
+  return config

@@ -94,6 +94,34 @@ def benchmark_model(model: str, epochs: int, data_dir: str | None = None,
   }
 
 
+def benchmark_seeds(model: str, epochs: int, num_seeds: int, data_dir: str | None = None,
+                    overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+  """Trains ``num_seeds`` seeds of ``model`` through ``train.train_seeds`` and times an epoch of all seeds.
+
+  The epoch of all seeds is the sum of the seeds' epochs in a loop, or the one shared epoch under
+  vmap; its median over epochs 2..N against one seed's epoch says what the extra seeds cost.
+  """
+  config = train.default_config()
+  config.model, config.num_epochs, config.progress_bar, config.num_seeds = model, epochs, False, num_seeds
+  config.data_dir = data_dir
+  config.update(overrides or {})
+  parallelism = train.resolve_seed_parallelism(config.seed_parallelism)
+  if parallelism == "vmap" and config.dropout_rng_impl == "auto":
+    config.dropout_rng_impl = "threefry2x32"  # rbg is not vmap-invariant (train.validate_config).
+  with tempfile.TemporaryDirectory(prefix=f"benchmark_seeds_{model}_") as workdir:
+    histories = list(train.train_seeds(config, workdir, print_fn=None).values())
+    run = json.loads((Path(workdir) / train.SEED_DIR.format(train.seed_list(config)[0]) / train.RUN_FILE).read_text())
+  if parallelism == "vmap":
+    group = [record["seconds"] for record in histories[0]]
+  else:
+    group = [sum(history[epoch]["seconds"] for history in histories) for epoch in range(epochs)]
+  return {"model": model, "num_seeds": num_seeds, "seed_parallelism": parallelism,
+          "dropout_rng_impl": train.resolve_dropout_rng_impl(config.dropout_rng_impl),
+          "compile_seconds": sum(run["compile_seconds"].values()),
+          "seeds_epoch_seconds": statistics.median(group[1:] if len(group) > 1 else group),
+          "peak_host_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
 def _run_json_subprocess(command: Sequence[str], payload: dict[str, Any], what: str) -> Any:
   """Runs ``command`` with ``payload`` as JSON on stdin; returns the JSON on its last stdout line."""
   result = subprocess.run(list(command), input=json.dumps(payload), capture_output=True, text=True)
@@ -116,6 +144,17 @@ def run_project(model: str, epochs: int, data_dir: str | None = None,
                               f"benchmark of {model}")
 
 
+def run_seeds(model: str, epochs: int, num_seeds: int, data_dir: str | None = None,
+              overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+  """``benchmark_seeds`` in a fresh Python process."""
+  code = ("import json, sys; from absl import logging; logging.set_verbosity(logging.WARNING); "
+          "from flax_mnist import benchmark; "
+          "print(json.dumps(benchmark.benchmark_seeds(**json.load(sys.stdin))))")
+  return _run_json_subprocess([sys.executable, "-c", code],
+                              {"model": model, "epochs": epochs, "num_seeds": num_seeds, "data_dir": data_dir,
+                               "overrides": overrides}, f"{num_seeds}-seed benchmark of {model}")
+
+
 def run_keras(models_to_run: Sequence[str], epochs: int, data_dir: str | None, python: str) -> dict[str, Any]:
   """Runs ``benchmarks/keras_baseline.py`` with ``python`` (an interpreter with keras + tensorflow)."""
   data_dir = data_dir or os.environ.get(data.DATA_DIR_ENV)  # The baseline reads IDX files only.
@@ -128,8 +167,10 @@ def run_keras(models_to_run: Sequence[str], epochs: int, data_dir: str | None, p
 
 def run(models_to_run: Sequence[str], epochs: int, *, data_dir: str | None = None,
         baseline: str | None = None, baseline_python: str | None = None,
-        overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-  """The whole benchmark: environment, matmul peak, each model, and the baseline if asked."""
+        overrides: dict[str, Any] | None = None, num_seeds: int = 1,
+        seed_parallelism: str = "auto") -> dict[str, Any]:
+  """The whole benchmark: environment, matmul peak, each model, the baseline if asked, and with
+  ``num_seeds`` > 1 what training that many seeds together costs against one."""
   unknown = [name for name in models_to_run if name not in models.model_names()]
   if unknown:
     raise FlaxMnistError(f"models {', '.join(unknown)}: unknown, expected some of {', '.join(models.model_names())}")
@@ -141,6 +182,10 @@ def run(models_to_run: Sequence[str], epochs: int, *, data_dir: str | None = Non
     measured = run_project(name, epochs, data_dir, overrides)
     measured["fraction_of_matmul_peak"] = measured["gflops_per_second"] / result["matmul_peak_gflops"]
     result["models"][name] = measured
+    if num_seeds > 1:
+      seeds = run_seeds(name, epochs, num_seeds, data_dir, {**(overrides or {}), "seed_parallelism": seed_parallelism})
+      seeds["ratio_to_one_seed"] = seeds["seeds_epoch_seconds"] / measured["epoch_seconds"]
+      measured["seeds"] = seeds
   if baseline == "keras":
     keras = run_keras(models_to_run, epochs, data_dir, baseline_python or sys.executable)
     result["baseline"] = keras
@@ -176,6 +221,16 @@ def to_markdown(result: dict[str, Any]) -> str:
     keras_env = result["baseline"]["environment"]
     lines.append(f"Keras baseline: keras {keras_env['keras']}, tensorflow {keras_env['tensorflow']}, "
                  f"{keras_env['intra_op_threads']} intra-op threads, same data, batch and epochs, same run.")
+  seeded = {name: row["seeds"] for name, row in result["models"].items() if "seeds" in row}
+  if seeded:
+    lines += ["", "| model | seeds | trained by | dropout PRNG | compile s (once) | epoch s, all seeds (median) "
+              "| x one seed's epoch |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name, seeds in seeded.items():
+      lines.append(f"| {name} | {seeds['num_seeds']} | {seeds['seed_parallelism']} | {seeds['dropout_rng_impl']} "
+                   f"| {seeds['compile_seconds']:.1f} | {seeds['seeds_epoch_seconds']:.2f} "
+                   f"| {seeds['ratio_to_one_seed']:.2f}x |")
+    lines.append("x one seed's epoch: the seeds' epoch over the single-seed epoch above (1x: the extra seeds are "
+                 "free; the number of seeds: no gain over running them one after the other).")
   lines += ["", "| model | layer | forward MFLOP / image |", "| --- | --- | ---: |"]
   for name in result["models"]:
     for layer, flops in models.layer_flops(models.create_model(name, rngs=nnx.Rngs(0))):

@@ -280,14 +280,15 @@ def config_to_dict(config: Any) -> dict[str, Any]:
   return json.loads(json.dumps(config.to_dict() if hasattr(config, "to_dict") else dict(config)))
 
 
-def _write_json(path: Path, value: Any) -> None:
+def write_json(path: Path, value: Any) -> None:
   """Writes JSON atomically: a reader never sees a half-written file."""
   temporary = path.with_suffix(path.suffix + ".tmp")
   temporary.write_text(json.dumps(value, indent=2) + "\n")
   os.replace(temporary, path)
 
 
-def _read_history(workdir: Path, last_epoch: int) -> list[dict[str, Any]]:
+def read_history(workdir: Path, last_epoch: int) -> list[dict[str, Any]]:
+  """A workdir's recorded epochs up to ``last_epoch`` ([] if it has no history.json)."""
   path = workdir / HISTORY_FILE
   if not path.exists():
     return []
@@ -338,10 +339,10 @@ class _SeedRun:
       if self.checkpoints.epoch("latest") is not None:
         self.state, meta = self.checkpoints.restore("latest", template)
         self.start_epoch = meta["epoch"]
-        self.history = _read_history(workdir, self.start_epoch)
+        self.history = read_history(workdir, self.start_epoch)
         say(f"resumed from {self.checkpoints.directory / 'latest'} at epoch {self.start_epoch}")
       if is_writer:
-        _write_json(workdir / CONFIG_FILE, config_dict)
+        write_json(workdir / CONFIG_FILE, config_dict)
     except BaseException:
       self.checkpoints.close()
       raise
@@ -364,7 +365,7 @@ class _SeedRun:
             "train_loss": record["train_loss"], "config": self.config_dict}
     self.checkpoints.save_epoch(epoch, state, meta)
     if self.is_writer:
-      _write_json(self.workdir / HISTORY_FILE, self.history)
+      write_json(self.workdir / HISTORY_FILE, self.history)
       if self.tensorboard is None:
         self.tensorboard = log.TensorBoard(self.workdir / "tensorboard", enabled=True)
       self.tensorboard.write_epoch(epoch, record, nnx.merge(train_graphdef, state["params"], state["model_state"]))
@@ -444,7 +445,7 @@ def _train(config: Any, seeds: list[int], workdirs: list[Path], say: Callable[[s
         f"in {sum(compile_seconds.values()):.1f} s")
     if is_writer:
       for run in pending:
-        _write_json(run.workdir / RUN_FILE, {
+        write_json(run.workdir / RUN_FILE, {
             "start_epoch": run.start_epoch, "compile_seconds": compile_seconds, "seed_parallelism": parallelism,
             "compiled_once_for_seeds": [other.seed for other in pending], **log.environment()})
 
@@ -563,7 +564,7 @@ def train_seeds(config: Any, workdir: str | os.PathLike, *,
     _say_best(history, say, prefix=f"seed {seed}: ")
   aggregate = aggregate_seeds(by_seed)
   if jax.process_index() == 0:
-    _write_json(workdir / SEEDS_FILE, {"model": config["model"], "seed_parallelism": parallelism, **aggregate})
+    write_json(workdir / SEEDS_FILE, {"model": config["model"], "seed_parallelism": parallelism, **aggregate})
   if aggregate["best_val_accuracy"]:
     best = aggregate["best_val_accuracy"]
     say(f"best val_accuracy over {len(seeds)} seeds: {best['mean']:.4f} ± {best['std']:.4f} "
