@@ -243,6 +243,7 @@ def write_plots(results: Mapping[str, Any], out_dir: Path) -> dict[str, str]:
   import matplotlib
   matplotlib.use("Agg")  # Files only.
   import matplotlib.pyplot as plt
+  from matplotlib.ticker import MaxNLocator
 
   entries = results["models"]
   seeds = len(results["settings"]["seeds"])
@@ -252,12 +253,17 @@ def write_plots(results: Mapping[str, Any], out_dir: Path) -> dict[str, str]:
   for name, entry in entries.items():
     _band(accuracy_axes, _curves(entry, "val_accuracy"), name)
     _band(loss_axes, _curves(entry, "val_loss"), name)
+  # Zoom on where the models end up; the first epochs below the axis show in the loss plot.
+  floor = min(entry["summary"]["final_val_accuracy"]["mean"] for entry in entries.values()) - 0.01
+  ceiling = max(entry["summary"]["best_val_accuracy"]["max"] for entry in entries.values()) + 0.003
+  accuracy_axes.set_ylim(max(floor, accuracy_axes.get_ylim()[0]), min(ceiling, accuracy_axes.get_ylim()[1]))
   accuracy_axes.set(title=f"Validation accuracy (mean ± std over {seeds} seeds)", xlabel="epoch",
-                    ylabel="val accuracy")
-  accuracy_axes.set_ylim(max(0.9, accuracy_axes.get_ylim()[0]), None)
-  loss_axes.set(title=f"Validation loss (mean ± std over {seeds} seeds)", xlabel="epoch", ylabel="val loss")
+                    ylabel=f"val accuracy (axis from {accuracy_axes.get_ylim()[0]:.3f})")
+  loss_axes.set_yscale("log")
+  loss_axes.set(title=f"Validation loss (mean ± std over {seeds} seeds)", xlabel="epoch", ylabel="val loss (log)")
   for axes in (accuracy_axes, loss_axes):
     axes.grid(alpha=0.3)
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.legend()
   figure.tight_layout()
   figure.savefig(out_dir / PLOTS["val_curves"], dpi=110)
@@ -276,6 +282,7 @@ def write_plots(results: Mapping[str, Any], out_dir: Path) -> dict[str, str]:
     axes.annotate(f"{name}\n{summary['seconds_per_epoch']:.2f} s/epoch", (params, best["mean"]),
                   textcoords="offset points", xytext=(10, -12), fontsize=9)
   axes.set_xscale("log")
+  axes.margins(x=0.3, y=0.15)
   axes.set(title="Best val accuracy vs parameters (marker area: seconds per epoch)",
            xlabel="parameters (log scale)", ylabel=f"best val accuracy (mean ± std, {seeds} seeds)")
   axes.grid(alpha=0.3)
@@ -290,6 +297,7 @@ def write_plots(results: Mapping[str, Any], out_dir: Path) -> dict[str, str]:
     _band(axes, _curves(entry, "val_accuracy"), "val")
     axes.set(title=name, xlabel="epoch")
     axes.grid(alpha=0.3)
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
   grid[0][0].set_ylabel("accuracy")
   grid[0][0].set_ylim(0.9, 1.0)
   grid[0][0].legend(loc="lower right")
@@ -301,16 +309,17 @@ def write_plots(results: Mapping[str, Any], out_dir: Path) -> dict[str, str]:
 
   if "cnn_pool_bn" in entries:
     figure, axes = plt.subplots(figsize=(7.5, 4.5))
-    for name in ("cnn_pool", "cnn_pool_bn"):
+    for name, color in (("cnn_pool", "tab:green"), ("cnn_pool_bn", "tab:red")):
       if name in entries:
         val = _curves(entries[name], "val_accuracy")[:, :6]
         train_accuracy = _curves(entries[name], "train_accuracy")[:, :6]
-        _band(axes, val, f"{name} val")
-        _band(axes, train_accuracy, f"{name} train", linestyle="--")
+        _band(axes, val, f"{name} val (eval mode)", color=color)
+        _band(axes, train_accuracy, f"{name} train (batch statistics, dropout)", color=color, linestyle="--")
     axes.set(title="First epochs: BatchNorm's moving statistics lag (val uses them, train the batch's)",
              xlabel="epoch", ylabel="accuracy")
     axes.title.set_fontsize(10)
     axes.grid(alpha=0.3)
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.legend()
     figure.tight_layout()
     figure.savefig(out_dir / PLOTS["batchnorm_lag"], dpi=110)
@@ -356,6 +365,14 @@ def _pair_sentence(row: Mapping[str, Any] | None) -> str:
   return (f"{row['better']} is ahead of {row['worse']} by {row['difference'] * 100:+.2f} points "
           f"(Welch p = {_p(row['p'])}, 95% bootstrap interval [{row['interval'][0] * 100:+.2f}, "
           f"{row['interval'][1] * 100:+.2f}] points): the difference {verdict} the seed spread.")
+
+
+def _loss_turn(name: str, entry: Mapping[str, Any]) -> str:
+  """Where the mean val loss bottoms out and how far above that it ends: the overfitting signal."""
+  loss = _curves(entry, "val_loss").mean(axis=0)
+  lowest = int(loss.argmin())
+  return (f"{name}'s mean val loss is lowest at epoch {lowest + 1} ({loss[lowest]:.4f}) and ends at "
+          f"{loss[-1]:.4f} ({(loss[-1] / loss[lowest] - 1) * 100:+.0f}%).")
 
 
 def render_report(results: Mapping[str, Any], plots: Mapping[str, str], command: str) -> str:
@@ -422,7 +439,8 @@ def render_report(results: Mapping[str, Any], plots: Mapping[str, str], command:
       "",
   ]
   captions = {
-      "val_curves": "Validation accuracy and loss per epoch, mean with a ±1 std band over seeds.",
+      "val_curves": "Validation accuracy and loss per epoch, mean with a ±1 std band over seeds (the accuracy "
+                    "axis is zoomed on the last epochs; the loss, on a log scale, shows every epoch).",
       "accuracy_vs_params": "Best val accuracy against parameter count; marker area grows with seconds per epoch.",
       "train_vs_val": "Train (dropout on) against val accuracy per model: where they part, the model overfits.",
       "batchnorm_lag": "The first epochs of cnn_pool and cnn_pool_bn: BatchNorm's val accuracy trails its train "
@@ -455,15 +473,23 @@ def render_report(results: Mapping[str, Any], plots: Mapping[str, str], command:
     lines += ["", f"With {seeds} seeds these tests have almost no power; the full report uses 5."]
 
   lines += ["", "## Accuracy, parameters and speed", "",
-            "| model | params | best val error (%) | error × params (lower: more accurate per parameter) "
-            "| val acc per second of epoch |",
-            "| --- | --- | --- | --- | --- |"]
+            "| model | params | best val acc | best val acc per 100k params | s / epoch | time to 98% val | "
+            "time to 99% val |",
+            "| --- | --- | --- | --- | --- | --- | --- |"]
   for name in ranked:
     summary, facts = entries[name]["summary"], entries[name]["facts"]
     params = facts["trainable"] + facts["non_trainable"]
-    error = 1 - summary["best_val_accuracy"]["mean"]
-    lines.append(f"| {name} | {params:,} | {error * 100:.2f} | {error * params:,.0f} "
-                 f"| {summary['best_val_accuracy']['mean'] / summary['seconds_per_epoch']:.3f} |")
+    best = summary["best_val_accuracy"]["mean"]
+    times = []
+    for threshold in THRESHOLDS:
+      reached = summary[f"epochs_to_{round(threshold * 100)}"]
+      times.append("never" if reached["mean"] is None else
+                   f"{reached['mean'] * summary['seconds_per_epoch']:.0f} s" +
+                   ("" if reached["reached"] == seeds else f" ({reached['reached']}/{seeds} seeds)"))
+    lines.append(f"| {name} | {params:,} | {best:.4f} | {best / params * 1e5:.3f} "
+                 f"| {summary['seconds_per_epoch']:.2f} | {times[0]} | {times[1]} |")
+  lines += ["", "Time to a val accuracy: the mean epoch that first reaches it (over the seeds that do) times the "
+            "median seconds per epoch, compilation excluded."]
   by_params = sorted(entries, key=lambda name: entries[name]["facts"]["trainable"])
   smallest, biggest = by_params[0], by_params[-1]
   fastest = min(entries, key=lambda name: entries[name]["summary"]["seconds_per_epoch"])
@@ -477,7 +503,9 @@ def render_report(results: Mapping[str, Any], plots: Mapping[str, str], command:
                      f"{_mean_std(entries[biggest]['summary']['best_val_accuracy'])}), is not the most accurate; "
                      f"{top} is, with {entries[top]['facts']['trainable']:,} params "
                      f"({entries[biggest]['facts']['trainable'] / entries[top]['facts']['trainable']:.1f}x fewer).")
-  lines += ["", size_sentence + f" The smallest, {smallest}, has {entries[smallest]['facts']['trainable']:,}. "
+  if smallest not in (top, biggest):
+    size_sentence += f" The smallest, {smallest}, has {entries[smallest]['facts']['trainable']:,}."
+  lines += ["", size_sentence + " "
             f"Per epoch, {fastest} is the fastest ({entries[fastest]['summary']['seconds_per_epoch']:.2f} s) and "
             f"{slowest} the slowest ({entries[slowest]['summary']['seconds_per_epoch']:.2f} s, "
             f"{entries[slowest]['summary']['seconds_per_epoch'] / entries[fastest]['summary']['seconds_per_epoch']:.0f}x): "
@@ -512,7 +540,8 @@ def render_report(results: Mapping[str, Any], plots: Mapping[str, str], command:
               f"{_mean_std(cnn['summary']['best_val_accuracy'])}, cnn_pool {_mean_std(pool['summary']['best_val_accuracy'])}. "
               + _pair_sentence(_pair(results, "cnn", "cnn_pool")) + " Train − val gap at the last epoch: cnn "
               f"{cnn['summary']['train_val_gap']['mean'] * 100:+.2f} pts, cnn_pool "
-              f"{pool['summary']['train_val_gap']['mean'] * 100:+.2f} pts."]
+              f"{pool['summary']['train_val_gap']['mean'] * 100:+.2f} pts. " + " ".join(
+                  _loss_turn(name, entries[name]) for name in ("cnn", "cnn_pool"))]
   else:
     lines.append("(Needs cnn and cnn_pool in the comparison.)")
 
