@@ -35,7 +35,7 @@ def summarize(workdir: Path) -> dict:
   best = max(history, key=lambda record: record["val_accuracy"])
   trainable, non_trainable = models.count_params(models.create_model(config["model"], rngs=nnx.Rngs(0)))
   return {
-      "model": config["model"], "epochs": len(history), "trainable": trainable, "non_trainable": non_trainable,
+      "model": config["model"], "seed": config["seed"], "epochs": len(history), "trainable": trainable, "non_trainable": non_trainable,
       "best_val_accuracy": best["val_accuracy"], "best_epoch": best["epoch"],
       "final_val_accuracy": history[-1]["val_accuracy"], "final_train_accuracy": history[-1]["train_accuracy"],
       "median_seconds": statistics.median(record["seconds"] for record in history),
@@ -69,7 +69,8 @@ def main(argv: list[str]) -> None:
     for name in ("history.json", "config.json", "run.json", "train.log"):
       if (workdir / name).is_file():  # run.json and train.log are there for runs of this version / with tee.
         shutil.copyfile(workdir / name, out / row["model"] / name)
-  footer = (f"\n{rows[0]['epochs']} epochs, batch 512, Adam 1e-3, seed 0; seconds per epoch = train 60,000 + "
+  seeds = sorted({row["seed"] for row in rows})
+  footer = (f"\n{rows[0]['epochs']} epochs, batch 512, Adam 1e-3, seed {', '.join(map(str, seeds))}; seconds per epoch = train 60,000 + "
             f"evaluate 10,000 images, compilation excluded; {log.describe_hardware(log.environment())}; jax {jax.__version__}.\n")
   (out / "table.md").write_text(to_markdown(rows) + footer)
   sys.stdout.write(to_markdown(rows) + footer)
