@@ -127,6 +127,8 @@ def test_seed_list_and_auto_choices_on_cpu():
   assert train.seed_list(config) == [9, 2]
   assert train.resolve_seed_parallelism("auto") == "loop"  # vmapping seeds measured no gain on CPU.
   assert train.resolve_dropout_rng_impl("auto") == "rbg"
+  with pytest.raises(ConfigError, match=r"config trains seeds \[9, 2\]: use train_seeds"):
+    train.train_and_evaluate(config, "unused", print_fn=None)
 
 
 @pytest.mark.parametrize("name", models.model_names())
