@@ -129,3 +129,10 @@ def test_report_without_the_compared_pairs_says_what_it_needs(tmp_path):
   assert report.count("(Needs") == 2 and "(batchnorm_lag: needs cnn_pool_bn" in report
   assert not (tmp_path / "batchnorm_lag.png").exists()
   assert "With 2 seeds these tests have almost no power" in report
+
+
+def test_one_seed_reports_no_spread_instead_of_a_test(tmp_path):
+  report = compare.write_report(_synthetic_results(["mlp", "cnn"], seeds=1), tmp_path, command="c").read_text()
+  assert "| cnn | mlp |" in report and "n/a (no spread)" in report
+  assert "With one seed there is no spread to test against" in report
+  assert "exceed the seed spread." not in report and "with no spread between seeds to test that against" in report

@@ -361,6 +361,9 @@ def _pair(results: Mapping[str, Any], better: str, worse: str) -> dict[str, Any]
 def _pair_sentence(row: Mapping[str, Any] | None) -> str:
   if row is None:
     return ""
+  if math.isnan(row["p"]):
+    return (f"{row['better']} is ahead of {row['worse']} by {row['difference'] * 100:+.2f} points, with no spread "
+            "between seeds to test that against.")
   verdict = "exceeds" if row["exceeds_seed_spread"] else "does not exceed"
   return (f"{row['better']} is ahead of {row['worse']} by {row['difference'] * 100:+.2f} points "
           f"(Welch p = {_p(row['p'])}, 95% bootstrap interval [{row['interval'][0] * 100:+.2f}, "
@@ -469,7 +472,9 @@ def render_report(results: Mapping[str, Any], plots: Mapping[str, str], command:
             f"({_mean_std(entries[top]['summary']['best_val_accuracy'])})."]
   if len(ranked) > 1:
     lines[-1] += " " + _pair_sentence(_pair(results, top, ranked[1]))
-  if seeds < 3:
+  if seeds == 1:
+    lines += ["", "With one seed there is no spread to test against: train with --seeds 5 to compare models."]
+  elif seeds < 3:
     lines += ["", f"With {seeds} seeds these tests have almost no power; the full report uses 5."]
 
   lines += ["", "## Accuracy, parameters and speed", "",
