@@ -392,8 +392,6 @@ def _train(config: Any, seeds: list[int], workdirs: list[Path], say: Callable[[s
            parallelism: str) -> list[list[dict[str, Any]]]:
   """Trains one copy of ``config.model`` per seed, each into its workdir; returns the histories."""
   is_writer = jax.process_index() == 0
-  for workdir in workdirs:
-    workdir.mkdir(parents=True, exist_ok=True)
   mnist = data.load_mnist(config["data_dir"] or None, tfds_data_dir=config["tfds_data_dir"] or None)
   train_images, train_labels = jax.device_put(mnist.train.images), jax.device_put(mnist.train.labels)
   test_images, test_labels = jax.device_put(mnist.test.images), jax.device_put(mnist.test.labels)
