@@ -61,13 +61,17 @@ def _steady(history: list[dict[str, Any]], key: str) -> list[float]:
   return values[1:] if len(values) > 1 else values
 
 
+def _config(model: str, epochs: int, data_dir: str | None, overrides: dict[str, Any] | None):
+  config = train.default_config()
+  config.update(model=model, num_epochs=epochs, progress_bar=False, data_dir=data_dir)
+  config.update(overrides or {})
+  return config
+
+
 def benchmark_model(model: str, epochs: int, data_dir: str | None = None,
                     overrides: dict[str, Any] | None = None) -> dict[str, Any]:
   """Trains ``model`` for ``epochs`` in this process through train_and_evaluate and measures it."""
-  config = train.default_config()
-  config.model, config.num_epochs, config.progress_bar = model, epochs, False
-  config.data_dir = data_dir
-  config.update(overrides or {})
+  config = _config(model, epochs, data_dir, overrides)
   with tempfile.TemporaryDirectory(prefix=f"benchmark_{model}_") as workdir:
     history = train.train_and_evaluate(config, workdir, print_fn=None)
     run = json.loads((Path(workdir) / train.RUN_FILE).read_text())
@@ -101,10 +105,7 @@ def benchmark_seeds(model: str, epochs: int, num_seeds: int, data_dir: str | Non
   The epoch of all seeds is the sum of the seeds' epochs in a loop, or the one shared epoch under
   vmap; its median over epochs 2..N against one seed's epoch says what the extra seeds cost.
   """
-  config = train.default_config()
-  config.model, config.num_epochs, config.progress_bar, config.num_seeds = model, epochs, False, num_seeds
-  config.data_dir = data_dir
-  config.update(overrides or {})
+  config = _config(model, epochs, data_dir, {"num_seeds": num_seeds, **(overrides or {})})
   parallelism = train.resolve_seed_parallelism(config.seed_parallelism)
   if parallelism == "vmap" and config.dropout_rng_impl == "auto":
     config.dropout_rng_impl = "threefry2x32"  # rbg is not vmap-invariant (train.validate_config).
@@ -112,13 +113,13 @@ def benchmark_seeds(model: str, epochs: int, num_seeds: int, data_dir: str | Non
     histories = list(train.train_seeds(config, workdir, print_fn=None).values())
     run = json.loads((Path(workdir) / train.SEED_DIR.format(train.seed_list(config)[0]) / train.RUN_FILE).read_text())
   if parallelism == "vmap":
-    group = [record["seconds"] for record in histories[0]]
+    group = [{"seconds": record["seconds"]} for record in histories[0]]
   else:
-    group = [sum(history[epoch]["seconds"] for history in histories) for epoch in range(epochs)]
+    group = [{"seconds": sum(history[epoch]["seconds"] for history in histories)} for epoch in range(epochs)]
   return {"model": model, "num_seeds": num_seeds, "seed_parallelism": parallelism,
           "dropout_rng_impl": train.resolve_dropout_rng_impl(config.dropout_rng_impl),
           "compile_seconds": sum(run["compile_seconds"].values()),
-          "seeds_epoch_seconds": statistics.median(group[1:] if len(group) > 1 else group),
+          "seeds_epoch_seconds": statistics.median(_steady(group, "seconds")),
           "peak_host_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
@@ -133,26 +134,26 @@ def _run_json_subprocess(command: Sequence[str], payload: dict[str, Any], what: 
   return json.loads(lines[-1])
 
 
+def _in_subprocess(function: str, payload: dict[str, Any], what: str) -> dict[str, Any]:
+  """``benchmark.<function>(**payload)`` in a fresh Python process (its own compile cache and peak memory)."""
+  code = ("import json, sys; from absl import logging; logging.set_verbosity(logging.WARNING); "
+          f"from flax_mnist import benchmark; print(json.dumps(benchmark.{function}(**json.load(sys.stdin))))")
+  return _run_json_subprocess([sys.executable, "-c", code], payload, what)
+
+
 def run_project(model: str, epochs: int, data_dir: str | None = None,
                 overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-  """``benchmark_model`` in a fresh Python process (its own compile cache and peak memory)."""
-  code = ("import json, sys; from absl import logging; logging.set_verbosity(logging.WARNING); "
-          "from flax_mnist import benchmark; "
-          "print(json.dumps(benchmark.benchmark_model(**json.load(sys.stdin))))")
-  return _run_json_subprocess([sys.executable, "-c", code],
-                              {"model": model, "epochs": epochs, "data_dir": data_dir, "overrides": overrides},
-                              f"benchmark of {model}")
+  """``benchmark_model`` in a fresh Python process."""
+  return _in_subprocess("benchmark_model", {"model": model, "epochs": epochs, "data_dir": data_dir,
+                                            "overrides": overrides}, f"benchmark of {model}")
 
 
 def run_seeds(model: str, epochs: int, num_seeds: int, data_dir: str | None = None,
               overrides: dict[str, Any] | None = None) -> dict[str, Any]:
   """``benchmark_seeds`` in a fresh Python process."""
-  code = ("import json, sys; from absl import logging; logging.set_verbosity(logging.WARNING); "
-          "from flax_mnist import benchmark; "
-          "print(json.dumps(benchmark.benchmark_seeds(**json.load(sys.stdin))))")
-  return _run_json_subprocess([sys.executable, "-c", code],
-                              {"model": model, "epochs": epochs, "num_seeds": num_seeds, "data_dir": data_dir,
-                               "overrides": overrides}, f"{num_seeds}-seed benchmark of {model}")
+  return _in_subprocess("benchmark_seeds", {"model": model, "epochs": epochs, "num_seeds": num_seeds,
+                                            "data_dir": data_dir, "overrides": overrides},
+                        f"{num_seeds}-seed benchmark of {model}")
 
 
 def run_keras(models_to_run: Sequence[str], epochs: int, data_dir: str | None, python: str) -> dict[str, Any]:

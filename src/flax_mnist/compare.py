@@ -45,12 +45,6 @@ BOOTSTRAP_SAMPLES = 10_000
 EARLY_EPOCHS = 3  # The BatchNorm lag shows in these.
 
 
-def _stats(values: Sequence[float]) -> dict[str, float]:
-  array = np.asarray(values, np.float64)
-  return {"mean": float(array.mean()), "std": float(array.std(ddof=1)) if array.size > 1 else 0.0,
-          "min": float(array.min()), "max": float(array.max()), "n": int(array.size)}
-
-
 def epochs_to_reach(history: Sequence[Mapping[str, Any]], threshold: float) -> int | None:
   """The first epoch whose val accuracy is at least ``threshold``; None if none is."""
   return next((record["epoch"] for record in history if record["val_accuracy"] >= threshold), None)
@@ -70,15 +64,10 @@ def model_facts(name: str) -> dict[str, Any]:
   """Parameter counts of model ``name``: total, per layer (with the formula), and the largest layer."""
   model = models.create_model(name, rngs=nnx.Rngs(0))
   trainable, non_trainable = models.count_params(model)
-  shapes = models.layer_output_shapes(model)
-  layers = []
-  for index, (layer_name, layer, shape) in enumerate(zip(models.layer_names(model), model.layers, shapes)):
-    layer_trainable, layer_non_trainable = models.count_params(layer)
-    input_shape = (28, 28, 1) if index == 0 else shapes[index - 1][1:]
-    layers.append({"name": layer_name, "type": type(layer).__name__, "input_shape": list(input_shape),
-                   "output_shape": list(shape[1:]), "trainable": layer_trainable,
-                   "non_trainable": layer_non_trainable,
-                   "formula": _layer_formula(layer, layer_trainable)})
+  layers = [{"name": row["name"], "type": type(row["layer"]).__name__, "input_shape": list(row["input_shape"][1:]),
+             "output_shape": list(row["output_shape"][1:]), "trainable": row["trainable"],
+             "non_trainable": row["non_trainable"], "formula": _layer_formula(row["layer"], row["trainable"])}
+            for row in models.layer_rows(model)]
   largest = max(layers, key=lambda layer: layer["trainable"])
   return {"trainable": trainable, "non_trainable": non_trainable, "layers": layers,
           "largest_layer": {**largest, "share": largest["trainable"] / trainable}}
@@ -92,14 +81,14 @@ def summarize_model(histories: Mapping[Any, Sequence[Mapping[str, Any]]]) -> dic
   steady = [record for history in runs for record in (history[1:] if len(history) > 1 else history)]
   summary = {
       "num_seeds": len(runs), "num_epochs": min(len(history) for history in runs),
-      "best_val_accuracy": _stats([record["val_accuracy"] for record in best]),
-      "best_epoch": _stats([record["epoch"] for record in best]),
-      "final_val_accuracy": _stats([record["val_accuracy"] for record in final]),
-      "final_val_loss": _stats([record["val_loss"] for record in final]),
-      "final_train_accuracy": _stats([record["train_accuracy"] for record in final]),
-      "train_val_gap": _stats([record["train_accuracy"] - record["val_accuracy"] for record in final]),
+      "best_val_accuracy": train.spread([record["val_accuracy"] for record in best]),
+      "best_epoch": train.spread([record["epoch"] for record in best]),
+      "final_val_accuracy": train.spread([record["val_accuracy"] for record in final]),
+      "final_val_loss": train.spread([record["val_loss"] for record in final]),
+      "final_train_accuracy": train.spread([record["train_accuracy"] for record in final]),
+      "train_val_gap": train.spread([record["train_accuracy"] - record["val_accuracy"] for record in final]),
       "early_val_accuracy": [
-          _stats([history[epoch]["val_accuracy"] for history in runs])
+          train.spread([history[epoch]["val_accuracy"] for history in runs])
           for epoch in range(min(EARLY_EPOCHS, min(len(history) for history in runs)))],
       # One seed's epoch (train + eval; under vmap, the seeds' shared epoch over their number).
       "seconds_per_epoch": statistics.median(record["seconds"] / record.get("parallel_seeds", 1)
@@ -249,6 +238,16 @@ def write_plots(results: Mapping[str, Any], out_dir: Path) -> dict[str, str]:
   seeds = len(results["settings"]["seeds"])
   written = {}
 
+  def finish(figure: Any, axes_list: Sequence[Any], key: str, *, epochs_on_x: bool = True) -> None:
+    for axes in axes_list:
+      axes.grid(alpha=0.3)
+      if epochs_on_x:
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    figure.tight_layout()
+    figure.savefig(out_dir / PLOTS[key], dpi=110)
+    plt.close(figure)
+    written[key] = PLOTS[key]
+
   figure, (accuracy_axes, loss_axes) = plt.subplots(1, 2, figsize=(12, 4.5))
   for name, entry in entries.items():
     _band(accuracy_axes, _curves(entry, "val_accuracy"), name)
@@ -261,14 +260,9 @@ def write_plots(results: Mapping[str, Any], out_dir: Path) -> dict[str, str]:
                     ylabel=f"val accuracy (axis from {accuracy_axes.get_ylim()[0]:.3f})")
   loss_axes.set_yscale("log")
   loss_axes.set(title=f"Validation loss (mean ± std over {seeds} seeds)", xlabel="epoch", ylabel="val loss (log)")
-  for axes in (accuracy_axes, loss_axes):
-    axes.grid(alpha=0.3)
-    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
-    axes.legend()
-  figure.tight_layout()
-  figure.savefig(out_dir / PLOTS["val_curves"], dpi=110)
-  plt.close(figure)
-  written["val_curves"] = PLOTS["val_curves"]
+  accuracy_axes.legend()
+  loss_axes.legend()
+  finish(figure, (accuracy_axes, loss_axes), "val_curves")
 
   figure, axes = plt.subplots(figsize=(7.5, 5))
   seconds = [entry["summary"]["seconds_per_epoch"] for entry in entries.values()]
@@ -285,27 +279,18 @@ def write_plots(results: Mapping[str, Any], out_dir: Path) -> dict[str, str]:
   axes.margins(x=0.3, y=0.15)
   axes.set(title="Best val accuracy vs parameters (marker area: seconds per epoch)",
            xlabel="parameters (log scale)", ylabel=f"best val accuracy (mean ± std, {seeds} seeds)")
-  axes.grid(alpha=0.3)
-  figure.tight_layout()
-  figure.savefig(out_dir / PLOTS["accuracy_vs_params"], dpi=110)
-  plt.close(figure)
-  written["accuracy_vs_params"] = PLOTS["accuracy_vs_params"]
+  finish(figure, (axes,), "accuracy_vs_params", epochs_on_x=False)
 
   figure, grid = plt.subplots(1, len(entries), figsize=(4 * len(entries), 3.8), squeeze=False, sharey=True)
   for axes, (name, entry) in zip(grid[0], entries.items()):
     _band(axes, _curves(entry, "train_accuracy"), "train (with dropout)")
     _band(axes, _curves(entry, "val_accuracy"), "val")
     axes.set(title=name, xlabel="epoch")
-    axes.grid(alpha=0.3)
-    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
   grid[0][0].set_ylabel("accuracy")
   grid[0][0].set_ylim(0.9, 1.0)
   grid[0][0].legend(loc="lower right")
   figure.suptitle(f"Train vs val accuracy (mean ± std over {seeds} seeds)")
-  figure.tight_layout()
-  figure.savefig(out_dir / PLOTS["train_vs_val"], dpi=110)
-  plt.close(figure)
-  written["train_vs_val"] = PLOTS["train_vs_val"]
+  finish(figure, grid[0], "train_vs_val")
 
   if "cnn_pool_bn" in entries:
     figure, axes = plt.subplots(figsize=(7.5, 4.5))
@@ -318,13 +303,8 @@ def write_plots(results: Mapping[str, Any], out_dir: Path) -> dict[str, str]:
     axes.set(title="First epochs: BatchNorm's moving statistics lag (val uses them, train the batch's)",
              xlabel="epoch", ylabel="accuracy")
     axes.title.set_fontsize(10)
-    axes.grid(alpha=0.3)
-    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.legend()
-    figure.tight_layout()
-    figure.savefig(out_dir / PLOTS["batchnorm_lag"], dpi=110)
-    plt.close(figure)
-    written["batchnorm_lag"] = PLOTS["batchnorm_lag"]
+    finish(figure, (axes,), "batchnorm_lag")
   return written
 
 

@@ -413,12 +413,22 @@ def layer_names(model: Classifier) -> list[str]:
   return names
 
 
+def layer_rows(model: Classifier, input_shape: Sequence[int] = (1, 28, 28, 1)) -> list[dict[str, Any]]:
+  """One dict per layer: ``name`` (Keras-style), ``layer``, ``input_shape`` and ``output_shape``
+  (batch axis included), ``trainable`` and ``non_trainable`` parameter counts."""
+  rows = []
+  shapes = [tuple(input_shape), *layer_output_shapes(model, input_shape)]
+  for index, (name, layer) in enumerate(zip(layer_names(model), model.layers)):
+    trainable, non_trainable = count_params(layer)
+    rows.append({"name": name, "layer": layer, "input_shape": shapes[index], "output_shape": shapes[index + 1],
+                 "trainable": trainable, "non_trainable": non_trainable})
+  return rows
+
+
 def summary(model: Classifier, input_shape: Sequence[int] = (1, 28, 28, 1)) -> str:
   """A per-layer table like Keras's ``model.summary()``: layer, output shape, params, totals."""
-  rows = []
-  for name, layer, shape in zip(layer_names(model), model.layers, layer_output_shapes(model, input_shape)):
-    trainable, non_trainable = count_params(layer)
-    rows.append((f"{name} ({type(layer).__name__})", str((None, *shape[1:])), f"{trainable + non_trainable:,}"))
+  rows = [(f"{row['name']} ({type(row['layer']).__name__})", str((None, *row["output_shape"][1:])),
+           f"{row['trainable'] + row['non_trainable']:,}") for row in layer_rows(model, input_shape)]
   trainable, non_trainable = count_params(model)
   widths = [max(len(header), *(len(row[i]) for row in rows))
             for i, header in enumerate(("Layer (type)", "Output Shape", "Param #"))]
@@ -442,7 +452,8 @@ def layer_flops(model: Classifier, input_shape: Sequence[int] = (1, 28, 28, 1)) 
   bandwidth-bound and small next to the matmuls, so it would only blur the GFLOP/s figure.
   """
   rows = []
-  for name, layer, shape in zip(layer_names(model), model.layers, layer_output_shapes(model, input_shape)):
+  for row in layer_rows(model, input_shape):
+    name, layer, shape = row["name"], row["layer"], row["output_shape"]
     if isinstance(layer, Conv):
       kernel_h, kernel_w, in_features, out_features = layer.kernel.shape
       flops = 2 * kernel_h * kernel_w * in_features * out_features * shape[1] * shape[2]

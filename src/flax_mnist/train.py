@@ -519,13 +519,15 @@ def _say_best(history: list[dict[str, Any]], say: Callable[[str], None], prefix:
 AGGREGATED = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")
 
 
-def aggregate_seeds(histories: Mapping[int, list[dict[str, Any]]]) -> dict[str, Any]:
-  """Mean, std (ddof 1), min and max over seeds of each epoch's metrics and of the best epoch."""
-  def stats(values: list[float]) -> dict[str, float]:
-    array = np.asarray(values, np.float64)
-    return {"mean": float(array.mean()), "std": float(array.std(ddof=1)) if array.size > 1 else 0.0,
-            "min": float(array.min()), "max": float(array.max())}
+def spread(values: Any) -> dict[str, float]:
+  """Mean, sample std (ddof 1; 0 for one value), min, max and count of ``values`` (over seeds)."""
+  array = np.asarray(values, np.float64)
+  return {"mean": float(array.mean()), "std": float(array.std(ddof=1)) if array.size > 1 else 0.0,
+          "min": float(array.min()), "max": float(array.max()), "n": int(array.size)}
 
+
+def aggregate_seeds(histories: Mapping[int, list[dict[str, Any]]]) -> dict[str, Any]:
+  """``spread`` over seeds of each epoch's metrics and of the best epoch."""
   best = {seed: max(history, key=lambda record: record["val_accuracy"]) for seed, history in histories.items()
           if history}
   num_epochs = min((len(history) for history in histories.values()), default=0)
@@ -533,9 +535,9 @@ def aggregate_seeds(histories: Mapping[int, list[dict[str, Any]]]) -> dict[str, 
       "seeds": list(histories),
       "best": {str(seed): {"epoch": record["epoch"], "val_accuracy": record["val_accuracy"],
                            "val_loss": record["val_loss"]} for seed, record in best.items()},
-      "best_val_accuracy": stats([record["val_accuracy"] for record in best.values()]) if best else None,
+      "best_val_accuracy": spread([record["val_accuracy"] for record in best.values()]) if best else None,
       "epochs": [{"epoch": epoch + 1,
-                  **{name: stats([history[epoch][name] for history in histories.values()]) for name in AGGREGATED}}
+                  **{name: spread([history[epoch][name] for history in histories.values()]) for name in AGGREGATED}}
                  for epoch in range(num_epochs)],
   }
 
