@@ -2,7 +2,7 @@
 
   python benchmarks/profile_ops.py --model cnn_pool --steps 10 [--impl im2col] [--top 15]
 
-Traces ``train.make_train_epoch`` on the first ``steps`` batches of MNIST with jax.profiler
+Traces ``steps.make_train_epoch`` on the first ``steps`` batches of MNIST with jax.profiler
 (a Perfetto trace, no TensorBoard needed), sums each op's time, and prints the top ops per step
 with their output shape and the JAX operation they come from. Run nothing else meanwhile.
 """
@@ -15,37 +15,51 @@ import tempfile
 from pathlib import Path
 
 import jax
-import optax
 from absl import app, flags
 from flax import nnx
 
-from flax_mnist import data, models, train
+from flax_mnist import config as config_lib
+from flax_mnist import data, models, optim, steps
 
 _MODEL = flags.DEFINE_enum("model", "cnn_pool", models.model_names(), "Model to profile.")
-_IMPL = flags.DEFINE_enum("impl", "auto", list(models.IMPLS), "Implementation (models.resolve_impl).")
+_IMPL = flags.DEFINE_enum(
+  "impl", "auto", list(config_lib.IMPLS), "Implementation (config.resolve_impl)."
+)
 _STEPS = flags.DEFINE_integer("steps", 10, "Batches of 512 in the profiled epoch.")
 _TOP = flags.DEFINE_integer("top", 15, "How many ops to list.")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "IDX directory (default: $FLAX_MNIST_DATA_DIR, then TFDS).")
+_DATA_DIR = flags.DEFINE_string(
+  "data_dir", None, "IDX directory (default: $FLAX_MNIST_DATA_DIR, then TFDS)."
+)
 
 
 def main(argv: list[str]) -> None:
   del argv
-  config = train.default_config()
-  config.model, config.impl = _MODEL.value, _IMPL.value
+  config = config_lib.default_config()
+  impl = config_lib.resolve_impl(_IMPL.value)
   mnist = data.load_mnist(_DATA_DIR.value)
   count = 512 * _STEPS.value
-  images, labels = jax.device_put(mnist.train.images[:count]), jax.device_put(mnist.train.labels[:count])
-  model = train.init_model(config)
+  images, labels = (
+    jax.device_put(mnist.train.images[:count]),
+    jax.device_put(mnist.train.labels[:count]),
+  )
+  model = models.init_model(
+    _MODEL.value,
+    config.seed,
+    impl=impl,
+    dropout_rng_impl=config_lib.resolve_dropout_rng_impl(config.dropout_rng_impl),
+  )
   graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
-  tx = train.make_optimizer(config)
-  epoch = train.make_train_epoch(graphdef, tx, config.batch_size)
+  tx = optim.make_optimizer(config)
+  epoch = steps.make_train_epoch(graphdef, tx, config.batch_size)
   arguments = (params, model_state, tx.init(params), images, labels, jax.random.key(0))
   compiled = epoch.lower(*arguments).compile()
   jax.block_until_ready(compiled(*arguments))  # Warm up.
   with tempfile.TemporaryDirectory() as trace_dir:
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
       jax.block_until_ready(compiled(*arguments))
-    trace = json.loads(gzip.decompress(next(Path(trace_dir).rglob("*perfetto_trace.json.gz")).read_bytes()))
+    trace = json.loads(
+      gzip.decompress(next(Path(trace_dir).rglob("*perfetto_trace.json.gz")).read_bytes())
+    )
   events = trace["traceEvents"] if isinstance(trace, dict) else trace
   totals = collections.Counter()
   for event in events:
@@ -54,8 +68,10 @@ def main(argv: list[str]) -> None:
       totals[name] += event["dur"]
   hlo = compiled.as_text().splitlines()
   per_step = lambda microseconds: microseconds / 1e3 / _STEPS.value
-  print(f"{_MODEL.value}, impl {models.resolve_impl(_IMPL.value)}: {per_step(sum(totals.values())):.2f} ms of ops "
-        f"per step of 512 ({jax.devices()[0].device_kind})")
+  print(
+    f"{_MODEL.value}, impl {impl}: {per_step(sum(totals.values())):.2f} ms of ops "
+    f"per step of 512 ({jax.devices()[0].device_kind})"
+  )
   for name, microseconds in totals.most_common(_TOP.value):
     line = next((text for text in hlo if f"%{name} = " in text), "")
     shape = line.split("=", 1)[1].split("(")[0].strip()[:36] if line else ""

@@ -9,12 +9,12 @@ meanwhile: the figures are wall times.
 """
 
 import json
-import sys
 from pathlib import Path
 
-from absl import app, flags, logging
+from absl import flags
 
-from flax_mnist import FlaxMnistError, benchmark, models
+import _cli
+from flax_mnist import benchmark, config, models
 
 _MODELS = flags.DEFINE_list("models", models.model_names(), "Models to benchmark.")
 _EPOCHS = flags.DEFINE_integer("epochs", 5, "Epochs per model; the median is over epochs 2..N.")
@@ -22,31 +22,24 @@ _JSON = flags.DEFINE_string("json", None, "Write every figure to this JSON file.
 _MARKDOWN = flags.DEFINE_string("markdown", None, "Also write the Markdown tables to this file.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "IDX directory (default: $FLAX_MNIST_DATA_DIR, then TFDS).")
 _BASELINE = flags.DEFINE_enum("baseline", None, ["keras"], "Also time this framework, same run.")
-_IMPL = flags.DEFINE_enum("impl", None, ["auto", "lax", "im2col", "batch_minor"],
-                          "Override config.impl (models.resolve_impl), to compare implementations.")
+_IMPL = flags.DEFINE_enum("impl", None, list(config.IMPLS),
+                          "Override config.impl (config.resolve_impl), to compare implementations.")
 _SEEDS = flags.DEFINE_integer("seeds", 1, "Also time this many seeds trained together (train_seeds).",
                               lower_bound=1)
-_SEED_PARALLELISM = flags.DEFINE_enum("seed_parallelism", "auto", ["auto", "loop", "vmap"],
+_SEED_PARALLELISM = flags.DEFINE_enum("seed_parallelism", "auto", list(config.SEED_PARALLELISMS),
                                       "How --seeds trains them (auto: loop on CPU, vmap elsewhere).")
 _BASELINE_PYTHON = flags.DEFINE_string("baseline_python", None,
                                        "Interpreter with keras + tensorflow (default: this one).")
 
 
-def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  logging.set_verbosity(logging.WARNING)
+def main() -> None:
   if _EPOCHS.value < 1:
-    print(f"error: --epochs {_EPOCHS.value}: expected at least 1", file=sys.stderr)
-    sys.exit(1)
-  try:
-    result = benchmark.run(_MODELS.value, _EPOCHS.value, data_dir=_DATA_DIR.value, baseline=_BASELINE.value,
-                           baseline_python=_BASELINE_PYTHON.value,
-                           overrides={"impl": _IMPL.value} if _IMPL.value else None,
-                           num_seeds=_SEEDS.value, seed_parallelism=_SEED_PARALLELISM.value)
-  except FlaxMnistError as error:
-    print(f"error: {error}", file=sys.stderr)
-    sys.exit(1)
+    _cli.fail(f"--epochs {_EPOCHS.value}: expected at least 1")
+  configs = {name: _cli.model_config(name) for name in _MODELS.value}
+  result = benchmark.run(configs, _EPOCHS.value, data_dir=_DATA_DIR.value,
+                         baseline=_BASELINE.value, baseline_python=_BASELINE_PYTHON.value,
+                         overrides={"impl": _IMPL.value} if _IMPL.value else None,
+                         num_seeds=_SEEDS.value, seed_parallelism=_SEED_PARALLELISM.value)
   markdown = benchmark.to_markdown(result)
   print(markdown)
   if _JSON.value:
@@ -58,4 +51,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  _cli.run(main)

@@ -8,12 +8,12 @@ one 28x28 grey image (light digit on dark, as MNIST; other sizes are refused, no
 """
 
 import json
-import sys
 from pathlib import Path
 
-from absl import app, flags, logging
+from absl import flags
 
-from flax_mnist import FlaxMnistError, checkpoint, data, report, train
+import _cli
+from flax_mnist import checkpoint, data, evaluation
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A workdir written by scripts/train.py.")
 _WHICH = flags.DEFINE_enum("which", "best", ["best", "latest"], "Which checkpoint to evaluate.")
@@ -26,29 +26,16 @@ _PREDICT = flags.DEFINE_string("predict", None, "A 28x28 .png or .npy image to c
 flags.mark_flag_as_required("workdir")
 
 
-def main(argv: list[str]) -> None:
-  logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO.
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  try:
-    model, info = checkpoint.load_model(_WORKDIR.value, _WHICH.value)
-    config = info["config"]
-    if _PREDICT.value:
-      probabilities = report.predict_probabilities(model, report.load_user_image(_PREDICT.value))[0]
-      if _JSON.value:
-        print(json.dumps({"file": _PREDICT.value, "predicted": int(probabilities.argmax()),
-                          "probabilities": [float(p) for p in probabilities]}))
-      else:
-        print(f"{_PREDICT.value}: predicted {probabilities.argmax()}")
-        for digit, probability in enumerate(probabilities):
-          print(f"  {digit}: {probability:.4f}")
-      return
-    mnist = data.load_mnist(_DATA_DIR.value or config.get("data_dir"), tfds_data_dir=config.get("tfds_data_dir"))
-    result = train.evaluate_model(model, mnist.test.images, mnist.test.labels,
-                                  batch_size=config["eval_batch_size"])
-  except FlaxMnistError as error:
-    print(f"error: {error}", file=sys.stderr)
-    sys.exit(1)
+def main() -> None:
+  model, info = checkpoint.load_model(_WORKDIR.value, _WHICH.value)
+  config = info["config"]
+  if _PREDICT.value:
+    _predict(model)
+    return
+  mnist = data.load_mnist(_DATA_DIR.value or config.get("data_dir"),
+                          tfds_data_dir=config.get("tfds_data_dir"))
+  result = evaluation.evaluate_model(model, mnist.test.images, mnist.test.labels,
+                                     batch_size=config["eval_batch_size"])
   summary = {"workdir": _WORKDIR.value, "checkpoint": _WHICH.value, "model": info["model"],
             "epoch": info["epoch"], "test_loss": result["loss"], "test_accuracy": result["accuracy"],
             "correct": result["correct"], "count": result["count"],
@@ -63,22 +50,35 @@ def main(argv: list[str]) -> None:
           f"({result['correct']:,}/{result['count']:,})")
 
 
+def _predict(model) -> None:
+  """Prints the class probabilities of the --predict image."""
+  image = evaluation.load_user_image(_PREDICT.value)
+  probabilities = evaluation.predict_probabilities(model, image)[0]
+  if _JSON.value:
+    print(json.dumps({"file": _PREDICT.value, "predicted": int(probabilities.argmax()),
+                      "probabilities": [float(p) for p in probabilities]}))
+    return
+  print(f"{_PREDICT.value}: predicted {probabilities.argmax()}")
+  for digit, probability in enumerate(probabilities):
+    print(f"  {digit}: {probability:.4f}")
+
+
 def _write_report(model, test: data.Split, batch_size: int, info: dict) -> dict:
   """Writes the report files, prints the text report, returns what --json adds."""
   directory = Path(_REPORT_DIR.value or Path(_WORKDIR.value) / "report")
   directory.mkdir(parents=True, exist_ok=True)
-  probabilities = report.predict_probabilities(model, test.images, batch_size=batch_size)
-  matrix = report.confusion_matrix(test.labels, probabilities.argmax(axis=1))
-  text = report.format_report(matrix)
+  probabilities = evaluation.predict_probabilities(model, test.images, batch_size=batch_size)
+  matrix = evaluation.confusion_matrix(test.labels, probabilities.argmax(axis=1))
+  text = evaluation.format_report(matrix)
   (directory / "report.txt").write_text(text)
-  report.plot_confusion(matrix, directory / "confusion_matrix.png",
+  evaluation.plot_confusion(matrix, directory / "confusion_matrix.png",
                         f"{info['model']}, epoch {info['epoch']}: confusion matrix (colour: log counts)")
-  mistakes = report.plot_mistakes(test.images, test.labels, probabilities, directory / "mistakes.png")
+  mistakes = evaluation.plot_mistakes(test.images, test.labels, probabilities, directory / "mistakes.png")
   if not _JSON.value:
     print(text + f"wrote {directory}/report.txt, confusion_matrix.png, mistakes.png")
-  return {"per_class_accuracy": report.per_class_accuracy(matrix).tolist(), "confusion_matrix": matrix.tolist(),
+  return {"per_class_accuracy": evaluation.per_class_accuracy(matrix).tolist(), "confusion_matrix": matrix.tolist(),
           "most_confident_mistakes": mistakes.tolist(), "report_dir": str(directory)}
 
 
 if __name__ == "__main__":
-  app.run(main)
+  _cli.run(main)

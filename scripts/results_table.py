@@ -8,38 +8,47 @@ the run was logged there, ``train.log`` beside it (``<out>/<model>/``), so the c
 can be checked against the raw per-epoch data.
 """
 
-import json
 import shutil
 import statistics
 import sys
 from pathlib import Path
 
 import jax
-from absl import app, flags
+from absl import flags
 from flax import nnx
 
-from flax_mnist import log, models
+import _cli
+from flax_mnist import history, log, models
+from flax_mnist import workdir as workdir_lib
+from flax_mnist.errors import FlaxMnistError
 
 _WORKDIRS = flags.DEFINE_list("workdirs", None, "Comma-separated training workdirs.")
 _OUT = flags.DEFINE_string("out", None, "Directory for table.md and the copied histories.")
 flags.mark_flags_as_required(["workdirs", "out"])
 
 
-def summarize(workdir: Path) -> dict:
+def summarize(directory: Path) -> dict:
   """One row: the run's model, size, best and final val accuracy, median seconds per epoch."""
-  for name in ("history.json", "config.json"):
-    if not (workdir / name).is_file():
-      raise SystemExit(f"error: {workdir / name}: missing (is {workdir} a finished training workdir?)")
-  history = json.loads((workdir / "history.json").read_text())
-  config = json.loads((workdir / "config.json").read_text())
-  best = max(history, key=lambda record: record["val_accuracy"])
-  trainable, non_trainable = models.count_params(models.create_model(config["model"], rngs=nnx.Rngs(0)))
+  for name in (workdir_lib.HISTORY_FILE, workdir_lib.CONFIG_FILE):
+    if not (directory / name).is_file():
+      raise FlaxMnistError(f"{directory / name}: missing (is {directory} a finished training workdir?)")
+  records = workdir_lib.read_json(directory / workdir_lib.HISTORY_FILE)
+  config = workdir_lib.read_json(directory / workdir_lib.CONFIG_FILE)
+  best = history.best_record(records)
+  model = models.create_model(config["model"], rngs=nnx.Rngs(0))
+  trainable, non_trainable = models.count_params(model)
   return {
-      "model": config["model"], "seed": config["seed"], "epochs": len(history), "trainable": trainable, "non_trainable": non_trainable,
-      "best_val_accuracy": best["val_accuracy"], "best_epoch": best["epoch"],
-      "final_val_accuracy": history[-1]["val_accuracy"], "final_train_accuracy": history[-1]["train_accuracy"],
-      "median_seconds": statistics.median(record["seconds"] for record in history),
-      "median_images_per_second": statistics.median(record["images_per_second"] for record in history),
+    "model": config["model"],
+    "config": config,
+    "epochs": len(records),
+    "trainable": trainable,
+    "non_trainable": non_trainable,
+    "best_val_accuracy": best["val_accuracy"],
+    "best_epoch": best["epoch"],
+    "final_val_accuracy": records[-1]["val_accuracy"],
+    "final_train_accuracy": records[-1]["train_accuracy"],
+    "median_seconds": statistics.median(record["seconds"] for record in records),
+    "median_images_per_second": statistics.median(record["images_per_second"] for record in records),
   }
 
 
@@ -56,25 +65,35 @@ def to_markdown(rows: list[dict]) -> str:
   return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+def _settings(rows: list[dict]) -> str:
+  """The shared settings, read from the runs' config.json (one value, or each run's)."""
+  def values(field: str) -> str:
+    found = sorted({str(row["config"][field]) for row in rows})
+    return ", ".join(found)
+
+  epochs = sorted({str(row["epochs"]) for row in rows})
+  return (f"{', '.join(epochs)} epochs, batch {values('batch_size')}, "
+          f"Adam {values('learning_rate')}, seed {values('seed')}")
+
+
+def main() -> None:
   out = Path(_OUT.value)
   out.mkdir(parents=True, exist_ok=True)
   rows = []
-  for workdir in map(Path, _WORKDIRS.value):
-    row = summarize(workdir)
+  for directory in map(Path, _WORKDIRS.value):
+    row = summarize(directory)
     rows.append(row)
     (out / row["model"]).mkdir(exist_ok=True)
-    for name in ("history.json", "config.json", "run.json", "train.log"):
-      if (workdir / name).is_file():  # run.json and train.log are there for runs of this version / with tee.
-        shutil.copyfile(workdir / name, out / row["model"] / name)
-  seeds = sorted({row["seed"] for row in rows})
-  footer = (f"\n{rows[0]['epochs']} epochs, batch 512, Adam 1e-3, seed {', '.join(map(str, seeds))}; seconds per epoch = train 60,000 + "
-            f"evaluate 10,000 images, compilation excluded; {log.describe_hardware(log.environment())}; jax {jax.__version__}.\n")
+    copied = (workdir_lib.HISTORY_FILE, workdir_lib.CONFIG_FILE, workdir_lib.RUN_FILE, "train.log")
+    for name in copied:
+      if (directory / name).is_file():  # train.log is there for runs logged with tee.
+        shutil.copyfile(directory / name, out / row["model"] / name)
+  footer = (f"\n{_settings(rows)}; seconds per epoch = train 60,000 + evaluate 10,000 images, "
+            f"compilation excluded; {log.describe_hardware(log.environment())}; "
+            f"jax {jax.__version__}.\n")
   (out / "table.md").write_text(to_markdown(rows) + footer)
   sys.stdout.write(to_markdown(rows) + footer)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  _cli.run(main)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from test_train import small_config
 
-from flax_mnist import checkpoint, data, train
+from flax_mnist import checkpoint, data, evaluation, train
 from flax_mnist.errors import CheckpointError
 
 
@@ -86,10 +86,10 @@ def test_load_model_reproduces_the_recorded_best_val_accuracy(idx_dir, tmp_path)
   assert info["val_accuracy"] == best["val_accuracy"] and info["config"]["num_epochs"] == 3
   assert model.layers[2].use_running_average  # Eval mode: BatchNorm uses its moving statistics.
   test = data.load_idx_dir(idx_dir).test
-  result = train.evaluate_model(model, test.images, test.labels, batch_size=info["config"]["eval_batch_size"])
+  result = evaluation.evaluate_model(model, test.images, test.labels, batch_size=info["config"]["eval_batch_size"])
   assert result["accuracy"] == best["val_accuracy"]
   assert result["loss"] == pytest.approx(best["val_loss"], rel=1e-6)
   latest_model, latest_info = checkpoint.load_model(tmp_path, "latest")
   assert latest_info["epoch"] == 3
-  result = train.evaluate_model(latest_model, test.images, test.labels, batch_size=32)
+  result = evaluation.evaluate_model(latest_model, test.images, test.labels, batch_size=32)
   assert result["accuracy"] == history[-1]["val_accuracy"]

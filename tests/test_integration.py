@@ -10,7 +10,8 @@ import sys
 import pytest
 from conftest import REPO_ROOT, write_mnist_dir
 
-from flax_mnist import checkpoint, data, train
+from flax_mnist import checkpoint, data, evaluation, train
+from flax_mnist.config import default_config
 
 pytestmark = pytest.mark.integration
 
@@ -51,13 +52,13 @@ def test_cli_trains_with_overrides_and_evaluate_reproduces_the_best_val_accuracy
 
 @pytest.mark.parametrize("name, minimum", [("cnn", 0.95), ("cnn_pool", 0.92)])
 def test_one_epoch_on_real_mnist_and_the_best_checkpoint_reproduces_it(real_data_dir, tmp_path, name, minimum):
-  config = train.default_config()
+  config = default_config()
   config.model, config.num_epochs, config.data_dir, config.progress_bar = name, 1, str(real_data_dir), False
   history = train.train_and_evaluate(config, tmp_path, print_fn=None)
   assert history[0]["val_accuracy"] > minimum  # Keras after 1 epoch: cnn ~0.96, cnn_pool ~0.94.
   model, info = checkpoint.load_model(tmp_path)
   test = data.load_mnist(real_data_dir).test
-  result = train.evaluate_model(model, test.images, test.labels, batch_size=config.eval_batch_size)
+  result = evaluation.evaluate_model(model, test.images, test.labels, batch_size=config.eval_batch_size)
   assert result["count"] == 10_000
   assert result["accuracy"] == info["val_accuracy"] == history[0]["val_accuracy"]
 
@@ -86,16 +87,16 @@ def test_cli_errors_are_one_line(tmp_path):
 
 def test_tiny_seed_comparison_writes_the_report(real_data_dir, tmp_path):
   # CI's small version of the committed 5-seed, 20-epoch report: 2 seeds, 1 epoch, 2 models.
-  from flax_mnist import compare
+  from flax_mnist import study
   out = tmp_path / "report"
   result = run_script("compare.py", "--models", "mlp,cnn_pool", "--seeds", "2", "--epochs", "1",
                       "--out", str(out), "--workdir", str(tmp_path / "runs"), "--data_dir", str(real_data_dir))
   assert result.returncode == 0, result.stderr[-3000:]
   report = (out / "report.md").read_text()
-  for section in compare.SECTIONS:
+  for section in study.SECTIONS:
     assert f"## {section}" in report, section
   for plot in ("val_curves", "accuracy_vs_params", "train_vs_val"):
-    assert (out / compare.PLOTS[plot]).stat().st_size > 10_000
+    assert (out / study.PLOTS[plot]).stat().st_size > 10_000
   results = json.loads((out / "results.json").read_text())
   assert results["settings"] == {"models": ["mlp", "cnn_pool"], "seeds": [0, 1], "num_epochs": 1}
   assert results["environment"]["platform"] == "cpu" and results["environment"]["versions"]["jax"]
@@ -115,7 +116,7 @@ def test_tiny_seed_comparison_writes_the_report(real_data_dir, tmp_path):
 
 
 def _config_from(saved, **overrides):
-  config = train.default_config()
+  config = default_config()
   config.update({key: value for key, value in saved.items() if key not in ("seeds",)})
   config.update(overrides)
   return config

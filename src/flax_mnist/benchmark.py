@@ -19,15 +19,17 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 from flax import nnx
 
-from flax_mnist import data, log, models, train
+from flax_mnist import config as config_lib
+from flax_mnist import data, history, log, models, train, workdir
 from flax_mnist.errors import FlaxMnistError
 
 NUM_TRAIN, NUM_TEST = 60_000, 10_000
@@ -55,42 +57,46 @@ def epoch_flops(model_name: str) -> dict[str, float]:
           "train_flops": NUM_TRAIN * train_per_image, "eval_flops": NUM_TEST * forward_per_image}
 
 
-def _steady(history: list[dict[str, Any]], key: str) -> list[float]:
-  """The steady-state epochs: 2..N (the first may still warm caches), or the only one."""
-  values = [record[key] for record in history]
-  return values[1:] if len(values) > 1 else values
+def _steady_median(records: Sequence[Mapping[str, Any]], key: str) -> float:
+  """The median of ``key`` over the steady epochs (``history.steady``)."""
+  return statistics.median(record[key] for record in history.steady(records))
 
 
-def _config(model: str, epochs: int, data_dir: str | None, overrides: dict[str, Any] | None):
-  config = train.default_config()
-  config.update(model=model, num_epochs=epochs, progress_bar=False, data_dir=data_dir)
-  config.update(overrides or {})
+def _config(config: Mapping[str, Any], epochs: int, data_dir: str | None,
+            overrides: Mapping[str, Any] | None) -> ml_collections.ConfigDict:
+  """The experiment's config (from its config file) for a benchmark run of ``epochs``."""
+  config = ml_collections.ConfigDict(dict(config))
+  config.update(num_epochs=epochs, progress_bar=False)
+  if data_dir:
+    config.data_dir = data_dir
+  config.update(dict(overrides or {}))
   return config
 
 
-def benchmark_model(model: str, epochs: int, data_dir: str | None = None,
-                    overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-  """Trains ``model`` for ``epochs`` in this process through train_and_evaluate and measures it."""
-  config = _config(model, epochs, data_dir, overrides)
-  with tempfile.TemporaryDirectory(prefix=f"benchmark_{model}_") as workdir:
-    history = train.train_and_evaluate(config, workdir, print_fn=None)
-    run = json.loads((Path(workdir) / train.RUN_FILE).read_text())
+def benchmark_model(config: Mapping[str, Any], epochs: int, data_dir: str | None = None,
+                    overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+  """Trains ``config`` for ``epochs`` in this process through train_and_evaluate and measures it."""
+  config = _config(config, epochs, data_dir, overrides)
+  model = config.model
+  with tempfile.TemporaryDirectory(prefix=f"benchmark_{model}_") as directory:
+    records = train.train_and_evaluate(config, directory, print_fn=None)
+    run = workdir.read_json(Path(directory) / workdir.RUN_FILE)
   device_stats = jax.devices()[0].memory_stats() or {}
   flops = epoch_flops(model)
-  epoch_seconds = statistics.median(_steady(history, "seconds"))
-  train_seconds = statistics.median(_steady(history, "train_seconds"))
-  eval_seconds = statistics.median(_steady(history, "eval_seconds"))
+  epoch_seconds = _steady_median(records, "seconds")
+  train_seconds = _steady_median(records, "train_seconds")
+  eval_seconds = _steady_median(records, "eval_seconds")
   return {
       "model": model, "epochs": epochs,
       "compile_seconds": sum(run["compile_seconds"].values()), "compile_breakdown": run["compile_seconds"],
       "epoch_seconds": epoch_seconds, "train_seconds": train_seconds, "eval_seconds": eval_seconds,
-      "epoch_seconds_all": [record["seconds"] for record in history],
+      "epoch_seconds_all": [record["seconds"] for record in records],
       "train_images_per_second": NUM_TRAIN / train_seconds,
       "eval_images_per_second": NUM_TEST / eval_seconds,
       "gflops_per_second": (flops["train_flops"] + flops["eval_flops"]) / epoch_seconds / 1e9,
       **flops,
-      "best_val_accuracy": max(record["val_accuracy"] for record in history),
-      "final_val_accuracy": history[-1]["val_accuracy"],
+      "best_val_accuracy": history.best_record(records)["val_accuracy"],
+      "final_val_accuracy": records[-1]["val_accuracy"],
       "peak_host_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
       "peak_device_memory_mb": (device_stats["peak_bytes_in_use"] / 2**20
                                 if "peak_bytes_in_use" in device_stats else None),
@@ -98,28 +104,32 @@ def benchmark_model(model: str, epochs: int, data_dir: str | None = None,
   }
 
 
-def benchmark_seeds(model: str, epochs: int, num_seeds: int, data_dir: str | None = None,
-                    overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+def benchmark_seeds(config: Mapping[str, Any], epochs: int, num_seeds: int,
+                    data_dir: str | None = None,
+                    overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
   """Trains ``num_seeds`` seeds of ``model`` through ``train.train_seeds`` and times an epoch of all seeds.
 
   The epoch of all seeds is the sum of the seeds' epochs in a loop, or the one shared epoch under
   vmap; its median over epochs 2..N against one seed's epoch says what the extra seeds cost.
   """
-  config = _config(model, epochs, data_dir, {"num_seeds": num_seeds, **(overrides or {})})
-  parallelism = train.resolve_seed_parallelism(config.seed_parallelism)
+  config = _config(config, epochs, data_dir, {"num_seeds": num_seeds, **(overrides or {})})
+  model = config.model
+  parallelism = config_lib.resolve_seed_parallelism(config.seed_parallelism)
   if parallelism == "vmap" and config.dropout_rng_impl == "auto":
-    config.dropout_rng_impl = "threefry2x32"  # rbg is not vmap-invariant (train.validate_config).
-  with tempfile.TemporaryDirectory(prefix=f"benchmark_seeds_{model}_") as workdir:
-    histories = list(train.train_seeds(config, workdir, print_fn=None).values())
-    run = json.loads((Path(workdir) / train.SEED_DIR.format(train.seed_list(config)[0]) / train.RUN_FILE).read_text())
+    config.dropout_rng_impl = "threefry2x32"  # rbg is not vmap-invariant (config.resolve).
+  with tempfile.TemporaryDirectory(prefix=f"benchmark_seeds_{model}_") as directory:
+    histories = list(train.train_seeds(config, directory, print_fn=None).values())
+    first_seed = config_lib.seed_list(config)[0]
+    run = workdir.read_json(workdir.seed_dir(directory, first_seed) / workdir.RUN_FILE)
   if parallelism == "vmap":
     group = [{"seconds": record["seconds"]} for record in histories[0]]
   else:
-    group = [{"seconds": sum(history[epoch]["seconds"] for history in histories)} for epoch in range(epochs)]
+    group = [{"seconds": sum(records[epoch]["seconds"] for records in histories)}
+             for epoch in range(epochs)]
   return {"model": model, "num_seeds": num_seeds, "seed_parallelism": parallelism,
-          "dropout_rng_impl": train.resolve_dropout_rng_impl(config.dropout_rng_impl),
+          "dropout_rng_impl": config_lib.resolve_dropout_rng_impl(config.dropout_rng_impl),
           "compile_seconds": sum(run["compile_seconds"].values()),
-          "seeds_epoch_seconds": statistics.median(_steady(group, "seconds")),
+          "seeds_epoch_seconds": _steady_median(group, "seconds"),
           "peak_host_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
@@ -141,19 +151,21 @@ def _in_subprocess(function: str, payload: dict[str, Any], what: str) -> dict[st
   return _run_json_subprocess([sys.executable, "-c", code], payload, what)
 
 
-def run_project(model: str, epochs: int, data_dir: str | None = None,
-                overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+def run_project(config: Mapping[str, Any], epochs: int, data_dir: str | None = None,
+                overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
   """``benchmark_model`` in a fresh Python process."""
-  return _in_subprocess("benchmark_model", {"model": model, "epochs": epochs, "data_dir": data_dir,
-                                            "overrides": overrides}, f"benchmark of {model}")
+  payload = {"config": config_lib.config_to_dict(config), "epochs": epochs, "data_dir": data_dir,
+             "overrides": overrides}
+  return _in_subprocess("benchmark_model", payload, f"benchmark of {config['model']}")
 
 
-def run_seeds(model: str, epochs: int, num_seeds: int, data_dir: str | None = None,
-              overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+def run_seeds(config: Mapping[str, Any], epochs: int, num_seeds: int, data_dir: str | None = None,
+              overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
   """``benchmark_seeds`` in a fresh Python process."""
-  return _in_subprocess("benchmark_seeds", {"model": model, "epochs": epochs, "num_seeds": num_seeds,
-                                            "data_dir": data_dir, "overrides": overrides},
-                        f"{num_seeds}-seed benchmark of {model}")
+  payload = {"config": config_lib.config_to_dict(config), "epochs": epochs,
+             "num_seeds": num_seeds, "data_dir": data_dir, "overrides": overrides}
+  return _in_subprocess("benchmark_seeds", payload,
+                        f"{num_seeds}-seed benchmark of {config['model']}")
 
 
 def run_keras(models_to_run: Sequence[str], epochs: int, data_dir: str | None, python: str) -> dict[str, Any]:
@@ -166,25 +178,25 @@ def run_keras(models_to_run: Sequence[str], epochs: int, data_dir: str | None, p
                               f"Keras baseline with {python}")
 
 
-def run(models_to_run: Sequence[str], epochs: int, *, data_dir: str | None = None,
+def run(configs: Mapping[str, Mapping[str, Any]], epochs: int, *, data_dir: str | None = None,
         baseline: str | None = None, baseline_python: str | None = None,
-        overrides: dict[str, Any] | None = None, num_seeds: int = 1,
+        overrides: Mapping[str, Any] | None = None, num_seeds: int = 1,
         seed_parallelism: str = "auto") -> dict[str, Any]:
-  """The whole benchmark: environment, matmul peak, each model, the baseline if asked, and with
-  ``num_seeds`` > 1 what training that many seeds together costs against one."""
-  unknown = [name for name in models_to_run if name not in models.model_names()]
-  if unknown:
-    raise FlaxMnistError(f"models {', '.join(unknown)}: unknown, expected some of {', '.join(models.model_names())}")
+  """The whole benchmark of ``configs`` ({model name: its experiment config}): environment,
+  matmul peak, each model, the baseline if asked, and with ``num_seeds`` > 1 what training that
+  many seeds together costs against one."""
+  models_to_run = list(configs)
   if baseline not in (None, "keras"):
     raise FlaxMnistError(f"baseline {baseline!r}: unknown, expected keras")
   result: dict[str, Any] = {"environment": log.environment(), "matmul_peak_gflops": measure_matmul_peak(),
                             "epochs": epochs, "models": {}}
   for name in models_to_run:
-    measured = run_project(name, epochs, data_dir, overrides)
+    measured = run_project(configs[name], epochs, data_dir, overrides)
     measured["fraction_of_matmul_peak"] = measured["gflops_per_second"] / result["matmul_peak_gflops"]
     result["models"][name] = measured
     if num_seeds > 1:
-      seeds = run_seeds(name, epochs, num_seeds, data_dir, {**(overrides or {}), "seed_parallelism": seed_parallelism})
+      seed_overrides = {**(overrides or {}), "seed_parallelism": seed_parallelism}
+      seeds = run_seeds(configs[name], epochs, num_seeds, data_dir, seed_overrides)
       seeds["ratio_to_one_seed"] = seeds["seeds_epoch_seconds"] / measured["epoch_seconds"]
       measured["seeds"] = seeds
   if baseline == "keras":

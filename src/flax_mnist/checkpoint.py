@@ -18,20 +18,18 @@ from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from flax_mnist import models
+from flax_mnist import models, optim
+from flax_mnist import workdir as workdir_module
+from flax_mnist.config import BEST_METRICS, resolve_impl
 from flax_mnist.errors import CheckpointError
 
 KINDS = ("best", "latest")
-# The metric that picks the best checkpoint, and its direction. The issue asks for val accuracy;
-# the notebook's ModelCheckpoint kept Keras's default, val_loss.
-BEST_METRICS = {"val_accuracy": "max", "val_loss": "min"}
 
 
 def _abstract(tree: Any) -> Any:
@@ -41,19 +39,28 @@ def _abstract(tree: Any) -> Any:
 class Checkpoints:
   """The best and latest checkpoints of one workdir."""
 
-  def __init__(self, workdir: str | os.PathLike, *, read_only: bool = False,
+  def __init__(self, directory: str | os.PathLike, *, read_only: bool = False,
                best_metric: str = "val_accuracy"):
     if best_metric not in BEST_METRICS:
       raise CheckpointError(f"best metric {best_metric!r}: unknown, expected one of {', '.join(BEST_METRICS)}")
     self.best_metric = best_metric
     self._maximize = BEST_METRICS[best_metric] == "max"
-    self.directory = Path(workdir).resolve() / "checkpoints"
+    self.directory = workdir_module.absolute(directory) / workdir_module.CHECKPOINTS_DIR
+    # One barrier key per manager: two managers saving the same epoch in a multi-process run
+    # otherwise clash on orbax's barrier ("already ongoing") and abort (1 run in 3, measured).
     self._managers = {
-        kind: ocp.CheckpointManager(
-            self.directory / kind,
-            options=ocp.CheckpointManagerOptions(max_to_keep=1, create=not read_only,
-                                                 read_only=read_only))
-        for kind in KINDS
+      kind: ocp.CheckpointManager(
+        self.directory / kind,
+        options=ocp.CheckpointManagerOptions(
+          max_to_keep=1,
+          create=not read_only,
+          read_only=read_only,
+          multiprocessing_options=ocp.options.MultiprocessingOptions(
+            barrier_sync_key_prefix=kind
+          ),
+        ),
+      )
+      for kind in KINDS
     }
     self._best_value: float | None = None
 
@@ -126,27 +133,28 @@ class Checkpoints:
     return epoch
 
 
-def load_model(workdir: str | os.PathLike, which: str = "best") -> tuple[models.Classifier, dict[str, Any]]:
+def load_model(workdir: str | os.PathLike, which: str = "best") -> tuple[nnx.Module, dict[str, Any]]:
   """Loads the ``which`` ("best" or "latest") checkpoint of a training workdir.
 
   Returns ``(model, info)``: the model in eval mode, and a dict with at least ``epoch``,
-  ``val_accuracy``, ``val_loss``, ``model`` (its name) and ``config`` (as trained).
+  ``val_accuracy``, ``val_loss``, ``model`` (its name) and ``config`` (as trained). The layer
+  implementation is this platform's (all compute the same function); the dropout PRNG is the
+  recorded one, since its key is part of the checkpoint.
   """
-  if not (Path(workdir) / "checkpoints").is_dir():
+  if not (workdir_module.path(workdir) / workdir_module.CHECKPOINTS_DIR).is_dir():
     raise CheckpointError(f"{workdir}: no checkpoints directory (expected a workdir written by train.py)")
   checkpoints = Checkpoints(workdir, read_only=True)
   try:
     meta = checkpoints.restore_meta(which)
-    # Imported here: train imports this module.
-    from flax_mnist import train
     config = meta["config"]
-    graphdef, params, model_state = nnx.split(train.init_model(config), nnx.Param, ...)
+    model = models.init_model(config["model"], config["seed"], impl=resolve_impl("auto"),
+                              dropout_rng_impl=config["dropout_rng_impl"])
+    graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
     template = {"params": params, "model_state": model_state,
-                "opt_state": train.make_optimizer(config).init(params)}
+                "opt_state": optim.make_optimizer(config).init(params)}
     state, _ = checkpoints.restore(which, template)
   finally:
     checkpoints.close()
   model = nnx.merge(graphdef, state["params"], state["model_state"])
   model.eval()
   return model, meta
-

@@ -1,8 +1,14 @@
-"""The project's exception types: one line for the user, no traceback at the CLI."""
+"""The project's exception types: one line for the user, no traceback at the CLI.
+
+Each carries the exit status the scripts give it: 2 for bad input (a config, a data file, a
+workdir, an image), 1 for a failure at run time.
+"""
 
 
 class FlaxMnistError(Exception):
   """Base class of every error the project raises for bad input or bad state."""
+
+  exit_code = 2
 
 
 class DatasetError(FlaxMnistError, ValueError):
@@ -15,3 +21,9 @@ class ConfigError(FlaxMnistError, ValueError):
 
 class CheckpointError(FlaxMnistError):
   """A workdir holds no usable checkpoint, or one that does not match the run."""
+
+
+class RunError(FlaxMnistError):
+  """Training failed at run time (it diverged, a device or file system failed)."""
+
+  exit_code = 1

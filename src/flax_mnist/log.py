@@ -12,15 +12,14 @@ import os
 import platform
 import sys
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, TextIO
 
 import jax
 import numpy as np
-from flax import nnx
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
-from flax_mnist import models
 
 
 class ProgressBar:
@@ -90,33 +89,22 @@ def format_epoch(record: dict[str, Any], num_epochs: int) -> str:
           f"{record['seconds']:.2f} s  {record['images_per_second']:,.0f} images/s")
 
 
-def _parameter_name(path: tuple[Any, ...], layer_names: dict[int, str]) -> str:
-  parts = []
-  for key in path:
-    key = getattr(key, "key", getattr(key, "idx", getattr(key, "name", key)))
-    if key in ("layers", "linear", "value"):
-      continue
-    parts.append(layer_names.get(key, str(key)) if isinstance(key, int) else str(key))
-  return "/".join(parts)
-
-
 class TensorBoard:
   """TensorBoard event files in ``<workdir>/tensorboard`` (scalars and weight histograms per epoch)."""
 
   def __init__(self, logdir: str | os.PathLike, *, enabled: bool = True):
     self.writer = SummaryWriter(os.fspath(logdir)) if enabled else None
 
-  def write_epoch(self, epoch: int, record: dict[str, Any], model: models.Classifier) -> None:
-    """Writes the epoch's scalars and a histogram of every parameter (named like ``dense_1/kernel``)."""
+  def write_epoch(self, epoch: int, record: Mapping[str, Any],
+                  histograms: Mapping[str, Any]) -> None:
+    """Writes the epoch's scalars and one histogram per named array (``{"dense_1/kernel": ...}``)."""
     if self.writer is None:
       return
     for key, value in record.items():
       if key != "epoch" and isinstance(value, (int, float)):
         self.writer.add_scalar(key, value, epoch)
-    layer_names = dict(enumerate(models.layer_names(model)))
-    params = nnx.state(model, nnx.Param)
-    for path, value in jax.tree_util.tree_flatten_with_path(params)[0]:
-      self.writer.add_histogram(_parameter_name(path, layer_names), np.asarray(value), epoch)
+    for name, value in histograms.items():
+      self.writer.add_histogram(name, np.asarray(value), epoch)
     self.writer.flush()
 
   def close(self) -> None:

@@ -10,19 +10,19 @@ from PIL import Image
 from test_integration import run_script
 from test_train import small_config
 
-from flax_mnist import data, report, train
+from flax_mnist import data, evaluation, train
 from flax_mnist.errors import DatasetError
 
 
 def test_confusion_matrix_and_per_class_accuracy():
   labels = np.array([0, 0, 1, 1, 1, 2])
   predictions = np.array([0, 1, 1, 1, 2, 2])
-  matrix = report.confusion_matrix(labels, predictions)
+  matrix = evaluation.confusion_matrix(labels, predictions)
   assert matrix[0, 0] == 1 and matrix[0, 1] == 1 and matrix[1, 1] == 2 and matrix[1, 2] == 1 and matrix[2, 2] == 1
   assert matrix.sum() == 6 and matrix.shape == (10, 10)
-  np.testing.assert_allclose(report.per_class_accuracy(matrix)[:3], [0.5, 2 / 3, 1.0])
-  assert report.per_class_accuracy(matrix)[5] == 0  # No images of 5: no division by zero.
-  text = report.format_report(matrix)
+  np.testing.assert_allclose(evaluation.per_class_accuracy(matrix)[:3], [0.5, 2 / 3, 1.0])
+  assert evaluation.per_class_accuracy(matrix)[5] == 0  # No images of 5: no division by zero.
+  text = evaluation.format_report(matrix)
   assert "    1       3  0.6667" in text and "  all       6  0.6667" in text
 
 
@@ -33,8 +33,8 @@ def test_most_confident_mistakes_come_first():
   probabilities[1, 7] = 0.6            # Wrong, less sure.
   probabilities[2, 5] = 0.95           # Wrong, most sure.
   probabilities[3, 3], probabilities[3, 4] = 0.3, 0.5  # Wrong, least sure.
-  assert report.most_confident_mistakes(labels, probabilities).tolist() == [2, 1, 3]
-  assert report.most_confident_mistakes(labels, probabilities, count=1).tolist() == [2]
+  assert evaluation.most_confident_mistakes(labels, probabilities).tolist() == [2, 1, 3]
+  assert evaluation.most_confident_mistakes(labels, probabilities, count=1).tolist() == [2]
 
 
 def test_load_user_image_png_and_npy(tmp_path):
@@ -44,7 +44,7 @@ def test_load_user_image_png_and_npy(tmp_path):
   Image.fromarray(np.stack([digit] * 3, axis=-1)).save(tmp_path / "rgb.png")
   np.save(tmp_path / "floats.npy", digit / 255.0)
   for name in ("grey.png", "rgb.png", "floats.npy"):
-    image = report.load_user_image(tmp_path / name)
+    image = evaluation.load_user_image(tmp_path / name)
     assert image.shape == (1, 28, 28, 1) and image.dtype == np.uint8
     np.testing.assert_array_equal(image[0, ..., 0], digit)
 
@@ -62,7 +62,7 @@ def test_bad_user_images_are_one_line_errors(tmp_path, name, content, message):
   else:
     path.write_bytes(content or b"")
   with pytest.raises(DatasetError, match=message) as info:
-    report.load_user_image(path)
+    evaluation.load_user_image(path)
   assert str(info.value).startswith(str(path)) and "\n" not in str(info.value)
 
 
@@ -86,4 +86,4 @@ def test_evaluate_report_and_predict_from_the_command_line(idx_dir, tmp_path):
   assert abs(sum(prediction["probabilities"]) - 1) < 1e-5
   assert prediction["predicted"] == int(np.argmax(prediction["probabilities"]))
   result = run_script("evaluate.py", "--workdir", str(workdir), "--predict", str(tmp_path / "missing.png"))
-  assert result.returncode == 1 and "Traceback" not in result.stderr and "missing.png: no such file" in result.stderr
+  assert result.returncode == 2 and "Traceback" not in result.stderr and "missing.png: no such file" in result.stderr

@@ -1,21 +1,35 @@
-"""Evaluation views of a trained model: probabilities, per-class accuracy, confusion matrix,
-the most confidently misclassified images, and predictions for a user's own image."""
+"""Evaluation of a trained model: test loss and accuracy, probabilities, per-class accuracy,
+the confusion matrix, the most confidently misclassified images, and predictions for a user's
+own image. (The multi-seed study's report is ``flax_mnist.study``.)"""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from flax_mnist import data, models
+from flax_mnist import data, steps
 from flax_mnist.errors import DatasetError
 
 
-def predict_probabilities(model: models.Classifier, images: np.ndarray, *, batch_size: int = 1000) -> np.ndarray:
+def evaluate_model(
+  model: nnx.Module, images: Any, labels: Any, *, batch_size: int = 1000
+) -> dict[str, float]:
+  """Evaluates ``model`` (switched to eval mode) on uint8 NHWC images: loss, accuracy, correct,
+  count, with the trainer's own compiled evaluation (every image, a last partial batch masked)."""
+  model.eval()
+  graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
+  evaluate = steps.make_evaluate(graphdef, batch_size)
+  metrics = evaluate(params, model_state, jnp.asarray(images), jnp.asarray(labels))
+  return steps.summarize(metrics)
+
+
+def predict_probabilities(model: nnx.Module, images: np.ndarray, *, batch_size: int = 1000) -> np.ndarray:
   """Softmax probabilities ``(N, 10)`` of uint8 NHWC images, in eval mode, batch by batch."""
   model.eval()
   graphdef, state = nnx.split(model)

@@ -1,0 +1,272 @@
+"""The experiment's settings: defaults, validation, and the one place every "auto" is resolved.
+
+A config is an ``ml_collections.ConfigDict`` (``configs/<model>.py`` start from
+``default_config()`` and set ``model``). ``resolve(config)`` validates it and turns every "auto"
+into a concrete choice for this platform, once, as a frozen ``RunSpec`` that the trainer passes
+down as plain values and records (resolved) in config.json and run.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.util
+import json
+import math
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import ml_collections
+
+from flax_mnist import layers, models
+from flax_mnist.errors import ConfigError
+
+IMPLS = ("auto", *layers.IMPLS)
+DROPOUT_RNG_IMPLS = ("auto", "rbg", "unsafe_rbg", "threefry2x32")
+SEED_PARALLELISMS = ("auto", "loop", "vmap")
+# The metric that picks the best checkpoint, and its direction. Val accuracy by default; the
+# notebook's ModelCheckpoint kept Keras's default, val_loss.
+BEST_METRICS = {"val_accuracy": "max", "val_loss": "min"}
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The notebook's settings; each file in ``configs/`` sets ``model`` and may override more."""
+  config = ml_collections.ConfigDict()
+  # What the experiment is.
+  config.model = "cnn"
+  config.seed = 0
+  config.learning_rate = 1e-3
+  config.adam_eps = 1e-7  # Keras's default (optax's is 1e-8).
+  config.batch_size = 512
+  config.eval_batch_size = 1000
+  config.num_epochs = 20
+  config.shuffle = True
+  config.best_metric = "val_accuracy"  # Or "val_loss" (what the notebook's ModelCheckpoint kept).
+  # Where the data is. IDX directory; unset: $FLAX_MNIST_DATA_DIR, else TFDS.
+  config.data_dir = ml_collections.config_dict.placeholder(str)
+  config.tfds_data_dir = ml_collections.config_dict.placeholder(str)  # Unset: TFDS's default.
+  # How it is executed: none of these changes what a seed computes beyond the last float bits.
+  config.impl = "auto"  # "im2col" on CPU, "lax" elsewhere (resolve_impl).
+  # PRNG of the dropout masks. "auto": XLA's RngBitGenerator ("rbg") on CPU, where it draws them
+  # ~10 ms/step faster than threefry for cnn_pool_bn; "threefry2x32" (JAX's default) elsewhere,
+  # because rbg draws other bits under vmap, and seeds are vmapped there (seed_parallelism).
+  config.dropout_rng_impl = "auto"
+  config.progress_bar = True  # Shown only on a terminal.
+  # Several seeds: seeds seed, seed + 1, ... unless ``seeds`` lists them. "vmap" trains them in
+  # one compiled program, "loop" one after the other with one compiled program; "auto": loop on
+  # CPU (vmapping measured no gain there), vmap elsewhere. Either way a seed's results equal its
+  # single-seed run (tested).
+  config.num_seeds = 1
+  config.seeds = ()
+  config.seed_parallelism = "auto"
+  # Devices. Each batch is split over ``data_devices`` (0: every device on GPU/TPU, 1 on CPU,
+  # where forced host devices share the same cores and bring no speedup); vmapped seeds over
+  # ``seed_devices`` (the mesh is seed_devices x data_devices).
+  config.data_devices = 0
+  config.seed_devices = 1
+  return config
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+  """A config's every "auto" resolved for this platform: what the trainer runs, as plain values."""
+
+  model: str
+  seeds: tuple[int, ...]
+  impl: str
+  dropout_rng_impl: str
+  seed_parallelism: str
+  seed_devices: int = 1
+  data_devices: int = 1
+  process_count: int = 1
+
+  def to_dict(self) -> dict[str, Any]:
+    """JSON-able: what run.json records."""
+    return {**dataclasses.asdict(self), "seeds": list(self.seeds)}
+
+
+def resolve_impl(name: str) -> str:
+  """The layer implementation ``config.impl`` stands for on this platform.
+
+  ``lax``: NHWC, XLA's convolution (GPU, TPU). ``im2col`` (CPU): NHWC, each convolution one
+  matmul over stacked shifted slices, because XLA:CPU's convolution gradients inside a compiled
+  loop are 5-10x slower. ``batch_minor``: the whole network on (C, H, W, N) activations; it was
+  fastest on an AMD Zen 4 VM, not on the Intel VM of the last measurement (1.6x slower for cnn).
+  """
+  _check_choice("impl", name, IMPLS)
+  if name == "auto":
+    return "im2col" if jax.default_backend() == "cpu" else "lax"
+  return name
+
+
+def resolve_dropout_rng_impl(name: str) -> str:
+  """The PRNG implementation ``config.dropout_rng_impl`` stands for on this platform."""
+  _check_choice("dropout_rng_impl", name, DROPOUT_RNG_IMPLS)
+  if name == "auto":
+    return "rbg" if jax.default_backend() == "cpu" else "threefry2x32"
+  return name
+
+
+def resolve_seed_parallelism(name: str) -> str:
+  """"loop" or "vmap": how ``config.seed_parallelism`` trains several seeds on this platform."""
+  _check_choice("seed_parallelism", name, SEED_PARALLELISMS)
+  if name == "auto":
+    return "loop" if jax.default_backend() == "cpu" else "vmap"
+  return name
+
+
+def seed_list(config: Mapping[str, Any]) -> list[int]:
+  """The seeds a config trains: ``config.seeds`` if set, else ``num_seeds`` from ``seed`` on."""
+  seeds = config.get("seeds") or ()
+  if seeds:
+    return [int(seed) for seed in seeds]
+  return list(range(config["seed"], config["seed"] + config.get("num_seeds", 1)))
+
+
+def resolve(config: Mapping[str, Any]) -> RunSpec:
+  """Validates ``config`` and resolves its every "auto" for this platform, once."""
+  validate_config(config)
+  seeds = seed_list(config)
+  spec = RunSpec(
+    model=config["model"],
+    seeds=tuple(seeds),
+    impl=resolve_impl(config["impl"]),
+    dropout_rng_impl=resolve_dropout_rng_impl(config["dropout_rng_impl"]),
+    seed_parallelism=resolve_seed_parallelism(config.get("seed_parallelism", "auto")),
+    seed_devices=config.get("seed_devices", 1),
+    data_devices=resolve_data_devices(config.get("data_devices", 0), config.get("seed_devices", 1)),
+    process_count=jax.process_count(),
+  )
+  _check_devices(config, spec)
+  # Every model of the family has Dropout.
+  vmapped = len(seeds) > 1 and spec.seed_parallelism == "vmap"
+  if vmapped and spec.dropout_rng_impl in ("rbg", "unsafe_rbg"):
+    raise ConfigError(
+      f"config.dropout_rng_impl {config['dropout_rng_impl']!r} with seed_parallelism 'vmap': "
+      "rbg draws other masks under vmap than alone; use threefry2x32 or 'loop'"
+    )
+  return spec
+
+
+def resolve_data_devices(data_devices: int, seed_devices: int = 1) -> int:
+  """How many devices split each batch: ``data_devices``, or for 0 every device left by the seed
+  axis on GPU/TPU and 1 on CPU (forced host devices share the cores: measured no speedup)."""
+  if data_devices:
+    return data_devices
+  if jax.default_backend() == "cpu" and jax.process_count() == 1:
+    return 1
+  return max(1, jax.device_count() // seed_devices)
+
+
+def _check_devices(config: Mapping[str, Any], spec: RunSpec) -> None:
+  """The mesh must fit the devices, and every batch must split evenly over ``data`` (uneven
+  batches run, but drift ~2e-4 from one device after a few Adam steps)."""
+  wanted = spec.seed_devices * spec.data_devices
+  if wanted > jax.device_count():
+    raise ConfigError(
+      f"config.seed_devices {spec.seed_devices} x config.data_devices {spec.data_devices} = "
+      f"{wanted} devices, but JAX sees {jax.device_count()}"
+    )
+  for field in ("batch_size", "eval_batch_size"):
+    if config[field] % spec.data_devices:
+      raise ConfigError(
+        f"config.{field} {config[field]} does not divide over {spec.data_devices} data devices: "
+        f"expected a multiple of {spec.data_devices}"
+      )
+  if spec.seed_devices > 1 and (spec.seed_parallelism != "vmap"
+                                or len(spec.seeds) % spec.seed_devices):
+    raise ConfigError(
+      f"config.seed_devices {spec.seed_devices}: needs seed_parallelism 'vmap' and a number of "
+      f"seeds divisible by it (got {spec.seed_parallelism!r}, {len(spec.seeds)} seeds)"
+    )
+
+
+def _check_choice(field: str, value: Any, choices: tuple[str, ...]) -> None:
+  if value not in choices:
+    raise ConfigError(f"config.{field} {value!r}: expected one of {', '.join(choices)}")
+
+
+def _check_positive_int(config: Mapping[str, Any], field: str, minimum: int = 1) -> None:
+  if field not in config:  # A config.json of an older version: the default applies.
+    return
+  value = config[field]
+  if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+    expected = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+    raise ConfigError(f"config.{field} {value!r}: expected {expected}")
+
+
+def validate_config(config: Mapping[str, Any]) -> None:
+  """Raises ConfigError naming the first field whose value cannot be used."""
+  if config["model"] not in models.model_names():
+    raise ConfigError(
+      f"config.model {config['model']!r}: unknown, expected one of {', '.join(models.model_names())}"
+    )
+  _check_positive_int(config, "batch_size")
+  _check_positive_int(config, "eval_batch_size")
+  _check_positive_int(config, "num_epochs", minimum=0)
+  for field in ("learning_rate", "adam_eps"):
+    value = config[field]
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+      raise ConfigError(f"config.{field} {value!r}: expected a positive number")
+  _check_choice("impl", config["impl"], IMPLS)
+  _check_choice("dropout_rng_impl", config["dropout_rng_impl"], DROPOUT_RNG_IMPLS)
+  _check_choice("seed_parallelism", config.get("seed_parallelism", "auto"), SEED_PARALLELISMS)
+  _check_choice("best_metric", config["best_metric"], tuple(BEST_METRICS))
+  _check_positive_int(config, "num_seeds")
+  _check_positive_int(config, "data_devices", minimum=0)
+  _check_positive_int(config, "seed_devices")
+  seeds = seed_list(config)
+  if len(set(seeds)) != len(seeds):
+    raise ConfigError(f"config.seeds {tuple(seeds)!r}: expected distinct seeds")
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+  """A plain, JSON-able dict of a ConfigDict or mapping."""
+  return json.loads(json.dumps(config.to_dict() if hasattr(config, "to_dict") else dict(config)))
+
+
+def run_config_dict(config: Any, spec: RunSpec, seed: int) -> dict[str, Any]:
+  """The config as one seed's run of it, every "auto" resolved: what config.json and each
+  checkpoint record (so a checkpoint loads the same way on any platform)."""
+  config_dict = config_to_dict(config)
+  config_dict.update(
+    seed=seed,
+    num_seeds=1,
+    seeds=[],
+    impl=spec.impl,
+    dropout_rng_impl=spec.dropout_rng_impl,
+    seed_parallelism=spec.seed_parallelism,
+    data_devices=spec.data_devices,
+    seed_devices=spec.seed_devices,
+  )
+  return config_dict
+
+
+def check_fields(config: Mapping[str, Any], where: str) -> None:
+  """Refuses fields the defaults do not have (a misspelt ``num_epoch`` would be ignored)."""
+  known = set(default_config().keys())
+  for field in config.keys():
+    if field not in known:
+      nearest = difflib.get_close_matches(field, sorted(known), n=1)
+      hint = f"; did you mean {nearest[0]!r}?" if nearest else ""
+      raise ConfigError(f"{where}: unknown field config.{field}{hint}")
+
+
+def load_config_file(path: str | os.PathLike) -> ml_collections.ConfigDict:
+  """Runs a config file's ``get_config()``; a missing or broken file is a one-line error."""
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise ConfigError(f"{path}: no such config file (expected a file like configs/cnn.py)")
+  spec = importlib.util.spec_from_file_location(f"_flax_mnist_config_{abs(hash(path))}", path)
+  module = importlib.util.module_from_spec(spec)
+  try:
+    spec.loader.exec_module(module)
+  except SyntaxError as error:
+    raise ConfigError(f"{path}:{error.lineno}: syntax error ({error.msg})") from None
+  if not callable(getattr(module, "get_config", None)):
+    raise ConfigError(f"{path}: defines no get_config() (expected one returning a ConfigDict)")
+  config = module.get_config()
+  check_fields(config, path)
+  return config

@@ -1,0 +1,363 @@
+"""Keras-default layers as flax.nnx modules, their kernels, and the layouts they run in.
+
+Layers follow Keras's defaults, as the notebook used them: Glorot-uniform kernels, zero biases,
+valid 3x3 convolutions with ReLU, 2x2 max-pooling, BatchNorm with momentum 0.99 and epsilon
+1e-3. Each is called as ``layer(x)`` (BatchNorm: ``layer(x, mask)``) on NHWC activations, or
+(N, F) after Flatten.
+
+A ``Layout`` is how a stack of layers computes, injected once (``Classifier`` sets it on every
+layer as the static ``layout`` attribute) rather than branched on per layer. All give the same
+function (tested); they differ in speed:
+
+- ``lax``: NHWC, XLA's convolution (fastest on GPU and TPU).
+- ``im2col``: NHWC, each convolution one matmul over stacked shifted slices, because XLA:CPU's
+  convolutions inside a compiled training loop are 5-10x slower.
+- ``batch_minor``: the whole network on (C, H, W, N) activations ((F, N) after Flatten),
+  convolutions as im2col matmuls; with the batch as the minor dimension the elementwise,
+  pooling and BatchNorm work vectorises.
+
+Dropout masks are drawn the same way in every layout. "auto" is no layout: the config resolves
+it per platform before a model is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+_glorot_uniform = nnx.initializers.glorot_uniform()
+_zeros = nnx.initializers.zeros_init()
+
+Activation = Callable[[jax.Array], jax.Array]
+
+
+def _stacked_slices(images: jax.Array, kernel_h: int, kernel_w: int, axis: int) -> jax.Array:
+  """The valid shifted slices of axes 1 and 2, stacked on the channel ``axis`` (-1 for NHWC, 0
+  for CHWN) in (row, column, channel) order: the order of a row-major reshape of an HWIO kernel.
+  """
+  out_h = images.shape[1] - kernel_h + 1
+  out_w = images.shape[2] - kernel_w + 1
+  slices = [
+    images[:, i : i + out_h, j : j + out_w, :] for i in range(kernel_h) for j in range(kernel_w)
+  ]
+  return jnp.concatenate(slices, axis=axis)
+
+
+def im2col_conv(images: jax.Array, kernel: jax.Array) -> jax.Array:
+  """Valid, stride-1 convolution as one matmul over the stacked shifted slices (NHWC, HWIO)."""
+  kernel_h, kernel_w, in_features, out_features = kernel.shape
+  patches = _stacked_slices(images, kernel_h, kernel_w, axis=-1)
+  return jnp.dot(patches, kernel.reshape(kernel_h * kernel_w * in_features, out_features))
+
+
+def batch_minor_conv(images: jax.Array, kernel: jax.Array) -> jax.Array:
+  """Valid, stride-1 convolution of CHWN images as one matmul (HWIO kernel): CHWN out."""
+  kernel_h, kernel_w, in_features, out_features = kernel.shape
+  # Slicing leading axes copies whole rows of the batch.
+  patches = _stacked_slices(images, kernel_h, kernel_w, axis=0)
+  return jnp.tensordot(
+    kernel.reshape(kernel_h * kernel_w * in_features, out_features), patches, axes=((0,), (0,))
+  )
+
+
+def lax_conv(images: jax.Array, kernel: jax.Array) -> jax.Array:
+  """Valid, stride-1 convolution with XLA's convolution (NHWC, HWIO)."""
+  return jax.lax.conv_general_dilated(
+    images,
+    kernel,
+    window_strides=(1, 1),
+    padding="VALID",
+    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+  )
+
+
+def _pool_windows(images: jax.Array, window: int) -> jax.Array:
+  """(A, H, W, Z) to (A, H//w, w, W//w, w, Z): the non-overlapping windows, odd edges dropped."""
+  first, height, width, last = images.shape
+  out_h, out_w = height // window, width // window
+  cropped = images[:, : out_h * window, : out_w * window, :]
+  return cropped.reshape(first, out_h, window, out_w, window, last)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def max_pool(images: jax.Array, window: int) -> jax.Array:
+  """Max over non-overlapping ``window x window`` windows of axes 1 and 2 (valid: odd edges
+  dropped). Axes 1 and 2 are height and width in NHWC and in CHWN alike.
+
+  Its gradient is one elementwise pass that routes each output gradient to the input(s) equal
+  to the window's max; JAX's reduce-max gradient (it splits ties) costs 3-4 passes over the
+  input. The two differ only where a window holds tied maxima that are not zero after a ReLU.
+  """
+  return _pool_windows(images, window).max(axis=(2, 4))
+
+
+def _max_pool_forward(images, window):
+  pooled = max_pool(images, window)
+  return pooled, (images, pooled)
+
+
+def _max_pool_backward(window, residuals, pooled_grad):
+  images, pooled = residuals
+  windows = _pool_windows(images, window)
+  expand = lambda array: array[:, :, None, :, None, :]
+  windows_grad = jnp.where(windows == expand(pooled), expand(pooled_grad), 0.0).reshape(
+    images.shape[0], windows.shape[1] * window, windows.shape[3] * window, images.shape[3]
+  )
+  pad = (
+    (0, 0),
+    (0, images.shape[1] - windows_grad.shape[1]),
+    (0, images.shape[2] - windows_grad.shape[2]),
+    (0, 0),
+  )
+  return (jnp.pad(windows_grad, pad),)
+
+
+max_pool.defvjp(_max_pool_forward, _max_pool_backward)
+
+
+def _swap_batch_axis(array: jax.Array) -> jax.Array:
+  """NHWC <-> CHWN and (N, F) <-> (F, N): swaps the first and last axes (its own inverse)."""
+  return jnp.swapaxes(array, 0, -1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """NHWC activations ((N, F) after Flatten), convolutions by ``convolve``: the layers' default.
+
+  The strategy a layer delegates its layout-dependent work to. Frozen and hashable: a layer
+  holds it as a static attribute (part of the graph definition, not of the state).
+  """
+
+  nhwc: ClassVar[bool] = True  # Whether activations are NHWC, as stock flax layers take them.
+  name: str
+  convolve: Callable[[jax.Array, jax.Array], jax.Array] = lax_conv
+
+  def enter(self, array: jax.Array) -> jax.Array:
+    """An NHWC (or (N, F)) array in this layout."""
+    return array
+
+  def leave(self, array: jax.Array) -> jax.Array:
+    """An array of this layout back in NHWC (or (N, F)): the inverse of ``enter``."""
+    return array
+
+  def batch_axis(self, ndim: int) -> int:
+    """The batch axis of an ``ndim``-dimensional activation."""
+    return 0
+
+  def feature_axis(self, ndim: int) -> int:
+    """The channel (feature) axis of an ``ndim``-dimensional activation."""
+    return ndim - 1
+
+  def conv(self, images: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+    """Valid, stride-1 convolution plus bias (HWIO kernel)."""
+    return self.convolve(images, kernel) + bias
+
+  def dense(self, inputs: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+    """``inputs @ kernel + bias``, as ``nnx.Linear`` computes it."""
+    outputs = jax.lax.dot_general(inputs, kernel, (((inputs.ndim - 1,), (0,)), ((), ())))
+    return outputs + jnp.reshape(bias, (1,) * (outputs.ndim - 1) + (-1,))
+
+  def flatten(self, inputs: jax.Array) -> jax.Array:
+    """(N, H, W, C) to (N, H*W*C) in row-major (H, W, C) order."""
+    return inputs.reshape(inputs.shape[0], -1)
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchMinorLayout(Layout):
+  """(C, H, W, N) activations, (F, N) after Flatten: the batch is the minor dimension."""
+
+  nhwc: ClassVar[bool] = False
+  convolve: Callable[[jax.Array, jax.Array], jax.Array] = batch_minor_conv
+
+  def enter(self, array: jax.Array) -> jax.Array:
+    return _swap_batch_axis(array)
+
+  def leave(self, array: jax.Array) -> jax.Array:
+    return _swap_batch_axis(array)
+
+  def batch_axis(self, ndim: int) -> int:
+    return ndim - 1
+
+  def feature_axis(self, ndim: int) -> int:
+    return 0
+
+  def conv(self, images: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+    return self.convolve(images, kernel) + bias[:, None, None, None]
+
+  def dense(self, inputs: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+    return jnp.tensordot(kernel, inputs, axes=((0,), (0,))) + bias[:, None]
+
+  def flatten(self, inputs: jax.Array) -> jax.Array:
+    if inputs.ndim == 2:
+      return inputs
+    # The same (H, W, C) feature order as NHWC, so that weights mean the same in every layout.
+    return jnp.transpose(inputs, (1, 2, 0, 3)).reshape(-1, inputs.shape[-1])
+
+
+LAYOUTS: dict[str, Layout] = {
+  "lax": Layout("lax", lax_conv),
+  "im2col": Layout("im2col", im2col_conv),
+  "batch_minor": BatchMinorLayout("batch_minor"),
+}
+IMPLS = tuple(LAYOUTS)
+NHWC = LAYOUTS["lax"]
+
+
+def get_layout(impl: str) -> Layout:
+  """The layout named ``impl``, one of ``IMPLS``; a ValueError names the valid ones."""
+  if impl not in LAYOUTS:
+    hint = ' ("auto" is resolved per platform by the config first)' if impl == "auto" else ""
+    raise ValueError(f"impl {impl!r}: unknown, expected one of {', '.join(IMPLS)}{hint}")
+  return LAYOUTS[impl]
+
+
+class Conv(nnx.Module):
+  """Keras ``Conv2D(features, kernel_size, activation)``: valid padding, stride 1."""
+
+  keras_name = "conv2d"
+  layout: Layout = NHWC
+
+  def __init__(
+    self,
+    in_features: int,
+    out_features: int,
+    kernel_size: int = 3,
+    *,
+    activation: Activation | None = nnx.relu,
+    rngs: nnx.Rngs,
+  ):
+    shape = (kernel_size, kernel_size, in_features, out_features)
+    self.kernel = nnx.Param(_glorot_uniform(rngs.params(), shape))
+    self.bias = nnx.Param(_zeros(rngs.params(), (out_features,)))
+    self.activation = activation
+
+  def __call__(self, images: jax.Array) -> jax.Array:
+    outputs = self.layout.conv(images, self.kernel[...], self.bias[...])
+    return outputs if self.activation is None else self.activation(outputs)
+
+
+class Dense(nnx.Module):
+  """Keras ``Dense(features, activation)`` with Glorot-uniform kernel and zero bias.
+
+  The parameters live in an ``nnx.Linear`` (``linear/kernel``, ``linear/bias``), the paths
+  that checkpoints hold.
+  """
+
+  keras_name = "dense"
+  layout: Layout = NHWC
+
+  def __init__(
+    self,
+    in_features: int,
+    out_features: int,
+    *,
+    activation: Activation | None = None,
+    rngs: nnx.Rngs,
+  ):
+    self.linear = nnx.Linear(
+      in_features, out_features, kernel_init=_glorot_uniform, bias_init=_zeros, rngs=rngs
+    )
+    self.activation = activation
+
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    outputs = self.layout.dense(inputs, self.linear.kernel[...], self.linear.bias[...])
+    return outputs if self.activation is None else self.activation(outputs)
+
+
+class MaxPool(nnx.Module):
+  """Keras ``MaxPooling2D(2)``: non-overlapping windows, a trailing odd row/column dropped.
+
+  The same in every layout (height and width are axes 1 and 2 of NHWC and CHWN).
+  """
+
+  keras_name = "max_pooling2d"
+  layout: Layout = NHWC
+
+  def __init__(self, window: int = 2):
+    self.window = window
+
+  def __call__(self, images: jax.Array) -> jax.Array:
+    return max_pool(images, self.window)
+
+
+class Flatten(nnx.Module):
+  """Keras ``Flatten``: (N, H, W, C) to (N, H*W*C) in row-major (H, W, C) order."""
+
+  keras_name = "flatten"
+  layout: Layout = NHWC
+
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    return self.layout.flatten(inputs)
+
+
+class Dropout(nnx.Dropout):
+  """Keras ``Dropout(rate)``; active in train mode only, masks from the model's dropout stream.
+
+  A mask element is kept when a 16-bit random integer is below round(keep * 2**16), so the keep
+  probability is within 2**-17 of 1 - rate (kept values are scaled by the exact one): half the
+  random bits of a float draw, which is most of dropout's cost on CPU. Every layout draws the
+  same mask (in NHWC order, then entered into the layout), so a seed trains the same on any.
+  """
+
+  keras_name = "dropout"
+  layout: Layout = NHWC
+
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    if self.rate == 0.0 or self.deterministic:
+      return inputs
+    threshold = round((1.0 - self.rate) * 2**16)
+    keep = threshold / 2**16
+    shape = self.layout.leave(inputs).shape
+    size = math.prod(shape)
+    words = jax.random.bits(self.rngs(), ((size + 1) // 2,), jnp.uint32)
+    halves = jnp.concatenate([words >> 16, words & 0xFFFF])[:size].reshape(shape)
+    mask = self.layout.enter(halves < threshold)
+    return jax.lax.select(mask, inputs / keep, jnp.zeros_like(inputs))
+
+
+class BatchNorm(nnx.BatchNorm):
+  """Keras ``BatchNormalization()``: momentum 0.99, epsilon 1e-3, over the channel axis.
+
+  In an NHWC layout, ``nnx.BatchNorm``'s own call; in another, the same arithmetic (fast
+  variance, clipped at 0) on the layout's channel axis. The two differ only in the order their
+  gradients sum (nnx squares the inputs before it averages them): kept apart, each layout
+  trains bit for bit as it always has.
+  """
+
+  keras_name = "batch_normalization"
+  layout: Layout = NHWC
+
+  def __init__(self, num_features: int, *, rngs: nnx.Rngs):
+    super().__init__(num_features, momentum=0.99, epsilon=1e-3, rngs=rngs)
+
+  def __call__(self, inputs: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """Normalises ``inputs``; ``mask`` (one bool per example) leaves padding out of the batch
+    statistics in train mode."""
+    ndim = inputs.ndim
+    if mask is not None:
+      batch_axis = self.layout.batch_axis(ndim)
+      mask = mask.reshape(tuple(-1 if axis == batch_axis else 1 for axis in range(ndim)))
+    if self.layout.nhwc:
+      return super().__call__(inputs, mask=mask)
+    feature_axis = self.layout.feature_axis(ndim)
+    reduction_axes = tuple(axis for axis in range(ndim) if axis != feature_axis)
+    feature_shape = tuple(-1 if axis == feature_axis else 1 for axis in range(ndim))
+    if self.use_running_average:
+      mean, var = self.mean[...], self.var[...]
+    else:
+      mean = inputs.mean(reduction_axes, where=mask)
+      var = jnp.maximum(0.0, jnp.square(inputs).mean(reduction_axes, where=mask) - jnp.square(mean))
+      momentum = self.momentum
+      self.mean[...] = jax.lax.stop_gradient(momentum * self.mean[...] + (1 - momentum) * mean)
+      self.var[...] = jax.lax.stop_gradient(momentum * self.var[...] + (1 - momentum) * var)
+    multiplier = jax.lax.rsqrt(var + self.epsilon) * self.scale[...]
+    centred = inputs - mean.reshape(feature_shape)
+    outputs = centred * multiplier.reshape(feature_shape)
+    return outputs + self.bias[...].reshape(feature_shape)

@@ -1,0 +1,233 @@
+"""The pure, compiled parts of training: one step, one epoch as a ``lax.scan``, evaluation.
+
+Nothing here reads or writes files. The whole dataset lives on device as uint8. Each epoch is
+one compiled call: a seeded on-device shuffle, then a ``lax.scan`` over the batches. Like Keras,
+the remainder is trained on, not dropped: 60,000 images at batch 512 are 117 steps of 512 and a
+118th of 96 real images (padded to 512 and masked, so one step shape is compiled: its loss is the
+mean over its 96 images and BatchNorm's statistics see only them). Evaluation covers every test
+image the same way, in eval mode (no dropout, BatchNorm moving statistics).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from flax_mnist import data
+
+Metrics = dict[str, jax.Array]
+Batch = tuple[jax.Array, jax.Array, jax.Array | None]
+
+
+def zero_metrics() -> Metrics:
+  """Empty running sums: summed loss, correct count, example count, steps."""
+  return {
+    "loss_sum": jnp.zeros((), jnp.float32),
+    "correct": jnp.zeros((), jnp.int32),
+    "count": jnp.zeros((), jnp.int32),
+    "steps": jnp.zeros((), jnp.int32),
+  }
+
+
+def accumulate(
+  metrics: Metrics,
+  losses: jax.Array,
+  logits: jax.Array,
+  labels: jax.Array,
+  mask: jax.Array | None,
+) -> Metrics:
+  """Adds a batch's summed loss and correct count; rows where ``mask`` is False are padding."""
+  hits = jnp.argmax(logits, axis=-1) == labels
+  if mask is None:
+    loss_sum, correct, count = losses.sum(), jnp.sum(hits, dtype=jnp.int32), labels.shape[0]
+  else:
+    loss_sum = jnp.where(mask, losses, 0.0).sum()
+    correct, count = jnp.sum(hits & mask, dtype=jnp.int32), jnp.sum(mask, dtype=jnp.int32)
+  return {
+    "loss_sum": metrics["loss_sum"] + loss_sum,
+    "correct": metrics["correct"] + correct,
+    "count": metrics["count"] + count,
+    "steps": metrics["steps"] + 1,
+  }
+
+
+def scan_batches(
+  step: Callable[[Any, Batch], Any],
+  carry: Any,
+  images: jax.Array,
+  labels: jax.Array,
+  batch_size: int,
+  order: jax.Array | None = None,
+  batch_sharding: jax.sharding.Sharding | None = None,
+) -> Any:
+  """Applies ``step(carry, (images, labels, mask))`` to consecutive batches in one ``lax.scan``.
+
+  ``order`` (a permutation of the examples) shuffles them. A last partial batch is padded to
+  ``batch_size`` and ``mask`` marks its real rows (it is None when every batch is full): one
+  step shape, so the step is compiled once, not twice (that halved cnn_pool_bn's compile time).
+
+  ``batch_sharding`` (for arrays shaped (steps, batch, ...)) spreads each batch's rows over the
+  devices of a mesh's ``data`` axis: that one annotation is enough for the compiler to split the
+  step and all-reduce the gradients; BatchNorm statistics, the masked mean and the metrics come
+  out global by construction (tested equal to one device).
+  """
+  num_examples = images.shape[0]
+  num_steps = -(-num_examples // batch_size)
+  padding = num_steps * batch_size - num_examples
+  if padding:
+    index = jnp.arange(num_examples) if order is None else order
+    order = jnp.concatenate([index, jnp.zeros((padding,), index.dtype)])
+    mask = (jnp.arange(num_steps * batch_size) < num_examples).reshape(num_steps, batch_size)
+  else:
+    mask = None
+  if order is not None:
+    images, labels = images[order], labels[order]
+  batches = (
+    images.reshape(num_steps, batch_size, *images.shape[1:]),
+    labels.reshape(num_steps, batch_size),
+    mask,
+  )
+  if batch_sharding is not None:
+    batches = jax.lax.with_sharding_constraint(batches, batch_sharding)
+  carry, _ = jax.lax.scan(lambda carry, batch: (step(carry, batch), None), carry, batches)
+  return carry
+
+
+def train_step(
+  graphdef: nnx.GraphDef, tx: optax.GradientTransformation, carry: tuple, batch: Batch
+) -> tuple:
+  """One optimizer step on a batch of uint8 images: a pure function of
+  (params, model_state, opt_state, metrics).
+
+  ``batch`` is (images, labels, mask): where ``mask`` is given, only its True rows count (in the
+  loss, its mean, BatchNorm's statistics and the metrics), as if the batch held just those.
+  """
+  params, model_state, opt_state, metrics = carry
+  images, labels, mask = batch
+
+  def loss_fn(params):
+    model = nnx.merge(graphdef, params, model_state, copy=True)
+    logits = model(data.normalize_images(images), mask=mask)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    if mask is None:
+      loss = losses.mean()
+    else:
+      loss = jnp.where(mask, losses, 0.0).sum() / mask.sum()
+    # BatchNorm stats, dropout RNG counts.
+    _, _, new_model_state = nnx.split(model, nnx.Param, ...)
+    return loss, (losses, logits, new_model_state)
+
+  (_, (losses, logits, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+  updates, opt_state = tx.update(grads, opt_state, params)
+  params = optax.apply_updates(params, updates)
+  return params, model_state, opt_state, accumulate(metrics, losses, logits, labels, mask)
+
+
+def eval_step(
+  graphdef: nnx.GraphDef,
+  params: nnx.State,
+  model_state: nnx.State,
+  metrics: Metrics,
+  batch: Batch,
+) -> Metrics:
+  """Adds a batch's summed loss and correct count (eval-mode ``graphdef``) to ``metrics``."""
+  images, labels, mask = batch
+  logits = nnx.merge(graphdef, params, model_state, copy=True)(data.normalize_images(images))
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  return accumulate(metrics, losses, logits, labels, mask)
+
+
+def make_train_epoch(
+  graphdef: nnx.GraphDef,
+  tx: optax.GradientTransformation,
+  batch_size: int,
+  *,
+  shuffle: bool = True,
+  progress: Callable[..., None] | None = None,
+  over_seeds: bool = False,
+  mesh: jax.sharding.Mesh | None = None,
+) -> Callable[..., tuple]:
+  """Returns the jitted ``train_epoch(params, model_state, opt_state, images, labels, key)``.
+
+  It returns ``(params, model_state, opt_state, metrics)`` with summed loss and correct count.
+  ``progress(step, loss_sum, correct, count)``, if given, is called on the host after each step.
+  ``over_seeds``: the states, the key and the returned metrics carry a leading seed axis (vmap);
+  the images and labels are shared. ``mesh`` (axes ``seed``, ``data``): batches are split over
+  ``data`` (``batch_sharding``) and vmapped seeds over ``seed``.
+  """
+  if over_seeds and progress is not None:
+    raise ValueError("progress is not supported over seeds (the callback would run per seed)")
+
+  def step(carry, batch):
+    carry = train_step(graphdef, tx, carry, batch)
+    if progress is not None:
+      metrics = carry[3]
+      jax.debug.callback(
+        progress, metrics["steps"], metrics["loss_sum"], metrics["correct"], metrics["count"]
+      )
+    return carry
+
+  def train_epoch(params, model_state, opt_state, images, labels, key):
+    order = jax.random.permutation(key, images.shape[0]) if shuffle else None
+    carry = (params, model_state, opt_state, zero_metrics())
+    return scan_batches(step, carry, images, labels, batch_size, order, batch_sharding(mesh))
+
+  if over_seeds:
+    train_epoch = jax.vmap(train_epoch, in_axes=(0, 0, 0, None, None, 0),
+                           spmd_axis_name=_seed_axis(mesh))
+  return jax.jit(train_epoch)
+
+
+def make_evaluate(
+  graphdef: nnx.GraphDef,
+  batch_size: int,
+  *,
+  over_seeds: bool = False,
+  mesh: jax.sharding.Mesh | None = None,
+) -> Callable[..., Metrics]:
+  """Returns the jitted ``evaluate(params, model_state, images, labels) -> metrics`` over every
+  image. ``over_seeds``: the states and the returned metrics carry a leading seed axis (vmap).
+  ``mesh``: as ``make_train_epoch``.
+  """
+
+  def evaluate(params, model_state, images, labels):
+    step = functools.partial(eval_step, graphdef, params, model_state)
+    return scan_batches(step, zero_metrics(), images, labels, batch_size, None,
+                        batch_sharding(mesh))
+
+  if over_seeds:
+    evaluate = jax.vmap(evaluate, in_axes=(0, 0, None, None), spmd_axis_name=_seed_axis(mesh))
+  return jax.jit(evaluate)
+
+
+DATA_AXIS, SEED_AXIS = "data", "seed"
+
+
+def batch_sharding(mesh: jax.sharding.Mesh | None) -> jax.sharding.NamedSharding | None:
+  """Rows of (steps, batch, ...) arrays over the mesh's ``data`` axis; None on one device (the
+  single-device program then has no annotation at all, so it is the one tested bit for bit)."""
+  if mesh is None or mesh.shape[DATA_AXIS] == 1:
+    return None
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, DATA_AXIS))
+
+
+def _seed_axis(mesh: jax.sharding.Mesh | None) -> str | None:
+  """The mesh axis vmapped seeds are split over, if there is more than one device on it."""
+  return SEED_AXIS if mesh is not None and mesh.shape[SEED_AXIS] > 1 else None
+
+
+def summarize(metrics: Metrics) -> dict[str, float]:
+  """Mean loss and accuracy from summed metrics (fetched to the host)."""
+  count = int(metrics["count"])
+  return {
+    "loss": float(metrics["loss_sum"]) / count,
+    "accuracy": int(metrics["correct"]) / count,
+    "correct": int(metrics["correct"]),
+    "count": count,
+  }

@@ -1,0 +1,105 @@
+"""Trains the study's models from every seed: the one module of the study that imports the
+trainer. Each model's experiment config (``configs/<model>.py``) is used as it is, with the
+study's seeds and epochs, so an override in a config file reaches the study.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+
+from flax_mnist import config as config_lib
+from flax_mnist import train
+from flax_mnist import workdir as workdir_lib
+from flax_mnist.errors import ConfigError
+from flax_mnist.study import stats
+
+# Beside a model's seed workdirs: the wall time of the invocation that trained them (re-running
+# the report later, with nothing left to train, does not lose it).
+WALL_FILE = "wall_seconds.json"
+
+
+def study_config(
+  name: str, config: ml_collections.ConfigDict, seeds: Sequence[int], num_epochs: int
+) -> ml_collections.ConfigDict:
+  """A validated copy of model ``name``'s ``config`` set to train ``seeds`` for ``num_epochs``."""
+  if config.get("model") != name:
+    raise ConfigError(f"study of {name}: its config trains model {config.get('model')!r}")
+  config = copy.deepcopy(config)
+  config.update(num_epochs=num_epochs, seeds=tuple(seeds), progress_bar=False)
+  config_lib.validate_config(config)
+  return config
+
+
+def _run_facts(model_dir: Path, seeds: Sequence[int]) -> dict[str, Any]:
+  """Compile seconds and parallelism from the seeds' run.json files (written when they trained)."""
+  for seed in seeds:
+    file = workdir_lib.seed_dir(model_dir, seed) / workdir_lib.RUN_FILE
+    if file.exists():
+      run = workdir_lib.read_json(file)
+      return {
+        "compile_seconds": sum(run["compile_seconds"].values()),
+        "seed_parallelism": run.get("seed_parallelism", "loop"),
+      }
+  return {"compile_seconds": None, "seed_parallelism": None}
+
+
+def _train_model(
+  name: str,
+  config: ml_collections.ConfigDict,
+  model_dir: Path,
+  print_fn: Callable[[str], None] | None,
+) -> dict[str, Any]:
+  """Trains (or resumes) ``config``'s seeds into ``model_dir``; returns the model's results."""
+  seeds, num_epochs = list(config.seeds), config.num_epochs
+  pending = any(
+    len(workdir_lib.read_history(workdir_lib.seed_dir(model_dir, seed), num_epochs)) < num_epochs
+    for seed in seeds
+  )
+  started = time.perf_counter()
+  histories = train.train_seeds(config, model_dir, print_fn=print_fn)
+  wall_seconds = time.perf_counter() - started
+  wall_file = model_dir / WALL_FILE
+  if pending:
+    record = {"wall_seconds": wall_seconds, "seeds": seeds, "num_epochs": num_epochs}
+    workdir_lib.write_json(wall_file, record)
+  recorded = workdir_lib.read_json(wall_file) if wall_file.is_file() else {}
+  return {
+    "facts": stats.model_facts(name),
+    "config": config_lib.config_to_dict(config),
+    **_run_facts(model_dir, seeds),
+    "wall_seconds": recorded.get("wall_seconds"),
+    "histories": {str(seed): records for seed, records in histories.items()},
+  }
+
+
+def run_comparison(
+  configs: Mapping[str, ml_collections.ConfigDict],
+  seeds: Sequence[int],
+  num_epochs: int,
+  workdir: str | os.PathLike,
+  *,
+  print_fn: Callable[[str], None] | None = print,
+) -> dict[str, Any]:
+  """Trains every model ({name: its experiment config}) from every seed into
+  ``workdir/<model>/seed_<seed>`` (resuming what is there) and returns the results:
+  settings, environment, and per model its facts, config, per-seed histories and summary, plus
+  the pairwise tests. Every config is checked before the first model trains.
+  """
+  say = print_fn or (lambda line: None)
+  seeds = list(seeds)
+  configs = {
+    name: study_config(name, config, seeds, num_epochs) for name, config in configs.items()
+  }
+  results: dict[str, Any] = {"models": {}}
+  for name, config in configs.items():
+    say(f"== {name}: seeds {', '.join(map(str, seeds))}, {num_epochs} epochs")
+    model_dir = Path(workdir) / name
+    results["models"][name] = _train_model(name, config, model_dir, print_fn)
+  return stats.build_results(results, seeds=seeds, num_epochs=num_epochs)

@@ -1,0 +1,83 @@
+"""A training workdir's files: their names, atomic JSON writes, the history, resume checks.
+
+Paths are ``etils.epath.Path``, so a ``gs://bucket/run`` workdir is a bucket path, not a
+local folder named ``gs:`` (``pathlib.Path`` collapses the double slash).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from etils import epath
+
+from flax_mnist.errors import ConfigError, FlaxMnistError
+
+CONFIG_FILE = "config.json"  # The config the run trained with, every "auto" resolved.
+HISTORY_FILE = "history.json"  # One record per epoch.
+RUN_FILE = "run.json"  # The last invocation that trained: compile times, hardware, versions.
+SEEDS_FILE = "seeds.json"  # A multi-seed workdir's aggregate over seeds.
+SEED_DIR = "seed_{}"  # Each seed's workdir inside a multi-seed workdir.
+TENSORBOARD_DIR = "tensorboard"
+CHECKPOINTS_DIR = "checkpoints"
+
+PathLike = str | os.PathLike
+
+
+def path(workdir: PathLike) -> epath.Path:
+  """``workdir`` as an epath (local, or ``gs://...``)."""
+  return epath.Path(workdir)
+
+
+def absolute(workdir: PathLike) -> epath.Path:
+  """``workdir`` made absolute if it is local (orbax wants absolute paths); a URL as it is."""
+  workdir = path(workdir)
+  return workdir if "://" in os.fspath(workdir) else workdir.resolve()
+
+
+def seed_dir(workdir: PathLike, seed: int) -> epath.Path:
+  """Seed ``seed``'s own workdir inside the multi-seed workdir ``workdir``."""
+  return path(workdir) / SEED_DIR.format(seed)
+
+
+def write_json(file: PathLike, value: Any) -> None:
+  """Writes JSON atomically: a reader never sees a half-written file."""
+  file = path(file)
+  temporary = file.parent / (file.name + ".tmp")
+  temporary.write_text(json.dumps(value, indent=2) + "\n")
+  temporary.replace(file)  # Atomic on a local filesystem; a copy + delete on GCS.
+
+
+def read_json(file: PathLike) -> Any:
+  """Parses a JSON file; a damaged one is a one-line error naming it."""
+  file = path(file)
+  try:
+    return json.loads(file.read_text())
+  except json.JSONDecodeError as error:
+    raise FlaxMnistError(
+      f"{file}: not valid JSON ({error.msg} at line {error.lineno}); move it away to resume"
+    ) from None
+
+
+def read_history(workdir: PathLike, last_epoch: int) -> list[dict[str, Any]]:
+  """A workdir's recorded epochs up to ``last_epoch`` ([] if it has no history.json)."""
+  file = path(workdir) / HISTORY_FILE
+  if not file.exists():
+    return []
+  return [record for record in read_json(file) if record["epoch"] <= last_epoch]
+
+
+def check_resumable(workdir: PathLike, config: Mapping[str, Any]) -> None:
+  """A workdir's checkpoints must be of the same model (and seed) as the config."""
+  file = path(workdir) / CONFIG_FILE
+  if not file.exists():
+    return
+  previous = read_json(file)
+  for field in ("model", "seed"):
+    if field in previous and previous[field] != config[field]:
+      raise ConfigError(
+        f"{workdir}: holds a run with {field} {previous[field]!r}, config.{field} is "
+        f"{config[field]!r}; use another workdir"
+      )
