@@ -26,8 +26,10 @@ import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from keras import layers  # noqa: E402
 
-FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-         "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+FILES = {
+  "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+  "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
 
 
 def read_idx(directory: Path, stem: str) -> np.ndarray:
@@ -51,9 +53,17 @@ def build(name: str) -> keras.Model:
   elif name == "cnn_pool":
     stack += [conv(8), layers.MaxPooling2D(), conv(16), layers.MaxPooling2D(), layers.Flatten()]
   elif name == "cnn_pool_bn":
-    stack += [conv(8), layers.MaxPooling2D(), layers.BatchNormalization(), layers.Dropout(0.2),
-              conv(16), layers.MaxPooling2D(), layers.BatchNormalization(), layers.Dropout(0.2),
-              layers.Flatten()]
+    stack += [
+      conv(8),
+      layers.MaxPooling2D(),
+      layers.BatchNormalization(),
+      layers.Dropout(0.2),
+      conv(16),
+      layers.MaxPooling2D(),
+      layers.BatchNormalization(),
+      layers.Dropout(0.2),
+      layers.Flatten(),
+    ]
   else:
     raise SystemExit(f"unknown model {name}")
   rate, batch_norm = (0.5, True) if name == "cnn_pool_bn" else (0.2, False)
@@ -91,29 +101,52 @@ def main() -> None:
   threads = os.cpu_count()
   tf.config.threading.set_intra_op_parallelism_threads(threads)
   directory = Path(request["data_dir"])
-  data = {split: (read_idx(directory, images)[..., None] / 255.0, read_idx(directory, labels).astype(np.int32))
-          for split, (images, labels) in FILES.items()}
+  data = {
+    split: (
+      read_idx(directory, images)[..., None] / 255.0,
+      read_idx(directory, labels).astype(np.int32),
+    )
+    for split, (images, labels) in FILES.items()
+  }
   (train_images, train_labels), (test_images, test_labels) = data["train"], data["test"]
-  result = {"environment": {"keras": keras.__version__, "tensorflow": tf.__version__,
-                            "intra_op_threads": threads}, "models": {}}
+  result = {
+    "environment": {
+      "keras": keras.__version__,
+      "tensorflow": tf.__version__,
+      "intra_op_threads": threads,
+    },
+    "models": {},
+  }
   for name in request["models"]:
     keras.utils.set_random_seed(0)
     model = build(name)
-    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy",
-                  metrics=["accuracy"])
+    model.compile(
+      optimizer=keras.optimizers.Adam(1e-3),
+      loss="sparse_categorical_crossentropy",
+      metrics=["accuracy"],
+    )
     timer = EpochTimer()
-    history = model.fit(train_images, train_labels, batch_size=512, epochs=request["epochs"],
-                        validation_data=(test_images, test_labels), callbacks=[timer], verbose=0)
+    history = model.fit(
+      train_images,
+      train_labels,
+      batch_size=512,
+      epochs=request["epochs"],
+      validation_data=(test_images, test_labels),
+      callbacks=[timer],
+      verbose=0,
+    )
     steady = slice(1, None) if len(timer.epochs) > 1 else slice(None)
     epoch_seconds = statistics.median(timer.epochs[steady])
     eval_seconds = statistics.median(timer.evals[steady])
     result["models"][name] = {
-        "params": model.count_params(),
-        "epoch_seconds": epoch_seconds, "eval_seconds": eval_seconds,
-        "train_seconds": epoch_seconds - eval_seconds,
-        "first_epoch_seconds": timer.epochs[0], "epoch_seconds_all": timer.epochs,
-        "best_val_accuracy": max(history.history["val_accuracy"]),
-        "final_val_accuracy": history.history["val_accuracy"][-1],
+      "params": model.count_params(),
+      "epoch_seconds": epoch_seconds,
+      "eval_seconds": eval_seconds,
+      "train_seconds": epoch_seconds - eval_seconds,
+      "first_epoch_seconds": timer.epochs[0],
+      "epoch_seconds_all": timer.epochs,
+      "best_val_accuracy": max(history.history["val_accuracy"]),
+      "final_val_accuracy": history.history["val_accuracy"][-1],
     }
   print(json.dumps(result))
 

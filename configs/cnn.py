@@ -2,7 +2,8 @@
 
 Run: python scripts/train.py --config configs/cnn.py --workdir runs/cnn
 Expect (20 epochs, batch 512, Adam 1e-3, seed 0): best val accuracy 0.9899 (epoch 10; the
-Keras notebook re-run: 0.9893; seeds 0-4: 0.9896 ± 0.0006), about 15 s per epoch on a 2-core Intel CPU VM
+Keras notebook re-run: 0.9893; seeds 0-4: 0.9896 ± 0.0006), about 15 s per epoch
+on a 2-core Intel CPU VM
 (results/notebook_family/, reports/seed_comparison/).
 """
 

@@ -2,7 +2,8 @@
 
 Run: python scripts/train.py --config configs/cnn_pool.py --workdir runs/cnn_pool
 Expect (20 epochs, batch 512, Adam 1e-3, seed 0): best val accuracy 0.9912 (epoch 18; the
-Keras notebook re-run: 0.9907; seeds 0-4: 0.9907 ± 0.0007), about 4.9 s per epoch on a 2-core Intel CPU VM
+Keras notebook re-run: 0.9907; seeds 0-4: 0.9907 ± 0.0007), about 4.9 s per epoch
+on a 2-core Intel CPU VM
 (results/notebook_family/, reports/seed_comparison/).
 """
 

@@ -2,7 +2,8 @@
 
 Run: python scripts/train.py --config configs/cnn_pool_bn.py --workdir runs/cnn_pool_bn
 Expect (20 epochs, batch 512, Adam 1e-3, seed 0): best val accuracy 0.9890 (epoch 19; the
-Keras notebook re-run: 0.9891; seeds 0-4: 0.9892 ± 0.0003), about 6.4 s per epoch on a 2-core Intel CPU VM
+Keras notebook re-run: 0.9891; seeds 0-4: 0.9892 ± 0.0003), about 6.4 s per epoch
+on a 2-core Intel CPU VM
 (results/notebook_family/, reports/seed_comparison/).
 """
 

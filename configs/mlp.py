@@ -2,7 +2,8 @@
 
 Run: python scripts/train.py --config configs/mlp.py --workdir runs/mlp
 Expect (20 epochs, batch 512, Adam 1e-3, seed 0): best val accuracy 0.9799 (epoch 18; the
-Keras notebook re-run: 0.9794; seeds 0-4: 0.9795 ± 0.0005), about 0.4 s per epoch on a 2-core Intel CPU VM
+Keras notebook re-run: 0.9794; seeds 0-4: 0.9795 ± 0.0005), about 0.4 s per epoch
+on a 2-core Intel CPU VM
 (results/notebook_family/, reports/seed_comparison/).
 """
 

@@ -1,7 +1,8 @@
 """Benchmarks the training path per model, optionally side by side with Keras 3 + TensorFlow.
 
   python scripts/benchmark.py --models mlp,cnn,cnn_pool,cnn_pool_bn --epochs 5 --json OUT.json
-  python scripts/benchmark.py --models cnn --epochs 5 --baseline keras --baseline_python .venv-keras/bin/python
+  python scripts/benchmark.py --models cnn --epochs 5 --baseline keras \
+      --baseline_python .venv-keras/bin/python
   python scripts/benchmark.py --models cnn_pool --epochs 3 --seeds 5 --seed_parallelism vmap
 
 Prints Markdown tables and writes every figure to --json. Run nothing else on the machine
@@ -11,35 +12,53 @@ meanwhile: the figures are wall times.
 import json
 from pathlib import Path
 
+import _cli
 from absl import flags
 
-import _cli
 from flax_mnist import benchmark, config, models
 
 _MODELS = flags.DEFINE_list("models", models.model_names(), "Models to benchmark.")
 _EPOCHS = flags.DEFINE_integer("epochs", 5, "Epochs per model; the median is over epochs 2..N.")
 _JSON = flags.DEFINE_string("json", None, "Write every figure to this JSON file.")
 _MARKDOWN = flags.DEFINE_string("markdown", None, "Also write the Markdown tables to this file.")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "IDX directory (default: $FLAX_MNIST_DATA_DIR, then TFDS).")
+_DATA_DIR = flags.DEFINE_string(
+  "data_dir", None, "IDX directory (default: $FLAX_MNIST_DATA_DIR, then TFDS)."
+)
 _BASELINE = flags.DEFINE_enum("baseline", None, ["keras"], "Also time this framework, same run.")
-_IMPL = flags.DEFINE_enum("impl", None, list(config.IMPLS),
-                          "Override config.impl (config.resolve_impl), to compare implementations.")
-_SEEDS = flags.DEFINE_integer("seeds", 1, "Also time this many seeds trained together (train_seeds).",
-                              lower_bound=1)
-_SEED_PARALLELISM = flags.DEFINE_enum("seed_parallelism", "auto", list(config.SEED_PARALLELISMS),
-                                      "How --seeds trains them (auto: loop on CPU, vmap elsewhere).")
-_BASELINE_PYTHON = flags.DEFINE_string("baseline_python", None,
-                                       "Interpreter with keras + tensorflow (default: this one).")
+_IMPL = flags.DEFINE_enum(
+  "impl",
+  None,
+  list(config.IMPLS),
+  "Override config.impl (config.resolve_impl), to compare implementations.",
+)
+_SEEDS = flags.DEFINE_integer(
+  "seeds", 1, "Also time this many seeds trained together (train_seeds).", lower_bound=1
+)
+_SEED_PARALLELISM = flags.DEFINE_enum(
+  "seed_parallelism",
+  "auto",
+  list(config.SEED_PARALLELISMS),
+  "How --seeds trains them (auto: loop on CPU, vmap elsewhere).",
+)
+_BASELINE_PYTHON = flags.DEFINE_string(
+  "baseline_python", None, "Interpreter with keras + tensorflow (default: this one)."
+)
 
 
 def main() -> None:
   if _EPOCHS.value < 1:
     _cli.fail(f"--epochs {_EPOCHS.value}: expected at least 1")
   configs = {name: _cli.model_config(name) for name in _MODELS.value}
-  result = benchmark.run(configs, _EPOCHS.value, data_dir=_DATA_DIR.value,
-                         baseline=_BASELINE.value, baseline_python=_BASELINE_PYTHON.value,
-                         overrides={"impl": _IMPL.value} if _IMPL.value else None,
-                         num_seeds=_SEEDS.value, seed_parallelism=_SEED_PARALLELISM.value)
+  result = benchmark.run(
+    configs,
+    _EPOCHS.value,
+    data_dir=_DATA_DIR.value,
+    baseline=_BASELINE.value,
+    baseline_python=_BASELINE_PYTHON.value,
+    overrides={"impl": _IMPL.value} if _IMPL.value else None,
+    num_seeds=_SEEDS.value,
+    seed_parallelism=_SEED_PARALLELISM.value,
+  )
   markdown = benchmark.to_markdown(result)
   print(markdown)
   if _JSON.value:

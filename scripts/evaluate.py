@@ -1,4 +1,7 @@
-"""Evaluates a trained workdir on the 10,000 test images: python scripts/evaluate.py --workdir runs/cnn
+"""Evaluates a trained workdir on the 10,000 test images:
+
+  python scripts/evaluate.py --workdir runs/cnn
+
 
 Prints test loss and accuracy of the best checkpoint (--which=latest for the last epoch),
 or one JSON object with --json. --report adds per-class accuracy and the confusion matrix
@@ -10,18 +13,25 @@ one 28x28 grey image (light digit on dark, as MNIST; other sizes are refused, no
 import json
 from pathlib import Path
 
+import _cli
 from absl import flags
 
-import _cli
 from flax_mnist import checkpoint, data, evaluation
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A workdir written by scripts/train.py.")
 _WHICH = flags.DEFINE_enum("which", "best", ["best", "latest"], "Which checkpoint to evaluate.")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "IDX directory (default: the run's config, "
-                                "then $FLAX_MNIST_DATA_DIR, then TFDS).")
+_DATA_DIR = flags.DEFINE_string(
+  "data_dir",
+  None,
+  "IDX directory (default: the run's config, then $FLAX_MNIST_DATA_DIR, then TFDS).",
+)
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of text.")
-_REPORT = flags.DEFINE_bool("report", False, "Per-class accuracy, confusion matrix, misclassified images.")
-_REPORT_DIR = flags.DEFINE_string("report_dir", None, "Where --report writes (default <workdir>/report).")
+_REPORT = flags.DEFINE_bool(
+  "report", False, "Per-class accuracy, confusion matrix, misclassified images."
+)
+_REPORT_DIR = flags.DEFINE_string(
+  "report_dir", None, "Where --report writes (default <workdir>/report)."
+)
 _PREDICT = flags.DEFINE_string("predict", None, "A 28x28 .png or .npy image to classify.")
 flags.mark_flag_as_required("workdir")
 
@@ -32,22 +42,33 @@ def main() -> None:
   if _PREDICT.value:
     _predict(model)
     return
-  mnist = data.load_mnist(_DATA_DIR.value or config.get("data_dir"),
-                          tfds_data_dir=config.get("tfds_data_dir"))
-  result = evaluation.evaluate_model(model, mnist.test.images, mnist.test.labels,
-                                     batch_size=config["eval_batch_size"])
-  summary = {"workdir": _WORKDIR.value, "checkpoint": _WHICH.value, "model": info["model"],
-            "epoch": info["epoch"], "test_loss": result["loss"], "test_accuracy": result["accuracy"],
-            "correct": result["correct"], "count": result["count"],
-            "recorded_val_accuracy": info["val_accuracy"]}
+  mnist = data.load_mnist(
+    _DATA_DIR.value or config.get("data_dir"), tfds_data_dir=config.get("tfds_data_dir")
+  )
+  result = evaluation.evaluate_model(
+    model, mnist.test.images, mnist.test.labels, batch_size=config["eval_batch_size"]
+  )
+  summary = {
+    "workdir": _WORKDIR.value,
+    "checkpoint": _WHICH.value,
+    "model": info["model"],
+    "epoch": info["epoch"],
+    "test_loss": result["loss"],
+    "test_accuracy": result["accuracy"],
+    "correct": result["correct"],
+    "count": result["count"],
+    "recorded_val_accuracy": info["val_accuracy"],
+  }
   if _REPORT.value:
     summary.update(_write_report(model, mnist.test, config["eval_batch_size"], info))
   if _JSON.value:
     print(json.dumps(summary))
   else:
-    print(f"{info['model']} ({_WHICH.value} checkpoint, epoch {info['epoch']}): "
-          f"test_loss {result['loss']:.4f}  test_accuracy {result['accuracy']:.4f} "
-          f"({result['correct']:,}/{result['count']:,})")
+    print(
+      f"{info['model']} ({_WHICH.value} checkpoint, epoch {info['epoch']}): "
+      f"test_loss {result['loss']:.4f}  test_accuracy {result['accuracy']:.4f} "
+      f"({result['correct']:,}/{result['count']:,})"
+    )
 
 
 def _predict(model) -> None:
@@ -55,8 +76,15 @@ def _predict(model) -> None:
   image = evaluation.load_user_image(_PREDICT.value)
   probabilities = evaluation.predict_probabilities(model, image)[0]
   if _JSON.value:
-    print(json.dumps({"file": _PREDICT.value, "predicted": int(probabilities.argmax()),
-                      "probabilities": [float(p) for p in probabilities]}))
+    print(
+      json.dumps(
+        {
+          "file": _PREDICT.value,
+          "predicted": int(probabilities.argmax()),
+          "probabilities": [float(p) for p in probabilities],
+        }
+      )
+    )
     return
   print(f"{_PREDICT.value}: predicted {probabilities.argmax()}")
   for digit, probability in enumerate(probabilities):
@@ -71,13 +99,22 @@ def _write_report(model, test: data.Split, batch_size: int, info: dict) -> dict:
   matrix = evaluation.confusion_matrix(test.labels, probabilities.argmax(axis=1))
   text = evaluation.format_report(matrix)
   (directory / "report.txt").write_text(text)
-  evaluation.plot_confusion(matrix, directory / "confusion_matrix.png",
-                        f"{info['model']}, epoch {info['epoch']}: confusion matrix (colour: log counts)")
-  mistakes = evaluation.plot_mistakes(test.images, test.labels, probabilities, directory / "mistakes.png")
+  evaluation.plot_confusion(
+    matrix,
+    directory / "confusion_matrix.png",
+    f"{info['model']}, epoch {info['epoch']}: confusion matrix (colour: log counts)",
+  )
+  mistakes = evaluation.plot_mistakes(
+    test.images, test.labels, probabilities, directory / "mistakes.png"
+  )
   if not _JSON.value:
     print(text + f"wrote {directory}/report.txt, confusion_matrix.png, mistakes.png")
-  return {"per_class_accuracy": evaluation.per_class_accuracy(matrix).tolist(), "confusion_matrix": matrix.tolist(),
-          "most_confident_mistakes": mistakes.tolist(), "report_dir": str(directory)}
+  return {
+    "per_class_accuracy": evaluation.per_class_accuracy(matrix).tolist(),
+    "confusion_matrix": matrix.tolist(),
+    "most_confident_mistakes": mistakes.tolist(),
+    "report_dir": str(directory),
+  }
 
 
 if __name__ == "__main__":

@@ -13,11 +13,11 @@ import statistics
 import sys
 from pathlib import Path
 
+import _cli
 import jax
 from absl import flags
 from flax import nnx
 
-import _cli
 from flax_mnist import history, log, models
 from flax_mnist import workdir as workdir_lib
 from flax_mnist.errors import FlaxMnistError
@@ -31,7 +31,9 @@ def summarize(directory: Path) -> dict:
   """One row: the run's model, size, best and final val accuracy, median seconds per epoch."""
   for name in (workdir_lib.HISTORY_FILE, workdir_lib.CONFIG_FILE):
     if not (directory / name).is_file():
-      raise FlaxMnistError(f"{directory / name}: missing (is {directory} a finished training workdir?)")
+      raise FlaxMnistError(
+        f"{directory / name}: missing (is {directory} a finished training workdir?)"
+      )
   records = workdir_lib.read_json(directory / workdir_lib.HISTORY_FILE)
   config = workdir_lib.read_json(directory / workdir_lib.CONFIG_FILE)
   best = history.best_record(records)
@@ -48,32 +50,43 @@ def summarize(directory: Path) -> dict:
     "final_val_accuracy": records[-1]["val_accuracy"],
     "final_train_accuracy": records[-1]["train_accuracy"],
     "median_seconds": statistics.median(record["seconds"] for record in records),
-    "median_images_per_second": statistics.median(record["images_per_second"] for record in records),
+    "median_images_per_second": statistics.median(
+      record["images_per_second"] for record in records
+    ),
   }
 
 
 def to_markdown(rows: list[dict]) -> str:
   """The results table."""
-  lines = ["| model | params (trainable + BN stats) | best val acc (epoch) | final val acc | "
-           "final train acc | s / epoch (median) | train images/s |",
-           "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+  lines = [
+    "| model | params (trainable + BN stats) | best val acc (epoch) | final val acc | "
+    "final train acc | s / epoch (median) | train images/s |",
+    "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+  ]
   for row in rows:
-    params = f"{row['trainable']:,}" + (f" + {row['non_trainable']:,}" if row["non_trainable"] else "")
-    lines.append(f"| {row['model']} | {params} | {row['best_val_accuracy']:.4f} ({row['best_epoch']}) | "
-                 f"{row['final_val_accuracy']:.4f} | {row['final_train_accuracy']:.4f} | "
-                 f"{row['median_seconds']:.2f} | {row['median_images_per_second']:,.0f} |")
+    params = f"{row['trainable']:,}" + (
+      f" + {row['non_trainable']:,}" if row["non_trainable"] else ""
+    )
+    lines.append(
+      f"| {row['model']} | {params} | {row['best_val_accuracy']:.4f} ({row['best_epoch']}) | "
+      f"{row['final_val_accuracy']:.4f} | {row['final_train_accuracy']:.4f} | "
+      f"{row['median_seconds']:.2f} | {row['median_images_per_second']:,.0f} |"
+    )
   return "\n".join(lines) + "\n"
 
 
 def _settings(rows: list[dict]) -> str:
   """The shared settings, read from the runs' config.json (one value, or each run's)."""
+
   def values(field: str) -> str:
     found = sorted({str(row["config"][field]) for row in rows})
     return ", ".join(found)
 
   epochs = sorted({str(row["epochs"]) for row in rows})
-  return (f"{', '.join(epochs)} epochs, batch {values('batch_size')}, "
-          f"Adam {values('learning_rate')}, seed {values('seed')}")
+  return (
+    f"{', '.join(epochs)} epochs, batch {values('batch_size')}, "
+    f"Adam {values('learning_rate')}, seed {values('seed')}"
+  )
 
 
 def main() -> None:
@@ -88,9 +101,11 @@ def main() -> None:
     for name in copied:
       if (directory / name).is_file():  # train.log is there for runs logged with tee.
         shutil.copyfile(directory / name, out / row["model"] / name)
-  footer = (f"\n{_settings(rows)}; seconds per epoch = train 60,000 + evaluate 10,000 images, "
-            f"compilation excluded; {log.describe_hardware(log.environment())}; "
-            f"jax {jax.__version__}.\n")
+  footer = (
+    f"\n{_settings(rows)}; seconds per epoch = train 60,000 + evaluate 10,000 images, "
+    f"compilation excluded; {log.describe_hardware(log.environment())}; "
+    f"jax {jax.__version__}.\n"
+  )
   (out / "table.md").write_text(to_markdown(rows) + footer)
   sys.stdout.write(to_markdown(rows) + footer)
 

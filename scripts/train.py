@@ -1,4 +1,7 @@
-"""Trains one model of the family: python scripts/train.py --config configs/cnn.py --workdir runs/cnn
+"""Trains one model of the family:
+
+  python scripts/train.py --config configs/cnn.py --workdir runs/cnn
+
 
 Any config field can be overridden: --config.num_epochs=3 --config.seed=1. Running again with
 the same workdir resumes from its latest checkpoint. Several seeds, compiled once:
@@ -10,10 +13,10 @@ SLURM, Cloud TPU VMs, Open MPI and Kubernetes by itself; elsewhere add --coordin
 --num_processes and --process_id). The workdir must be storage every host sees (GCS, NFS).
 """
 
+import _cli
 from absl import flags
 from ml_collections import config_flags
 
-import _cli
 from flax_mnist import config as config_lib
 from flax_mnist import train
 
@@ -40,13 +43,19 @@ def _initialize_distributed() -> None:
   import jax
 
   try:
-    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
-                               num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+    jax.distributed.initialize(
+      coordinator_address=_COORDINATOR.value,
+      num_processes=_NUM_PROCESSES.value,
+      process_id=_PROCESS_ID.value,
+    )
   except (ValueError, RuntimeError) as error:
     reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    _cli.fail(f"--distributed: jax.distributed.initialize() failed ({reason}); outside SLURM, a "
-              "Cloud TPU VM, Open MPI or Kubernetes pass --coordinator_address, --num_processes "
-              "and --process_id", 1)
+    _cli.fail(
+      f"--distributed: jax.distributed.initialize() failed ({reason}); outside SLURM, a "
+      "Cloud TPU VM, Open MPI or Kubernetes pass --coordinator_address, --num_processes "
+      "and --process_id",
+      1,
+    )
 
 
 def main() -> None:

@@ -17,7 +17,9 @@ DEFAULT_REAL_DATA_DIR = REPO_ROOT.parent / "shared" / "datasets" / "mnist"
 def write_idx(path: Path, array: np.ndarray, *, compress: bool = False) -> Path:
   """Writes ``array`` (uint8) as an IDX file: magic 0x0000 08 ndim, big-endian dims, bytes."""
   array = np.asarray(array, dtype=np.uint8)
-  payload = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
+  payload = (
+    bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
+  )
   path.write_bytes(gzip.compress(payload) if compress else payload)
   return path
 
@@ -29,12 +31,13 @@ def make_digits(num: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
   images = rng.integers(0, 60, size=(num, 28, 28), dtype=np.uint8)
   for index, label in enumerate(labels):
     row, col = 2 + 6 * (label // 4), 2 + 6 * (label % 4)
-    images[index, row:row + 4, col:col + 4] = 255
+    images[index, row : row + 4, col : col + 4] = 255
   return images, labels
 
 
-def write_mnist_dir(directory: Path, *, num_train: int = 300, num_test: int = 100,
-                    compress: bool = True) -> Path:
+def write_mnist_dir(
+  directory: Path, *, num_train: int = 300, num_test: int = 100, compress: bool = True
+) -> Path:
   """Writes the four MNIST IDX files (small, learnable) into ``directory``."""
   directory.mkdir(parents=True, exist_ok=True)
   suffix = ".gz" if compress else ""
@@ -55,7 +58,10 @@ def idx_dir(tmp_path: Path) -> Path:
 def real_data_dir() -> Path:
   """The real MNIST files: $FLAX_MNIST_DATA_DIR, else ../shared/datasets/mnist. Fails if absent."""
   directory = Path(os.environ.get("FLAX_MNIST_DATA_DIR") or DEFAULT_REAL_DATA_DIR)
-  if not (directory / "train-images-idx3-ubyte.gz").exists() and not (directory / "train-images-idx3-ubyte").exists():
+  if (
+    not (directory / "train-images-idx3-ubyte.gz").exists()
+    and not (directory / "train-images-idx3-ubyte").exists()
+  ):
     pytest.fail(f"real MNIST not found in {directory}; set FLAX_MNIST_DATA_DIR")
   return directory
 

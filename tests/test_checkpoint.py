@@ -20,8 +20,10 @@ def _state(value: float):
 def test_best_is_not_replaced_by_a_worse_epoch_and_latest_is(tmp_path):
   checkpoints = checkpoint.Checkpoints(tmp_path)
   accuracies = {1: 0.50, 2: 0.70, 3: 0.60, 4: 0.70}  # 4 ties 2: not strictly better, not saved.
-  saved_best = [checkpoints.save_epoch(epoch, _state(epoch), {"epoch": epoch, "val_accuracy": accuracy})
-                for epoch, accuracy in accuracies.items()]
+  saved_best = [
+    checkpoints.save_epoch(epoch, _state(epoch), {"epoch": epoch, "val_accuracy": accuracy})
+    for epoch, accuracy in accuracies.items()
+  ]
   checkpoints.wait()
   assert saved_best == [True, True, False, False]
   assert checkpoints.epoch("best") == 2 and checkpoints.epoch("latest") == 4
@@ -32,8 +34,12 @@ def test_best_is_not_replaced_by_a_worse_epoch_and_latest_is(tmp_path):
   assert best_meta["val_accuracy"] == 0.70 and latest_meta["epoch"] == 4
   checkpoints.close()
   # Only one of each kind is kept on disk.
-  assert sorted(p.name for p in (tmp_path / "checkpoints" / "best").iterdir() if p.name.isdigit()) == ["2"]
-  assert sorted(p.name for p in (tmp_path / "checkpoints" / "latest").iterdir() if p.name.isdigit()) == ["4"]
+  assert sorted(
+    p.name for p in (tmp_path / "checkpoints" / "best").iterdir() if p.name.isdigit()
+  ) == ["2"]
+  assert sorted(
+    p.name for p in (tmp_path / "checkpoints" / "latest").iterdir() if p.name.isdigit()
+  ) == ["4"]
   # A new manager on the same workdir knows the best so far (as a resumed run does).
   reopened = checkpoint.Checkpoints(tmp_path)
   assert reopened.best_value() == 0.70
@@ -44,8 +50,12 @@ def test_best_is_not_replaced_by_a_worse_epoch_and_latest_is(tmp_path):
 def test_best_by_val_loss_keeps_the_lowest(tmp_path):
   checkpoints = checkpoint.Checkpoints(tmp_path, best_metric="val_loss")
   losses = {1: 0.30, 2: 0.20, 3: 0.25}
-  saved_best = [checkpoints.save_epoch(epoch, _state(epoch), {"epoch": epoch, "val_loss": loss, "val_accuracy": 0.9})
-                for epoch, loss in losses.items()]
+  saved_best = [
+    checkpoints.save_epoch(
+      epoch, _state(epoch), {"epoch": epoch, "val_loss": loss, "val_accuracy": 0.9}
+    )
+    for epoch, loss in losses.items()
+  ]
   checkpoints.close()
   assert saved_best == [True, True, False]
   reopened = checkpoint.Checkpoints(tmp_path, read_only=True)
@@ -62,7 +72,9 @@ def test_restore_into_a_mismatched_template_is_a_clear_error(tmp_path):
   checkpoints.save_epoch(1, _state(1), {"epoch": 1, "val_accuracy": 0.5})
   checkpoints.wait()
   with pytest.raises(CheckpointError, match="does not match the model being restored"):
-    checkpoints.restore("latest", {"params": {"w": jnp.zeros((7,))}, "step": jnp.zeros((), jnp.int32)})
+    checkpoints.restore(
+      "latest", {"params": {"w": jnp.zeros((7,))}, "step": jnp.zeros((), jnp.int32)}
+    )
   checkpoints.close()
   gc.collect()
 
@@ -78,15 +90,18 @@ def test_load_model_without_checkpoints_is_a_clear_error(tmp_path):
 
 
 def test_load_model_reproduces_the_recorded_best_val_accuracy(idx_dir, tmp_path):
-  history = train.train_and_evaluate(small_config(idx_dir, model="cnn_pool_bn", num_epochs=3), tmp_path,
-                                     print_fn=None)
+  history = train.train_and_evaluate(
+    small_config(idx_dir, model="cnn_pool_bn", num_epochs=3), tmp_path, print_fn=None
+  )
   model, info = checkpoint.load_model(tmp_path)
   best = max(history, key=lambda record: record["val_accuracy"])
   assert info["epoch"] == best["epoch"] and info["model"] == "cnn_pool_bn"
   assert info["val_accuracy"] == best["val_accuracy"] and info["config"]["num_epochs"] == 3
   assert model.layers[2].use_running_average  # Eval mode: BatchNorm uses its moving statistics.
   test = data.load_idx_dir(idx_dir).test
-  result = evaluation.evaluate_model(model, test.images, test.labels, batch_size=info["config"]["eval_batch_size"])
+  result = evaluation.evaluate_model(
+    model, test.images, test.labels, batch_size=info["config"]["eval_batch_size"]
+  )
   assert result["accuracy"] == best["val_accuracy"]
   assert result["loss"] == pytest.approx(best["val_loss"], rel=1e-6)
   latest_model, latest_info = checkpoint.load_model(tmp_path, "latest")

@@ -10,7 +10,9 @@ from flax_mnist import models, train
 from flax_mnist.errors import ConfigError
 
 
-@pytest.mark.parametrize("field, value, message", [
+@pytest.mark.parametrize(
+  "field, value, message",
+  [
     ("model", "vgg", "config.model 'vgg': unknown"),
     ("batch_size", 0, "config.batch_size 0: expected a positive integer"),
     ("num_epochs", -1, "config.num_epochs -1: expected an integer >= 0"),
@@ -19,9 +21,14 @@ from flax_mnist.errors import ConfigError
     ("dropout_rng_impl", "mt19937", "config.dropout_rng_impl 'mt19937': expected one of auto, rbg"),
     ("num_seeds", 0, "config.num_seeds 0: expected a positive integer"),
     ("seeds", (3, 3), r"config.seeds \(3, 3\): expected distinct seeds"),
-    ("seed_parallelism", "threads", "config.seed_parallelism 'threads': expected one of auto, loop, vmap"),
+    (
+      "seed_parallelism",
+      "threads",
+      "config.seed_parallelism 'threads': expected one of auto, loop, vmap",
+    ),
     ("best_metric", "loss", "config.best_metric 'loss': expected one of val_accuracy, val_loss"),
-])
+  ],
+)
 def test_bad_config_values_are_named(field, value, message):
   config = config_lib.default_config()
   config.unlock()
@@ -34,7 +41,9 @@ def test_vmapped_seeds_refuse_the_rbg_dropout_prng():
   # rbg draws other bits under vmap than alone: vmapped seeds would not equal their single runs.
   config = config_lib.default_config()
   config.update(num_seeds=2, seed_parallelism="vmap", dropout_rng_impl="rbg")
-  with pytest.raises(ConfigError, match="config.dropout_rng_impl 'rbg' with seed_parallelism 'vmap'"):
+  with pytest.raises(
+    ConfigError, match="config.dropout_rng_impl 'rbg' with seed_parallelism 'vmap'"
+  ):
     config_lib.resolve(config)
   config.dropout_rng_impl = "threefry2x32"
   config_lib.resolve(config)
@@ -46,7 +55,9 @@ def test_seed_list_and_auto_choices_on_cpu():
   assert config_lib.seed_list(config) == [4, 5, 6]
   config.seeds = (9, 2)
   assert config_lib.seed_list(config) == [9, 2]
-  assert config_lib.resolve_seed_parallelism("auto") == "loop"  # vmapping seeds measured no gain on CPU.
+  assert (
+    config_lib.resolve_seed_parallelism("auto") == "loop"
+  )  # vmapping seeds measured no gain on CPU.
   assert config_lib.resolve_dropout_rng_impl("auto") == "rbg"
   with pytest.raises(ConfigError, match=r"config trains seeds \[9, 2\]: use train_seeds"):
     train.train_and_evaluate(config, "unused", print_fn=None)
@@ -58,8 +69,6 @@ def test_config_files_hold_the_notebook_settings(name):
   assert config.model == name and config.seed == 0 and config.batch_size == 512
   assert config.num_epochs == 20 and config.learning_rate == 1e-3 and config.adam_eps == 1e-7
   config_lib.resolve(config)
-
-
 
 
 def test_resolve_records_every_auto_as_a_concrete_choice():
@@ -76,15 +85,20 @@ def test_a_misspelt_field_in_a_config_file_is_refused_with_the_nearest_name(tmp_
     "from flax_mnist.config import default_config\n\n"
     "def get_config():\n  config = default_config()\n  config.num_epoch = 3\n  return config\n"
   )
-  with pytest.raises(ConfigError, match=r"typo.py: unknown field config.num_epoch; did you mean 'num_epochs'"):
+  with pytest.raises(
+    ConfigError, match=r"typo.py: unknown field config.num_epoch; did you mean 'num_epochs'"
+  ):
     config_lib.load_config_file(path)
 
 
-@pytest.mark.parametrize("text, message", [
-  (None, "no such config file"),
-  ("def get_config(:\n", r"broken.py:1: syntax error"),
-  ("x = 1\n", r"defines no get_config\(\)"),
-])
+@pytest.mark.parametrize(
+  "text, message",
+  [
+    (None, "no such config file"),
+    ("def get_config(:\n", r"broken.py:1: syntax error"),
+    ("x = 1\n", r"defines no get_config\(\)"),
+  ],
+)
 def test_a_missing_or_broken_config_file_is_one_line(tmp_path, text, message):
   path = tmp_path / "broken.py"
   if text is not None:

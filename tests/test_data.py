@@ -42,16 +42,43 @@ def _header(ndim, dims):
   return bytes([0, 0, 8, ndim]) + np.asarray(dims, ">u4").tobytes()
 
 
-@pytest.mark.parametrize("content, reader, expected", [
+@pytest.mark.parametrize(
+  "content, reader, expected",
+  [
     (b"\x00\x00", data.read_labels, "too short for an IDX header"),
     (bytes([0, 0, 8, 3]) + b"\x00" * 8, data.read_images, "bad magic number|truncated header"),
-    (_header(1, [3]) + b"\x00\x01\x02", data.read_images, "bad magic number 0x00000801, expected 0x00000803"),
-    (bytes([0, 0, 0x0D, 1]) + _header(1, [1])[4:] + b"\x00", data.read_labels, "bad magic number 0x00000d01"),
-    (_header(3, [2, 28, 28]) + b"\x00" * (2 * 784 - 1), data.read_images, "file length 1583 bytes, expected 1584"),
-    (_header(3, [2, 28, 28]) + b"\x00" * (2 * 784 + 5), data.read_images, "file length 1589 bytes, expected 1584"),
-    (_header(3, [1, 32, 32]) + b"\x00" * 1024, data.read_images, "images are 32x32, expected 28x28"),
-    (_header(1, [4]) + bytes([1, 2, 10, 3]), data.read_labels, "label 10 at index 2, expected 0..9"),
-])
+    (
+      _header(1, [3]) + b"\x00\x01\x02",
+      data.read_images,
+      "bad magic number 0x00000801, expected 0x00000803",
+    ),
+    (
+      bytes([0, 0, 0x0D, 1]) + _header(1, [1])[4:] + b"\x00",
+      data.read_labels,
+      "bad magic number 0x00000d01",
+    ),
+    (
+      _header(3, [2, 28, 28]) + b"\x00" * (2 * 784 - 1),
+      data.read_images,
+      "file length 1583 bytes, expected 1584",
+    ),
+    (
+      _header(3, [2, 28, 28]) + b"\x00" * (2 * 784 + 5),
+      data.read_images,
+      "file length 1589 bytes, expected 1584",
+    ),
+    (
+      _header(3, [1, 32, 32]) + b"\x00" * 1024,
+      data.read_images,
+      "images are 32x32, expected 28x28",
+    ),
+    (
+      _header(1, [4]) + bytes([1, 2, 10, 3]),
+      data.read_labels,
+      "label 10 at index 2, expected 0..9",
+    ),
+  ],
+)
 def test_validation_errors_name_the_file(tmp_path, content, reader, expected):
   path = tmp_path / "broken-idx-ubyte"
   path.write_bytes(content)
@@ -78,14 +105,18 @@ def test_corrupt_gzip_is_reported(tmp_path):
 def test_count_mismatch_names_the_labels_file(tmp_path):
   directory = write_mnist_dir(tmp_path / "d", num_train=10, num_test=4, compress=False)
   write_idx(directory / "t10k-labels-idx1-ubyte", np.zeros(3, np.uint8))
-  with pytest.raises(DatasetError, match=r"t10k-labels-idx1-ubyte: 3 labels, expected 4 to match the images"):
+  with pytest.raises(
+    DatasetError, match=r"t10k-labels-idx1-ubyte: 3 labels, expected 4 to match the images"
+  ):
     data.load_idx_dir(directory)
 
 
 def test_missing_file_and_missing_directory(tmp_path):
   directory = write_mnist_dir(tmp_path / "d", num_train=10, num_test=4)
   (directory / "train-labels-idx1-ubyte.gz").unlink()
-  with pytest.raises(DatasetError, match="train-labels-idx1-ubyte: missing, expected train-labels-idx1-ubyte or"):
+  with pytest.raises(
+    DatasetError, match="train-labels-idx1-ubyte: missing, expected train-labels-idx1-ubyte or"
+  ):
     data.load_idx_dir(directory)
   with pytest.raises(DatasetError, match="not a directory"):
     data.load_idx_dir(tmp_path / "nowhere")
@@ -100,6 +131,7 @@ def test_source_order_config_then_env_then_tfds(tmp_path, monkeypatch):
   monkeypatch.delenv(data.DATA_DIR_ENV)
   calls = []
   from flax_mnist import tfds_builder
+
   monkeypatch.setattr(tfds_builder, "load", lambda data_dir=None: calls.append(data_dir) or "tfds")
   assert data.load_mnist(None, tfds_data_dir=tmp_path / "tfds") == "tfds"
   assert calls == [tmp_path / "tfds"]
@@ -107,6 +139,7 @@ def test_source_order_config_then_env_then_tfds(tmp_path, monkeypatch):
 
 def test_tfds_prepares_from_idx_and_reads_back_without_tensorflow(tmp_path):
   from flax_mnist import tfds_builder
+
   manual_dir = write_mnist_dir(tmp_path / "manual", num_train=40, num_test=9)
   mnist = tfds_builder.load(data_dir=tmp_path / "tfds", manual_dir=manual_dir)
   expected = data.load_idx_dir(manual_dir)
@@ -123,6 +156,7 @@ def test_tfds_prepares_from_idx_and_reads_back_without_tensorflow(tmp_path):
 
 def test_tfds_prepare_validates_the_idx_files(tmp_path):
   from flax_mnist import tfds_builder
+
   manual_dir = write_mnist_dir(tmp_path / "manual", num_train=10, num_test=4, compress=False)
   write_idx(manual_dir / "t10k-labels-idx1-ubyte", np.full(4, 12, np.uint8))
   with pytest.raises(DatasetError, match="label 12 at index 0"):
@@ -137,10 +171,16 @@ def test_normalize_images_scales_uint8_to_unit_interval():
 
 
 def test_tfds_download_failure_is_one_clear_line(tmp_path, monkeypatch):
-  from flax_mnist import tfds_builder
   from tensorflow_datasets.core.download import downloader
-  monkeypatch.setattr(tfds_builder, "DOWNLOAD_URL", "http://127.0.0.1:9/mnist/")  # Nothing listens there.
+
+  from flax_mnist import tfds_builder
+
+  monkeypatch.setattr(
+    tfds_builder, "DOWNLOAD_URL", "http://127.0.0.1:9/mnist/"
+  )  # Nothing listens there.
   monkeypatch.setattr(downloader, "MAX_RETRIES", 0)  # TFDS would back off for minutes first.
-  with pytest.raises(DatasetError, match="could not download or prepare .*set FLAX_MNIST_DATA_DIR") as info:
+  with pytest.raises(
+    DatasetError, match="could not download or prepare .*set FLAX_MNIST_DATA_DIR"
+  ) as info:
     tfds_builder.load(data_dir=tmp_path / "tfds")
   assert "\n" not in str(info.value)

@@ -18,7 +18,13 @@ def test_confusion_matrix_and_per_class_accuracy():
   labels = np.array([0, 0, 1, 1, 1, 2])
   predictions = np.array([0, 1, 1, 1, 2, 2])
   matrix = evaluation.confusion_matrix(labels, predictions)
-  assert matrix[0, 0] == 1 and matrix[0, 1] == 1 and matrix[1, 1] == 2 and matrix[1, 2] == 1 and matrix[2, 2] == 1
+  assert (
+    matrix[0, 0] == 1
+    and matrix[0, 1] == 1
+    and matrix[1, 1] == 2
+    and matrix[1, 2] == 1
+    and matrix[2, 2] == 1
+  )
   assert matrix.sum() == 6 and matrix.shape == (10, 10)
   np.testing.assert_allclose(evaluation.per_class_accuracy(matrix)[:3], [0.5, 2 / 3, 1.0])
   assert evaluation.per_class_accuracy(matrix)[5] == 0  # No images of 5: no division by zero.
@@ -29,9 +35,9 @@ def test_confusion_matrix_and_per_class_accuracy():
 def test_most_confident_mistakes_come_first():
   labels = np.array([0, 1, 2, 3])
   probabilities = np.full((4, 10), 0.01)
-  probabilities[0, 0] = 0.9            # Right.
-  probabilities[1, 7] = 0.6            # Wrong, less sure.
-  probabilities[2, 5] = 0.95           # Wrong, most sure.
+  probabilities[0, 0] = 0.9  # Right.
+  probabilities[1, 7] = 0.6  # Wrong, less sure.
+  probabilities[2, 5] = 0.95  # Wrong, most sure.
   probabilities[3, 3], probabilities[3, 4] = 0.3, 0.5  # Wrong, least sure.
   assert evaluation.most_confident_mistakes(labels, probabilities).tolist() == [2, 1, 3]
   assert evaluation.most_confident_mistakes(labels, probabilities, count=1).tolist() == [2]
@@ -49,12 +55,15 @@ def test_load_user_image_png_and_npy(tmp_path):
     np.testing.assert_array_equal(image[0, ..., 0], digit)
 
 
-@pytest.mark.parametrize("name, content, message", [
+@pytest.mark.parametrize(
+  "name, content, message",
+  [
     ("big.npy", np.zeros((32, 32)), "image is 32x32, expected 28x28"),
     ("range.npy", np.full((28, 28), 2.0), r"float values in \[2, 2\], expected \[0, 1\]"),
     ("digit.jpg", None, "unsupported file type '.jpg', expected .png or .npy"),
     ("broken.png", b"not a png", "not a readable PNG"),
-])
+  ],
+)
 def test_bad_user_images_are_one_line_errors(tmp_path, name, content, message):
   path = tmp_path / name
   if isinstance(content, np.ndarray):
@@ -69,21 +78,34 @@ def test_bad_user_images_are_one_line_errors(tmp_path, name, content, message):
 def test_evaluate_report_and_predict_from_the_command_line(idx_dir, tmp_path):
   workdir = tmp_path / "run"
   history = train.train_and_evaluate(small_config(idx_dir, num_epochs=3), workdir, print_fn=None)
-  result = run_script("evaluate.py", "--workdir", str(workdir), "--data_dir", str(idx_dir), "--report", "--json")
+  result = run_script(
+    "evaluate.py", "--workdir", str(workdir), "--data_dir", str(idx_dir), "--report", "--json"
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   summary = json.loads(result.stdout.strip().splitlines()[-1])
   matrix = np.array(summary["confusion_matrix"])
   best = max(history, key=lambda record: record["val_accuracy"])
-  assert matrix.sum() == 100 and np.trace(matrix) / 100 == best["val_accuracy"] == summary["test_accuracy"]
+  assert (
+    matrix.sum() == 100
+    and np.trace(matrix) / 100 == best["val_accuracy"] == summary["test_accuracy"]
+  )
   for name in ("report.txt", "confusion_matrix.png", "mistakes.png"):
     assert (workdir / "report" / name).stat().st_size > 0
   assert Image.open(workdir / "report" / "confusion_matrix.png").size[0] > 300
   test = data.load_idx_dir(idx_dir).test
   np.save(tmp_path / "digit.npy", test.images[0, ..., 0])
-  result = run_script("evaluate.py", "--workdir", str(workdir), "--predict", str(tmp_path / "digit.npy"), "--json")
+  result = run_script(
+    "evaluate.py", "--workdir", str(workdir), "--predict", str(tmp_path / "digit.npy"), "--json"
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   prediction = json.loads(result.stdout.strip().splitlines()[-1])
   assert abs(sum(prediction["probabilities"]) - 1) < 1e-5
   assert prediction["predicted"] == int(np.argmax(prediction["probabilities"]))
-  result = run_script("evaluate.py", "--workdir", str(workdir), "--predict", str(tmp_path / "missing.png"))
-  assert result.returncode == 2 and "Traceback" not in result.stderr and "missing.png: no such file" in result.stderr
+  result = run_script(
+    "evaluate.py", "--workdir", str(workdir), "--predict", str(tmp_path / "missing.png")
+  )
+  assert (
+    result.returncode == 2
+    and "Traceback" not in result.stderr
+    and "missing.png: no such file" in result.stderr
+  )

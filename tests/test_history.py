@@ -7,8 +7,16 @@ from flax_mnist import history
 
 
 def _records(accuracies, losses):
-  return [{"epoch": index + 1, "val_accuracy": accuracy, "val_loss": loss, "train_loss": loss,
-           "train_accuracy": accuracy} for index, (accuracy, loss) in enumerate(zip(accuracies, losses))]
+  return [
+    {
+      "epoch": index + 1,
+      "val_accuracy": accuracy,
+      "val_loss": loss,
+      "train_loss": loss,
+      "train_accuracy": accuracy,
+    }
+    for index, (accuracy, loss) in enumerate(zip(accuracies, losses))
+  ]
 
 
 def test_best_record_is_the_earliest_best_by_accuracy_or_lowest_loss():
@@ -26,10 +34,13 @@ def test_steady_drops_the_first_epoch_unless_it_is_the_only_one():
 def test_spread_and_aggregate_over_seeds():
   values = [0.97, 0.98, 0.99]
   figures = history.spread(values)
-  assert figures["mean"] == pytest.approx(0.98) and figures["std"] == pytest.approx(np.std(values, ddof=1))
+  assert figures["mean"] == pytest.approx(0.98) and figures["std"] == pytest.approx(
+    np.std(values, ddof=1)
+  )
   assert history.spread([0.5])["std"] == 0.0
-  aggregate = history.aggregate_seeds({0: _records([0.9, 0.95], [0.3, 0.2]),
-                                       3: _records([0.92, 0.91], [0.25, 0.3])})
+  aggregate = history.aggregate_seeds(
+    {0: _records([0.9, 0.95], [0.3, 0.2]), 3: _records([0.92, 0.91], [0.25, 0.3])}
+  )
   assert aggregate["seeds"] == [0, 3]
   assert aggregate["best"]["3"]["epoch"] == 1
   assert aggregate["best_val_accuracy"]["mean"] == pytest.approx((0.95 + 0.92) / 2)

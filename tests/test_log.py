@@ -19,38 +19,62 @@ def read_events(logdir):
     raw = path.read_bytes()
     offset = 0
     while offset < len(raw):
-      (length,) = struct.unpack("<Q", raw[offset:offset + 8])
+      (length,) = struct.unpack("<Q", raw[offset : offset + 8])
       event = event_pb2.Event()
-      event.ParseFromString(raw[offset + 12:offset + 12 + length])
+      event.ParseFromString(raw[offset + 12 : offset + 12 + length])
       events.append(event)
       offset += 12 + length + 4
   return events
 
 
 def test_tensorboard_has_scalars_and_histograms_of_every_weight_per_epoch(idx_dir, tmp_path):
-  history = train.train_and_evaluate(small_config(idx_dir, model="cnn_pool_bn"), tmp_path, print_fn=None)
-  values = [(event.step, value) for event in read_events(tmp_path / "tensorboard")
-            for value in event.summary.value]
-  scalars = {(step, value.tag): value.simple_value for step, value in values if value.HasField("simple_value")}
+  history = train.train_and_evaluate(
+    small_config(idx_dir, model="cnn_pool_bn"), tmp_path, print_fn=None
+  )
+  values = [
+    (event.step, value)
+    for event in read_events(tmp_path / "tensorboard")
+    for value in event.summary.value
+  ]
+  scalars = {
+    (step, value.tag): value.simple_value
+    for step, value in values
+    if value.HasField("simple_value")
+  }
   histograms = {(step, value.tag): value.histo for step, value in values if value.HasField("histo")}
   for record in history:
     for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "seconds"):
       assert scalars[(record["epoch"], key)] == pytest.approx(record[key], rel=1e-6)
   # 6 kernels + 6 biases (conv, dense) + 4 BatchNorm scales + 4 biases, every epoch.
-  expected_tags = {f"{layer}/{name}" for layer in ("conv2d", "conv2d_1", "dense", "dense_1", "dense_2")
-                   for name in ("kernel", "bias")}
-  expected_tags |= {f"batch_normalization{suffix}/{name}" for suffix in ("", "_1", "_2", "_3")
-                    for name in ("scale", "bias")}
+  expected_tags = {
+    f"{layer}/{name}"
+    for layer in ("conv2d", "conv2d_1", "dense", "dense_1", "dense_2")
+    for name in ("kernel", "bias")
+  }
+  expected_tags |= {
+    f"batch_normalization{suffix}/{name}"
+    for suffix in ("", "_1", "_2", "_3")
+    for name in ("scale", "bias")
+  }
   for epoch in (1, 2):
     assert {tag for step, tag in histograms if step == epoch} == expected_tags
   assert histograms[(1, "conv2d/kernel")].num == 3 * 3 * 1 * 8
   assert histograms[(2, "dense/kernel")].num == 400 * 128
-  assert histograms[(1, "dense/kernel")].sum != histograms[(2, "dense/kernel")].sum  # Weights moved.
+  assert (
+    histograms[(1, "dense/kernel")].sum != histograms[(2, "dense/kernel")].sum
+  )  # Weights moved.
 
 
 def test_format_epoch_line():
-  record = {"epoch": 3, "train_loss": 0.25, "train_accuracy": 0.9, "val_loss": 0.125,
-            "val_accuracy": 0.95, "seconds": 1.5, "images_per_second": 40000.0}
+  record = {
+    "epoch": 3,
+    "train_loss": 0.25,
+    "train_accuracy": 0.9,
+    "val_loss": 0.125,
+    "val_accuracy": 0.95,
+    "seconds": 1.5,
+    "images_per_second": 40000.0,
+  }
   line = log.format_epoch(record, 20)
   assert line.startswith("epoch   3/20")
   assert "val_accuracy 0.9500" in line and "1.50 s" in line and "40,000 images/s" in line
@@ -70,14 +94,17 @@ def test_progress_bar_only_on_a_terminal_and_shows_running_metrics():
   bar.update(4, 2.0, 3, 4)
   bar.close()
   text = stream.getvalue()
-  assert "epoch 1/20" in text and "4/10" in text and "loss=0.5000" in text and "accuracy=0.7500" in text
+  assert (
+    "epoch 1/20" in text and "4/10" in text and "loss=0.5000" in text and "accuracy=0.7500" in text
+  )
 
 
 def test_live_progress_bar_is_driven_from_the_compiled_epoch(idx_dir, tmp_path, monkeypatch):
   terminal = _Terminal()
   monkeypatch.setattr("sys.stderr", terminal)
-  history = train.train_and_evaluate(small_config(idx_dir, num_epochs=1, progress_bar=True), tmp_path,
-                                     print_fn=None)
+  history = train.train_and_evaluate(
+    small_config(idx_dir, num_epochs=1, progress_bar=True), tmp_path, print_fn=None
+  )
   text = terminal.getvalue()
   # 300 images at batch 64: 5 steps, the last of 44; the bar's last update shows the epoch's sums.
   assert "epoch 1/1" in text and "5/5" in text
@@ -86,7 +113,13 @@ def test_live_progress_bar_is_driven_from_the_compiled_epoch(idx_dir, tmp_path, 
 
 
 def test_describe_hardware_names_the_cpu_or_the_accelerators():
-  assert log.describe_hardware({"platform": "cpu", "cpu": "Xeon", "cpu_count": 2}) == "CPU: Xeon, 2 cores"
-  assert log.describe_hardware({"platform": "gpu", "device_count": 8, "device_kind": "H200"}) == "8 x H200"
+  assert (
+    log.describe_hardware({"platform": "cpu", "cpu": "Xeon", "cpu_count": 2})
+    == "CPU: Xeon, 2 cores"
+  )
+  assert (
+    log.describe_hardware({"platform": "gpu", "device_count": 8, "device_kind": "H200"})
+    == "8 x H200"
+  )
   environment = log.environment()
   assert environment["versions"]["flax_mnist"] and environment["platform"] == "cpu"

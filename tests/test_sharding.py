@@ -25,9 +25,19 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 def _train_args(idx_dir, workdir, model: str, *more: str) -> list[str]:
-  return [sys.executable, SCRIPT, "--config", str(REPO_ROOT / "configs" / f"{model}.py"),
-          "--workdir", str(workdir), f"--config.data_dir={idx_dir}", "--config.batch_size=64",
-          "--config.eval_batch_size=32", "--config.progress_bar=False", *more]
+  return [
+    sys.executable,
+    SCRIPT,
+    "--config",
+    str(REPO_ROOT / "configs" / f"{model}.py"),
+    "--workdir",
+    str(workdir),
+    f"--config.data_dir={idx_dir}",
+    "--config.batch_size=64",
+    "--config.eval_batch_size=32",
+    "--config.progress_bar=False",
+    *more,
+  ]
 
 
 def _close(got: list[dict], want: list[dict], rel: float) -> None:
@@ -44,14 +54,21 @@ def test_four_devices_train_like_one_and_their_checkpoint_loads_on_one(idx_dir, 
   workdir = tmp_path / "four"
   flags = "--xla_force_host_platform_device_count=4"
   result = subprocess.run(
-    _train_args(idx_dir, workdir, "cnn_pool_bn", "--config.num_epochs=2", "--config.data_devices=4"),
-    env=_env(XLA_FLAGS=flags), capture_output=True, text=True, cwd=REPO_ROOT)
+    _train_args(
+      idx_dir, workdir, "cnn_pool_bn", "--config.num_epochs=2", "--config.data_devices=4"
+    ),
+    env=_env(XLA_FLAGS=flags),
+    capture_output=True,
+    text=True,
+    cwd=REPO_ROOT,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   run = json.loads((workdir / "run.json").read_text())
   assert run["mesh"] == {"seed": 1, "data": 4} and run["device_count"] == 4
   four = json.loads((workdir / "history.json").read_text())
-  one = train.train_and_evaluate(small_config(idx_dir, model="cnn_pool_bn"), tmp_path / "one",
-                                 print_fn=None)
+  one = train.train_and_evaluate(
+    small_config(idx_dir, model="cnn_pool_bn"), tmp_path / "one", print_fn=None
+  )
   _close(four, one, rel=1e-4)
   # Written by 4 devices, loaded in this 1-device process: the recorded val accuracy again.
   model, info = checkpoint.load_model(workdir)
@@ -62,13 +79,18 @@ def test_four_devices_train_like_one_and_their_checkpoint_loads_on_one(idx_dir, 
 
 def test_a_batch_that_does_not_split_over_the_devices_is_refused(idx_dir, tmp_path):
   result = subprocess.run(
-    _train_args(idx_dir, tmp_path / "run", "mlp", "--config.data_devices=4",
-                "--config.batch_size=66"),
-    env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=4"), capture_output=True,
-    text=True, cwd=REPO_ROOT)
+    _train_args(
+      idx_dir, tmp_path / "run", "mlp", "--config.data_devices=4", "--config.batch_size=66"
+    ),
+    env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=4"),
+    capture_output=True,
+    text=True,
+    cwd=REPO_ROOT,
+  )
   assert result.returncode == 2
   assert result.stderr.strip().splitlines()[-1] == (
-    "error: config.batch_size 66 does not divide over 4 data devices: expected a multiple of 4")
+    "error: config.batch_size 66 does not divide over 4 data devices: expected a multiple of 4"
+  )
   assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
 
 
@@ -83,21 +105,33 @@ def test_two_processes_train_like_one(idx_dir, tmp_path):
   port = _free_port()
   processes = [
     subprocess.Popen(
-      _train_args(idx_dir, workdir, "mlp", "--config.num_epochs=1", "--distributed",
-                  f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-                  f"--process_id={index}"),
-      env=_env(JAX_NUM_CPU_DEVICES="2"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-      text=True, cwd=REPO_ROOT)
+      _train_args(
+        idx_dir,
+        workdir,
+        "mlp",
+        "--config.num_epochs=1",
+        "--distributed",
+        f"--coordinator_address=127.0.0.1:{port}",
+        "--num_processes=2",
+        f"--process_id={index}",
+      ),
+      env=_env(JAX_NUM_CPU_DEVICES="2"),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+      cwd=REPO_ROOT,
+    )
     for index in range(2)
   ]
   outputs = [process.communicate(timeout=300) for process in processes]
-  for process, (stdout, stderr) in zip(processes, outputs):
+  for process, (_, stderr) in zip(processes, outputs):
     assert process.returncode == 0, stderr[-3000:]
   assert "epoch   1/1" in outputs[0][0] and "epoch" not in outputs[1][0]  # Process 0 prints.
   run = json.loads((workdir / "run.json").read_text())
   assert run["process_count"] == 2 and run["device_count"] == 4
   assert run["mesh"] == {"seed": 1, "data": 4}
   two = json.loads((workdir / "history.json").read_text())
-  one = train.train_and_evaluate(small_config(idx_dir, num_epochs=1), tmp_path / "one",
-                                 print_fn=None)
+  one = train.train_and_evaluate(
+    small_config(idx_dir, num_epochs=1), tmp_path / "one", print_fn=None
+  )
   _close(two, one, rel=1e-4)

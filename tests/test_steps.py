@@ -28,8 +28,9 @@ def test_train_steps_on_a_fixed_batch_lower_the_loss():
   opt_state = tx.init(params)
   losses = []
   for _ in range(15):
-    params, model_state, opt_state, metrics = epoch(params, model_state, opt_state, images, labels,
-                                                    jax.random.key(0))
+    params, model_state, opt_state, metrics = epoch(
+      params, model_state, opt_state, images, labels, jax.random.key(0)
+    )
     losses.append(float(metrics["loss_sum"]) / 64)
   assert losses[-1] < 0.5 * losses[0]
 
@@ -40,19 +41,24 @@ def test_epoch_covers_every_image_with_a_last_partial_batch():
   graphdef, params, model_state = _split()
   tx = optax.adam(1e-3)
   _, _, _, metrics = steps.make_train_epoch(graphdef, tx, batch_size=32)(
-      params, model_state, tx.init(params), images, labels, jax.random.key(0))
+    params, model_state, tx.init(params), images, labels, jax.random.key(0)
+  )
   assert int(metrics["count"]) == 100 and int(metrics["steps"]) == 4  # 3 x 32 + 1 x 4.
   model = nnx.merge(graphdef, params, model_state)
   model.eval()
-  eval_metrics = steps.make_evaluate(nnx.graphdef(model), batch_size=48)(params, model_state, images, labels)
+  eval_metrics = steps.make_evaluate(nnx.graphdef(model), batch_size=48)(
+    params, model_state, images, labels
+  )
   assert int(eval_metrics["count"]) == 100 and int(eval_metrics["steps"]) == 3
 
 
 def test_evaluation_is_independent_of_the_batch_size():
   images, labels = make_digits(90, seed=2)
   model = models.create_model("cnn_pool", rngs=nnx.Rngs(0))
-  results = [evaluation.evaluate_model(model, images[..., None], labels.astype(np.int32), batch_size=size)
-             for size in (90, 40, 7)]
+  results = [
+    evaluation.evaluate_model(model, images[..., None], labels.astype(np.int32), batch_size=size)
+    for size in (90, 40, 7)
+  ]
   assert {result["correct"] for result in results} == {results[0]["correct"]}
   assert all(result["count"] == 90 for result in results)
   np.testing.assert_allclose([r["loss"] for r in results], results[0]["loss"], rtol=1e-5)
@@ -64,7 +70,9 @@ def test_shuffle_is_seeded_and_changes_per_key():
   graphdef, params, model_state = _split()
   tx = optax.adam(1e-3)
   epoch = steps.make_train_epoch(graphdef, tx, batch_size=16)
-  run = lambda key: epoch(params, model_state, tx.init(params), images, labels, jax.random.key(key))[0]
+  run = lambda key: epoch(
+    params, model_state, tx.init(params), images, labels, jax.random.key(key)
+  )[0]
   leaves = lambda state: np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(state)])
   np.testing.assert_array_equal(leaves(run(1)), leaves(run(1)))
   assert not np.allclose(leaves(run(1)), leaves(run(2)))
@@ -75,8 +83,12 @@ def test_a_padded_masked_batch_steps_like_the_unpadded_one(impl):
   # The epoch pads its last partial batch to the batch size; the mask must make that step the
   # same as a step on the real rows alone: loss mean, gradients, BatchNorm statistics, metrics.
   rngs = nnx.Rngs(params=0)
-  stack = [layers.Conv(1, 4, rngs=rngs), layers.BatchNorm(4, rngs=rngs), layers.Flatten(),
-            layers.Dense(26 * 26 * 4, 10, rngs=rngs)]
+  stack = [
+    layers.Conv(1, 4, rngs=rngs),
+    layers.BatchNorm(4, rngs=rngs),
+    layers.Flatten(),
+    layers.Dense(26 * 26 * 4, 10, rngs=rngs),
+  ]
   model = models.Classifier("conv_bn", stack, impl=impl)
   model.train()
   graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
@@ -96,5 +108,3 @@ def test_a_padded_masked_batch_steps_like_the_unpadded_one(impl):
   # Without the mask the padding would move the BatchNorm statistics.
   unmasked = steps.train_step(graphdef, tx, carry, (padded_images, padded_labels, None))
   assert not np.allclose(jax.tree.leaves(unmasked[1])[0], jax.tree.leaves(plain[1])[0])
-
-

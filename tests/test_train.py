@@ -28,7 +28,9 @@ def small_config(idx_dir, **overrides) -> ml_collections.ConfigDict:
 
 
 def _without_timing(history):
-  return [{key: value for key, value in record.items() if key not in TIMING_KEYS} for record in history]
+  return [
+    {key: value for key, value in record.items() if key not in TIMING_KEYS} for record in history
+  ]
 
 
 def test_train_and_evaluate_writes_the_workdir(idx_dir, tmp_path):
@@ -37,9 +39,14 @@ def test_train_and_evaluate_writes_the_workdir(idx_dir, tmp_path):
   history = train.train_and_evaluate(small_config(idx_dir), workdir, print_fn=lines.append)
   assert [record["epoch"] for record in history] == [1, 2]
   for record in history:
-    assert set(record) == {"epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy"} | TIMING_KEYS
+    assert (
+      set(record)
+      == {"epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy"} | TIMING_KEYS
+    )
     assert 0 <= record["val_accuracy"] <= 1 and record["seconds"] > 0
-    assert record["val_accuracy"] * 100 == pytest.approx(round(record["val_accuracy"] * 100))  # n / 100 images.
+    assert record["val_accuracy"] * 100 == pytest.approx(
+      round(record["val_accuracy"] * 100)
+    )  # n / 100 images.
   assert json.loads((workdir / "history.json").read_text()) == history
   assert json.loads((workdir / "config.json").read_text())["model"] == "mlp"
   assert any('Model: "mlp"' in line for line in lines)
@@ -50,34 +57,45 @@ def test_train_and_evaluate_writes_the_workdir(idx_dir, tmp_path):
 
 
 def test_resume_continues_the_history_exactly(idx_dir, tmp_path):
-  straight = train.train_and_evaluate(small_config(idx_dir, num_epochs=3), tmp_path / "a", print_fn=None)
+  straight = train.train_and_evaluate(
+    small_config(idx_dir, num_epochs=3), tmp_path / "a", print_fn=None
+  )
   train.train_and_evaluate(small_config(idx_dir, num_epochs=1), tmp_path / "b", print_fn=None)
   lines = []
-  resumed = train.train_and_evaluate(small_config(idx_dir, num_epochs=3), tmp_path / "b", print_fn=lines.append)
+  resumed = train.train_and_evaluate(
+    small_config(idx_dir, num_epochs=3), tmp_path / "b", print_fn=lines.append
+  )
   assert any("resumed from" in line and "at epoch 1" in line for line in lines)
   assert sum(line.startswith("epoch ") for line in lines) == 2  # Epochs 2 and 3 only.
   assert _without_timing(resumed) == _without_timing(straight)
   # Already done: nothing to train, the history comes back as it is.
-  again = train.train_and_evaluate(small_config(idx_dir, num_epochs=3), tmp_path / "b", print_fn=None)
+  again = train.train_and_evaluate(
+    small_config(idx_dir, num_epochs=3), tmp_path / "b", print_fn=None
+  )
   assert _without_timing(again) == _without_timing(straight)
 
 
 def test_workdir_of_another_model_or_seed_is_refused(idx_dir, tmp_path):
   train.train_and_evaluate(small_config(idx_dir, num_epochs=1), tmp_path / "run", print_fn=None)
   with pytest.raises(ConfigError, match="holds a run with model 'mlp', config.model is 'cnn_pool'"):
-    train.train_and_evaluate(small_config(idx_dir, model="cnn_pool"), tmp_path / "run", print_fn=None)
+    train.train_and_evaluate(
+      small_config(idx_dir, model="cnn_pool"), tmp_path / "run", print_fn=None
+    )
   with pytest.raises(ConfigError, match="holds a run with seed 0, config.seed is 1"):
     train.train_and_evaluate(small_config(idx_dir, seed=1), tmp_path / "run", print_fn=None)
 
 
 def test_divergence_is_reported(idx_dir, tmp_path):
   with pytest.raises(RunError, match="training diverged at epoch 1"):
-    train.train_and_evaluate(small_config(idx_dir, learning_rate=1e30, num_epochs=1), tmp_path / "run",
-                             print_fn=None)
+    train.train_and_evaluate(
+      small_config(idx_dir, learning_rate=1e30, num_epochs=1), tmp_path / "run", print_fn=None
+    )
 
 
 def _metrics_only(history):
-  return [{key: value for key, value in record.items() if key not in TIMING_KEYS} for record in history]
+  return [
+    {key: value for key, value in record.items() if key not in TIMING_KEYS} for record in history
+  ]
 
 
 def test_looped_seeds_equal_their_single_seed_runs_and_compile_once(idx_dir, tmp_path):
@@ -87,8 +105,11 @@ def test_looped_seeds_equal_their_single_seed_runs_and_compile_once(idx_dir, tmp
   assert list(histories) == [0, 5]
   assert sum("compiled the train epoch" in line for line in lines) == 1
   for seed in (0, 5):
-    single = train.train_and_evaluate(small_config(idx_dir, model="cnn_pool_bn", seed=seed), tmp_path / f"single{seed}",
-                                      print_fn=None)
+    single = train.train_and_evaluate(
+      small_config(idx_dir, model="cnn_pool_bn", seed=seed),
+      tmp_path / f"single{seed}",
+      print_fn=None,
+    )
     assert _metrics_only(histories[seed]) == _metrics_only(single)  # The same program: bit for bit.
     seed_dir = tmp_path / "seeds" / f"seed_{seed}"
     assert json.loads((seed_dir / "config.json").read_text())["seed"] == seed
@@ -107,12 +128,16 @@ def test_vmapped_seeds_equal_their_single_seed_runs(idx_dir, tmp_path):
   # One compiled program over the seed axis: params, optimizer state, BatchNorm statistics,
   # dropout and shuffle RNGs all batched. Equal to the separate runs up to float reassociation.
   settings = dict(model="cnn_pool_bn", dropout_rng_impl="threefry2x32", num_epochs=3)
-  histories = train.train_seeds(small_config(idx_dir, num_seeds=2, seed_parallelism="vmap", **settings),
-                                tmp_path / "seeds", print_fn=None)
+  histories = train.train_seeds(
+    small_config(idx_dir, num_seeds=2, seed_parallelism="vmap", **settings),
+    tmp_path / "seeds",
+    print_fn=None,
+  )
   assert all(record["parallel_seeds"] == 2 for record in histories[0])
   for seed in (0, 1):
-    single = train.train_and_evaluate(small_config(idx_dir, seed=seed, **settings), tmp_path / f"single{seed}",
-                                      print_fn=None)
+    single = train.train_and_evaluate(
+      small_config(idx_dir, seed=seed, **settings), tmp_path / f"single{seed}", print_fn=None
+    )
     for got, want in zip(_metrics_only(histories[seed]), _metrics_only(single)):
       assert got.keys() == want.keys()
       for key in got:
@@ -120,14 +145,27 @@ def test_vmapped_seeds_equal_their_single_seed_runs(idx_dir, tmp_path):
 
 
 def test_vmapped_seeds_resume_and_refuse_seeds_at_different_epochs(idx_dir, tmp_path):
-  settings = dict(model="mlp", dropout_rng_impl="threefry2x32", num_seeds=2, seed_parallelism="vmap")
-  straight = train.train_seeds(small_config(idx_dir, num_epochs=2, **settings), tmp_path / "a", print_fn=None)
+  settings = dict(
+    model="mlp", dropout_rng_impl="threefry2x32", num_seeds=2, seed_parallelism="vmap"
+  )
+  straight = train.train_seeds(
+    small_config(idx_dir, num_epochs=2, **settings), tmp_path / "a", print_fn=None
+  )
   train.train_seeds(small_config(idx_dir, num_epochs=1, **settings), tmp_path / "b", print_fn=None)
-  resumed = train.train_seeds(small_config(idx_dir, num_epochs=2, **settings), tmp_path / "b", print_fn=None)
+  resumed = train.train_seeds(
+    small_config(idx_dir, num_epochs=2, **settings), tmp_path / "b", print_fn=None
+  )
   for seed in (0, 1):
     assert _metrics_only(resumed[seed]) == _metrics_only(straight[seed])
   # Seed 1 one epoch further than seed 0: a vmapped resume cannot line them up.
-  train.train_and_evaluate(small_config(idx_dir, seed=1, num_epochs=3, dropout_rng_impl="threefry2x32"),
-                           tmp_path / "b" / "seed_1", print_fn=None)
-  with pytest.raises(ConfigError, match="resumes only seeds stopped at the same epoch; these are at 0: 2, 1: 3"):
-    train.train_seeds(small_config(idx_dir, num_epochs=4, **settings), tmp_path / "b", print_fn=None)
+  train.train_and_evaluate(
+    small_config(idx_dir, seed=1, num_epochs=3, dropout_rng_impl="threefry2x32"),
+    tmp_path / "b" / "seed_1",
+    print_fn=None,
+  )
+  with pytest.raises(
+    ConfigError, match="resumes only seeds stopped at the same epoch; these are at 0: 2, 1: 3"
+  ):
+    train.train_seeds(
+      small_config(idx_dir, num_epochs=4, **settings), tmp_path / "b", print_fn=None
+    )

@@ -52,9 +52,15 @@ def measure_matmul_peak(size: int = 1024, repeats: int = 20) -> float:
 
 def epoch_flops(model_name: str) -> dict[str, float]:
   """FLOPs of one epoch (train 60,000 + evaluate 10,000 images) and per image."""
-  train_per_image, forward_per_image = models.training_flops(models.create_model(model_name, rngs=nnx.Rngs(0)))
-  return {"train_flops_per_image": train_per_image, "forward_flops_per_image": forward_per_image,
-          "train_flops": NUM_TRAIN * train_per_image, "eval_flops": NUM_TEST * forward_per_image}
+  train_per_image, forward_per_image = models.training_flops(
+    models.create_model(model_name, rngs=nnx.Rngs(0))
+  )
+  return {
+    "train_flops_per_image": train_per_image,
+    "forward_flops_per_image": forward_per_image,
+    "train_flops": NUM_TRAIN * train_per_image,
+    "eval_flops": NUM_TEST * forward_per_image,
+  }
 
 
 def _steady_median(records: Sequence[Mapping[str, Any]], key: str) -> float:
@@ -62,8 +68,9 @@ def _steady_median(records: Sequence[Mapping[str, Any]], key: str) -> float:
   return statistics.median(record[key] for record in history.steady(records))
 
 
-def _config(config: Mapping[str, Any], epochs: int, data_dir: str | None,
-            overrides: Mapping[str, Any] | None) -> ml_collections.ConfigDict:
+def _config(
+  config: Mapping[str, Any], epochs: int, data_dir: str | None, overrides: Mapping[str, Any] | None
+) -> ml_collections.ConfigDict:
   """The experiment's config (from its config file) for a benchmark run of ``epochs``."""
   config = ml_collections.ConfigDict(dict(config))
   config.update(num_epochs=epochs, progress_bar=False)
@@ -73,8 +80,12 @@ def _config(config: Mapping[str, Any], epochs: int, data_dir: str | None,
   return config
 
 
-def benchmark_model(config: Mapping[str, Any], epochs: int, data_dir: str | None = None,
-                    overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def benchmark_model(
+  config: Mapping[str, Any],
+  epochs: int,
+  data_dir: str | None = None,
+  overrides: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
   """Trains ``config`` for ``epochs`` in this process through train_and_evaluate and measures it."""
   config = _config(config, epochs, data_dir, overrides)
   model = config.model
@@ -87,27 +98,37 @@ def benchmark_model(config: Mapping[str, Any], epochs: int, data_dir: str | None
   train_seconds = _steady_median(records, "train_seconds")
   eval_seconds = _steady_median(records, "eval_seconds")
   return {
-      "model": model, "epochs": epochs,
-      "compile_seconds": sum(run["compile_seconds"].values()), "compile_breakdown": run["compile_seconds"],
-      "epoch_seconds": epoch_seconds, "train_seconds": train_seconds, "eval_seconds": eval_seconds,
-      "epoch_seconds_all": [record["seconds"] for record in records],
-      "train_images_per_second": NUM_TRAIN / train_seconds,
-      "eval_images_per_second": NUM_TEST / eval_seconds,
-      "gflops_per_second": (flops["train_flops"] + flops["eval_flops"]) / epoch_seconds / 1e9,
-      **flops,
-      "best_val_accuracy": history.best_record(records)["val_accuracy"],
-      "final_val_accuracy": records[-1]["val_accuracy"],
-      "peak_host_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-      "peak_device_memory_mb": (device_stats["peak_bytes_in_use"] / 2**20
-                                if "peak_bytes_in_use" in device_stats else None),
-      "environment": run,
+    "model": model,
+    "epochs": epochs,
+    "compile_seconds": sum(run["compile_seconds"].values()),
+    "compile_breakdown": run["compile_seconds"],
+    "epoch_seconds": epoch_seconds,
+    "train_seconds": train_seconds,
+    "eval_seconds": eval_seconds,
+    "epoch_seconds_all": [record["seconds"] for record in records],
+    "train_images_per_second": NUM_TRAIN / train_seconds,
+    "eval_images_per_second": NUM_TEST / eval_seconds,
+    "gflops_per_second": (flops["train_flops"] + flops["eval_flops"]) / epoch_seconds / 1e9,
+    **flops,
+    "best_val_accuracy": history.best_record(records)["val_accuracy"],
+    "final_val_accuracy": records[-1]["val_accuracy"],
+    "peak_host_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    "peak_device_memory_mb": (
+      device_stats["peak_bytes_in_use"] / 2**20 if "peak_bytes_in_use" in device_stats else None
+    ),
+    "environment": run,
   }
 
 
-def benchmark_seeds(config: Mapping[str, Any], epochs: int, num_seeds: int,
-                    data_dir: str | None = None,
-                    overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
-  """Trains ``num_seeds`` seeds of ``model`` through ``train.train_seeds`` and times an epoch of all seeds.
+def benchmark_seeds(
+  config: Mapping[str, Any],
+  epochs: int,
+  num_seeds: int,
+  data_dir: str | None = None,
+  overrides: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+  """Trains ``num_seeds`` seeds of ``model`` through ``train.train_seeds`` and times an epoch of
+  all seeds.
 
   The epoch of all seeds is the sum of the seeds' epochs in a loop, or the one shared epoch under
   vmap; its median over epochs 2..N against one seed's epoch says what the extra seeds cost.
@@ -124,17 +145,23 @@ def benchmark_seeds(config: Mapping[str, Any], epochs: int, num_seeds: int,
   if parallelism == "vmap":
     group = [{"seconds": record["seconds"]} for record in histories[0]]
   else:
-    group = [{"seconds": sum(records[epoch]["seconds"] for records in histories)}
-             for epoch in range(epochs)]
-  return {"model": model, "num_seeds": num_seeds, "seed_parallelism": parallelism,
-          "dropout_rng_impl": config_lib.resolve_dropout_rng_impl(config.dropout_rng_impl),
-          "compile_seconds": sum(run["compile_seconds"].values()),
-          "seeds_epoch_seconds": _steady_median(group, "seconds"),
-          "peak_host_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    group = [
+      {"seconds": sum(records[epoch]["seconds"] for records in histories)}
+      for epoch in range(epochs)
+    ]
+  return {
+    "model": model,
+    "num_seeds": num_seeds,
+    "seed_parallelism": parallelism,
+    "dropout_rng_impl": config_lib.resolve_dropout_rng_impl(config.dropout_rng_impl),
+    "compile_seconds": sum(run["compile_seconds"].values()),
+    "seeds_epoch_seconds": _steady_median(group, "seconds"),
+    "peak_host_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+  }
 
 
 def _run_json_subprocess(command: Sequence[str], payload: dict[str, Any], what: str) -> Any:
-  """Runs ``command`` with ``payload`` as JSON on stdin; returns the JSON on its last stdout line."""
+  """Runs ``command`` with ``payload`` as JSON on stdin; returns the JSON on its last line."""
   result = subprocess.run(list(command), input=json.dumps(payload), capture_output=True, text=True)
   lines = result.stdout.strip().splitlines()
   if result.returncode != 0 or not lines:
@@ -145,54 +172,96 @@ def _run_json_subprocess(command: Sequence[str], payload: dict[str, Any], what: 
 
 
 def _in_subprocess(function: str, payload: dict[str, Any], what: str) -> dict[str, Any]:
-  """``benchmark.<function>(**payload)`` in a fresh Python process (its own compile cache and peak memory)."""
-  code = ("import json, sys; from absl import logging; logging.set_verbosity(logging.WARNING); "
-          f"from flax_mnist import benchmark; print(json.dumps(benchmark.{function}(**json.load(sys.stdin))))")
+  """``benchmark.<function>(**payload)`` in a fresh Python process (its own compile cache and
+  peak memory)."""
+  code = (
+    "import json, sys; from absl import logging; logging.set_verbosity(logging.WARNING); "
+    "from flax_mnist import benchmark; "
+    f"print(json.dumps(benchmark.{function}(**json.load(sys.stdin))))"
+  )
   return _run_json_subprocess([sys.executable, "-c", code], payload, what)
 
 
-def run_project(config: Mapping[str, Any], epochs: int, data_dir: str | None = None,
-                overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def run_project(
+  config: Mapping[str, Any],
+  epochs: int,
+  data_dir: str | None = None,
+  overrides: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
   """``benchmark_model`` in a fresh Python process."""
-  payload = {"config": config_lib.config_to_dict(config), "epochs": epochs, "data_dir": data_dir,
-             "overrides": overrides}
+  payload = {
+    "config": config_lib.config_to_dict(config),
+    "epochs": epochs,
+    "data_dir": data_dir,
+    "overrides": overrides,
+  }
   return _in_subprocess("benchmark_model", payload, f"benchmark of {config['model']}")
 
 
-def run_seeds(config: Mapping[str, Any], epochs: int, num_seeds: int, data_dir: str | None = None,
-              overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def run_seeds(
+  config: Mapping[str, Any],
+  epochs: int,
+  num_seeds: int,
+  data_dir: str | None = None,
+  overrides: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
   """``benchmark_seeds`` in a fresh Python process."""
-  payload = {"config": config_lib.config_to_dict(config), "epochs": epochs,
-             "num_seeds": num_seeds, "data_dir": data_dir, "overrides": overrides}
-  return _in_subprocess("benchmark_seeds", payload,
-                        f"{num_seeds}-seed benchmark of {config['model']}")
+  payload = {
+    "config": config_lib.config_to_dict(config),
+    "epochs": epochs,
+    "num_seeds": num_seeds,
+    "data_dir": data_dir,
+    "overrides": overrides,
+  }
+  return _in_subprocess(
+    "benchmark_seeds", payload, f"{num_seeds}-seed benchmark of {config['model']}"
+  )
 
 
-def run_keras(models_to_run: Sequence[str], epochs: int, data_dir: str | None, python: str) -> dict[str, Any]:
-  """Runs ``benchmarks/keras_baseline.py`` with ``python`` (an interpreter with keras + tensorflow)."""
+def run_keras(
+  models_to_run: Sequence[str], epochs: int, data_dir: str | None, python: str
+) -> dict[str, Any]:
+  """Runs ``benchmarks/keras_baseline.py`` with ``python`` (an interpreter with keras and TF)."""
   data_dir = data_dir or os.environ.get(data.DATA_DIR_ENV)  # The baseline reads IDX files only.
   if not data_dir:
-    raise FlaxMnistError(f"the Keras baseline reads IDX files: pass --data_dir or set {data.DATA_DIR_ENV}")
-  return _run_json_subprocess([python, str(KERAS_BASELINE)],
-                              {"models": list(models_to_run), "epochs": epochs, "data_dir": data_dir},
-                              f"Keras baseline with {python}")
+    raise FlaxMnistError(
+      f"the Keras baseline reads IDX files: pass --data_dir or set {data.DATA_DIR_ENV}"
+    )
+  return _run_json_subprocess(
+    [python, str(KERAS_BASELINE)],
+    {"models": list(models_to_run), "epochs": epochs, "data_dir": data_dir},
+    f"Keras baseline with {python}",
+  )
 
 
-def run(configs: Mapping[str, Mapping[str, Any]], epochs: int, *, data_dir: str | None = None,
-        baseline: str | None = None, baseline_python: str | None = None,
-        overrides: Mapping[str, Any] | None = None, num_seeds: int = 1,
-        seed_parallelism: str = "auto") -> dict[str, Any]:
+def run(
+  configs: Mapping[str, Mapping[str, Any]],
+  epochs: int,
+  *,
+  data_dir: str | None = None,
+  baseline: str | None = None,
+  baseline_python: str | None = None,
+  overrides: Mapping[str, Any] | None = None,
+  num_seeds: int = 1,
+  seed_parallelism: str = "auto",
+) -> dict[str, Any]:
   """The whole benchmark of ``configs`` ({model name: its experiment config}): environment,
   matmul peak, each model, the baseline if asked, and with ``num_seeds`` > 1 what training that
   many seeds together costs against one."""
   models_to_run = list(configs)
   if baseline not in (None, "keras"):
     raise FlaxMnistError(f"baseline {baseline!r}: unknown, expected keras")
-  result: dict[str, Any] = {"environment": log.environment(), "matmul_peak_gflops": measure_matmul_peak(),
-                            "epochs": epochs, "models": {}}
+  result: dict[str, Any] = {
+    "environment": log.environment(),
+    "matmul_peak_gflops": measure_matmul_peak(),
+    "epochs": epochs,
+    "models": {},
+  }
   for name in models_to_run:
     measured = run_project(configs[name], epochs, data_dir, overrides)
-    measured["fraction_of_matmul_peak"] = measured["gflops_per_second"] / result["matmul_peak_gflops"]
+    measured["fraction_of_matmul_peak"] = (
+      measured["gflops_per_second"] / result["matmul_peak_gflops"]
+    )
     result["models"][name] = measured
     if num_seeds > 1:
       seed_overrides = {**(overrides or {}), "seed_parallelism": seed_parallelism}
@@ -204,46 +273,82 @@ def run(configs: Mapping[str, Mapping[str, Any]], epochs: int, *, data_dir: str 
     result["baseline"] = keras
     for name in models_to_run:
       result["models"][name]["ratio_to_keras"] = (
-          result["models"][name]["epoch_seconds"] / keras["models"][name]["epoch_seconds"])
+        result["models"][name]["epoch_seconds"] / keras["models"][name]["epoch_seconds"]
+      )
   return result
 
 
 def to_markdown(result: dict[str, Any]) -> str:
   """The benchmark's tables: per-model timing, and the per-layer FLOP counts."""
   has_keras = "baseline" in result
-  header = ["model", "compile s", "epoch s (median)", "train s", "eval s", "train img/s", "GFLOP/s",
-            "% matmul peak", "peak host MB", "best val acc"]
+  header = [
+    "model",
+    "compile s",
+    "epoch s (median)",
+    "train s",
+    "eval s",
+    "train img/s",
+    "GFLOP/s",
+    "% matmul peak",
+    "peak host MB",
+    "best val acc",
+  ]
   if has_keras:
     header += ["Keras-TF epoch s", "ratio to Keras"]
   lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
   for name, row in result["models"].items():
-    cells = [name, f"{row['compile_seconds']:.1f}", f"{row['epoch_seconds']:.2f}", f"{row['train_seconds']:.2f}",
-             f"{row['eval_seconds']:.3f}", f"{row['train_images_per_second']:,.0f}",
-             f"{row['gflops_per_second']:.1f}", f"{100 * row['fraction_of_matmul_peak']:.0f}%",
-             f"{row['peak_host_memory_mb']:,.0f}", f"{row['best_val_accuracy']:.4f}"]
+    cells = [
+      name,
+      f"{row['compile_seconds']:.1f}",
+      f"{row['epoch_seconds']:.2f}",
+      f"{row['train_seconds']:.2f}",
+      f"{row['eval_seconds']:.3f}",
+      f"{row['train_images_per_second']:,.0f}",
+      f"{row['gflops_per_second']:.1f}",
+      f"{100 * row['fraction_of_matmul_peak']:.0f}%",
+      f"{row['peak_host_memory_mb']:,.0f}",
+      f"{row['best_val_accuracy']:.4f}",
+    ]
     if has_keras:
       keras = result["baseline"]["models"][name]
       cells += [f"{keras['epoch_seconds']:.2f}", f"{row['ratio_to_keras']:.2f}x"]
     lines.append("| " + " | ".join(cells) + " |")
   environment = result["environment"]
-  lines += ["", f"{result['epochs']} epochs per model; epoch = train 60,000 + evaluate 10,000 images at batch 512, "
-            f"median of epochs 2..N, compilation excluded; {log.describe_hardware(environment)}; "
-            f"jax {environment['versions']['jax']}, flax {environment['versions']['flax']}; "
-            f"f32 matmul peak measured in this run: {result['matmul_peak_gflops']:.0f} GFLOP/s."]
+  lines += [
+    "",
+    f"{result['epochs']} epochs per model; epoch = train 60,000 + evaluate 10,000 images "
+    "at batch 512, "
+    f"median of epochs 2..N, compilation excluded; {log.describe_hardware(environment)}; "
+    f"jax {environment['versions']['jax']}, flax {environment['versions']['flax']}; "
+    f"f32 matmul peak measured in this run: {result['matmul_peak_gflops']:.0f} GFLOP/s.",
+  ]
   if has_keras:
     keras_env = result["baseline"]["environment"]
-    lines.append(f"Keras baseline: keras {keras_env['keras']}, tensorflow {keras_env['tensorflow']}, "
-                 f"{keras_env['intra_op_threads']} intra-op threads, same data, batch and epochs, same run.")
+    lines.append(
+      f"Keras baseline: keras {keras_env['keras']}, tensorflow {keras_env['tensorflow']}, "
+      f"{keras_env['intra_op_threads']} intra-op threads, same data, batch and epochs, same run."
+    )
   seeded = {name: row["seeds"] for name, row in result["models"].items() if "seeds" in row}
   if seeded:
-    lines += ["", "| model | seeds | trained by | dropout PRNG | compile s (once) | epoch s, all seeds (median) "
-              "| x one seed's epoch |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines += [
+      "",
+      "| model | seeds | trained by | dropout PRNG | compile s (once) "
+      "| epoch s, all seeds (median) "
+      "| x one seed's epoch |",
+      "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for name, seeds in seeded.items():
-      lines.append(f"| {name} | {seeds['num_seeds']} | {seeds['seed_parallelism']} | {seeds['dropout_rng_impl']} "
-                   f"| {seeds['compile_seconds']:.1f} | {seeds['seeds_epoch_seconds']:.2f} "
-                   f"| {seeds['ratio_to_one_seed']:.2f}x |")
-    lines.append("x one seed's epoch: the seeds' epoch over the single-seed epoch above (1x: the extra seeds are "
-                 "free; the number of seeds: no gain over running them one after the other).")
+      lines.append(
+        f"| {name} | {seeds['num_seeds']} | {seeds['seed_parallelism']} "
+        f"| {seeds['dropout_rng_impl']} "
+        f"| {seeds['compile_seconds']:.1f} | {seeds['seeds_epoch_seconds']:.2f} "
+        f"| {seeds['ratio_to_one_seed']:.2f}x |"
+      )
+    lines.append(
+      "x one seed's epoch: the seeds' epoch over the single-seed epoch above "
+      "(1x: the extra seeds are "
+      "free; the number of seeds: no gain over running them one after the other)."
+    )
   lines += ["", "| model | layer | forward MFLOP / image |", "| --- | --- | ---: |"]
   for name in result["models"]:
     for layer, flops in models.layer_flops(models.create_model(name, rngs=nnx.Rngs(0))):

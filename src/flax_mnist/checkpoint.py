@@ -39,10 +39,17 @@ def _abstract(tree: Any) -> Any:
 class Checkpoints:
   """The best and latest checkpoints of one workdir."""
 
-  def __init__(self, directory: str | os.PathLike, *, read_only: bool = False,
-               best_metric: str = "val_accuracy"):
+  def __init__(
+    self,
+    directory: str | os.PathLike,
+    *,
+    read_only: bool = False,
+    best_metric: str = "val_accuracy",
+  ):
     if best_metric not in BEST_METRICS:
-      raise CheckpointError(f"best metric {best_metric!r}: unknown, expected one of {', '.join(BEST_METRICS)}")
+      raise CheckpointError(
+        f"best metric {best_metric!r}: unknown, expected one of {', '.join(BEST_METRICS)}"
+      )
     self.best_metric = best_metric
     self._maximize = BEST_METRICS[best_metric] == "max"
     self.directory = workdir_module.absolute(directory) / workdir_module.CHECKPOINTS_DIR
@@ -55,9 +62,7 @@ class Checkpoints:
           max_to_keep=1,
           create=not read_only,
           read_only=read_only,
-          multiprocessing_options=ocp.options.MultiprocessingOptions(
-            barrier_sync_key_prefix=kind
-          ),
+          multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=kind),
         ),
       )
       for kind in KINDS
@@ -69,15 +74,19 @@ class Checkpoints:
     return self._manager(kind).latest_step()
 
   def save(self, kind: str, epoch: int, state: Any, meta: dict[str, Any]) -> None:
-    """Saves ``state`` (a pytree) and ``meta`` (JSON-able) as the ``kind`` checkpoint of ``epoch``."""
-    self._manager(kind).save(epoch, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+    """Saves ``state`` (a pytree) and ``meta`` (JSON-able) as ``kind`` checkpoint of ``epoch``."""
+    self._manager(kind).save(
+      epoch,
+      args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+    )
 
   def best_value(self) -> float:
-    """The best checkpoint's value of the best metric; -inf (or +inf for a loss) if there is none."""
+    """The best checkpoint's value of the best metric; -inf (+inf for a loss) if there is none."""
     if self._best_value is None:  # Read once; save_epoch keeps it current.
       worst = -math.inf if self._maximize else math.inf
-      self._best_value = worst if self.epoch("best") is None else self.restore_meta("best")[self.best_metric]
+      self._best_value = (
+        worst if self.epoch("best") is None else self.restore_meta("best")[self.best_metric]
+      )
     return self._best_value
 
   def save_epoch(self, epoch: int, state: Any, meta: dict[str, Any]) -> bool:
@@ -96,19 +105,25 @@ class Checkpoints:
   def restore_meta(self, kind: str) -> dict[str, Any]:
     """The JSON metadata of the ``kind`` checkpoint."""
     epoch = self._require(kind)
-    return self._manager(kind).restore(
-        epoch, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    return self._manager(kind).restore(epoch, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
+      "meta"
+    ]
 
   def restore(self, kind: str, template: Any) -> tuple[Any, dict[str, Any]]:
-    """Restores the ``kind`` checkpoint into a pytree shaped like ``template``; returns (state, meta)."""
+    """Restores the ``kind`` checkpoint into a pytree shaped like ``template``: (state, meta)."""
     epoch = self._require(kind)
     try:
-      restored = self._manager(kind).restore(epoch, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(_abstract(template)), meta=ocp.args.JsonRestore()))
+      restored = self._manager(kind).restore(
+        epoch,
+        args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(_abstract(template)), meta=ocp.args.JsonRestore()
+        ),
+      )
     except (ValueError, KeyError, TypeError) as error:
       message = str(error).splitlines()[0] if str(error) else type(error).__name__
       raise CheckpointError(
-          f"{self.directory / kind / str(epoch)}: does not match the model being restored ({message})") from None
+        f"{self.directory / kind / str(epoch)}: does not match the model being restored ({message})"
+      ) from None
     return restored["state"], restored["meta"]
 
   def wait(self) -> None:
@@ -129,11 +144,15 @@ class Checkpoints:
   def _require(self, kind: str) -> int:
     epoch = self.epoch(kind)
     if epoch is None:
-      raise CheckpointError(f"{self.directory / kind}: no {kind} checkpoint (has this workdir been trained?)")
+      raise CheckpointError(
+        f"{self.directory / kind}: no {kind} checkpoint (has this workdir been trained?)"
+      )
     return epoch
 
 
-def load_model(workdir: str | os.PathLike, which: str = "best") -> tuple[nnx.Module, dict[str, Any]]:
+def load_model(
+  workdir: str | os.PathLike, which: str = "best"
+) -> tuple[nnx.Module, dict[str, Any]]:
   """Loads the ``which`` ("best" or "latest") checkpoint of a training workdir.
 
   Returns ``(model, info)``: the model in eval mode, and a dict with at least ``epoch``,
@@ -142,16 +161,25 @@ def load_model(workdir: str | os.PathLike, which: str = "best") -> tuple[nnx.Mod
   recorded one, since its key is part of the checkpoint.
   """
   if not (workdir_module.path(workdir) / workdir_module.CHECKPOINTS_DIR).is_dir():
-    raise CheckpointError(f"{workdir}: no checkpoints directory (expected a workdir written by train.py)")
+    raise CheckpointError(
+      f"{workdir}: no checkpoints directory (expected a workdir written by train.py)"
+    )
   checkpoints = Checkpoints(workdir, read_only=True)
   try:
     meta = checkpoints.restore_meta(which)
     config = meta["config"]
-    model = models.init_model(config["model"], config["seed"], impl=resolve_impl("auto"),
-                              dropout_rng_impl=config["dropout_rng_impl"])
+    model = models.init_model(
+      config["model"],
+      config["seed"],
+      impl=resolve_impl("auto"),
+      dropout_rng_impl=config["dropout_rng_impl"],
+    )
     graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
-    template = {"params": params, "model_state": model_state,
-                "opt_state": optim.make_optimizer(config).init(params)}
+    template = {
+      "params": params,
+      "model_state": model_state,
+      "opt_state": optim.make_optimizer(config).init(params),
+    }
     state, _ = checkpoints.restore(which, template)
   finally:
     checkpoints.close()

@@ -110,7 +110,7 @@ def resolve_dropout_rng_impl(name: str) -> str:
 
 
 def resolve_seed_parallelism(name: str) -> str:
-  """"loop" or "vmap": how ``config.seed_parallelism`` trains several seeds on this platform."""
+  """ "loop" or "vmap": how ``config.seed_parallelism`` trains several seeds on this platform."""
   _check_choice("seed_parallelism", name, SEED_PARALLELISMS)
   if name == "auto":
     return "loop" if jax.default_backend() == "cpu" else "vmap"
@@ -175,8 +175,9 @@ def _check_devices(config: Mapping[str, Any], spec: RunSpec) -> None:
         f"config.{field} {config[field]} does not divide over {spec.data_devices} data devices: "
         f"expected a multiple of {spec.data_devices}"
       )
-  if spec.seed_devices > 1 and (spec.seed_parallelism != "vmap"
-                                or len(spec.seeds) % spec.seed_devices):
+  if spec.seed_devices > 1 and (
+    spec.seed_parallelism != "vmap" or len(spec.seeds) % spec.seed_devices
+  ):
     raise ConfigError(
       f"config.seed_devices {spec.seed_devices}: needs seed_parallelism 'vmap' and a number of "
       f"seeds divisible by it (got {spec.seed_parallelism!r}, {len(spec.seeds)} seeds)"
@@ -201,7 +202,8 @@ def validate_config(config: Mapping[str, Any]) -> None:
   """Raises ConfigError naming the first field whose value cannot be used."""
   if config["model"] not in models.model_names():
     raise ConfigError(
-      f"config.model {config['model']!r}: unknown, expected one of {', '.join(models.model_names())}"
+      f"config.model {config['model']!r}: unknown, expected one of "
+      f"{', '.join(models.model_names())}"
     )
   _check_positive_int(config, "batch_size")
   _check_positive_int(config, "eval_batch_size")

@@ -30,8 +30,8 @@ IMAGE_SHAPE = (28, 28, 1)
 SPLITS = ("train", "test")
 # File stems of the original distribution; each may also be gzipped (stem + ".gz").
 IDX_FILES = {
-    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+  "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+  "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 _IDX_UBYTE = 0x08
 _GZIP_MAGIC = b"\x1f\x8b"
@@ -58,7 +58,7 @@ class Mnist:
 
 
 def _read_bytes(path: Path) -> bytes:
-  """Returns the decompressed bytes of ``path``, gzipped or not (told by its magic, not its name)."""
+  """The decompressed bytes of ``path``, gzipped or not (told by its magic, not its name)."""
   try:
     raw = path.read_bytes()
   except OSError as error:
@@ -81,19 +81,25 @@ def read_idx(path: str | os.PathLike, *, ndim: int) -> np.ndarray:
   data = _read_bytes(path)
   header_size = 4 + 4 * ndim
   if len(data) < 4:
-    raise DatasetError(f"{path}: {len(data)} bytes, too short for an IDX header (expected at least {header_size})")
+    raise DatasetError(
+      f"{path}: {len(data)} bytes, too short for an IDX header (expected at least {header_size})"
+    )
   expected_magic = bytes([0, 0, _IDX_UBYTE, ndim])
   if data[:4] != expected_magic:
     raise DatasetError(
-        f"{path}: bad magic number 0x{data[:4].hex()}, expected 0x{expected_magic.hex()} "
-        f"(IDX unsigned bytes, {ndim} dimension{'s' if ndim > 1 else ''})")
+      f"{path}: bad magic number 0x{data[:4].hex()}, expected 0x{expected_magic.hex()} "
+      f"(IDX unsigned bytes, {ndim} dimension{'s' if ndim > 1 else ''})"
+    )
   if len(data) < header_size:
-    raise DatasetError(f"{path}: truncated header, {len(data)} bytes, expected at least {header_size}")
+    raise DatasetError(
+      f"{path}: truncated header, {len(data)} bytes, expected at least {header_size}"
+    )
   dims = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
   expected_size = header_size + int(np.prod(dims, dtype=np.int64))
   if len(data) != expected_size:
     raise DatasetError(
-        f"{path}: file length {len(data)} bytes, expected {expected_size} for dimensions {dims}")
+      f"{path}: file length {len(data)} bytes, expected {expected_size} for dimensions {dims}"
+    )
   return np.frombuffer(data, dtype=np.uint8, offset=header_size).reshape(dims)
 
 
@@ -102,8 +108,9 @@ def read_images(path: str | os.PathLike) -> np.ndarray:
   images = read_idx(path, ndim=3)
   if images.shape[1:] != IMAGE_SHAPE[:2]:
     raise DatasetError(
-        f"{path}: images are {images.shape[1]}x{images.shape[2]}, expected "
-        f"{IMAGE_SHAPE[0]}x{IMAGE_SHAPE[1]}")
+      f"{path}: images are {images.shape[1]}x{images.shape[2]}, expected "
+      f"{IMAGE_SHAPE[0]}x{IMAGE_SHAPE[1]}"
+    )
   return images[..., None]
 
 
@@ -113,12 +120,13 @@ def read_labels(path: str | os.PathLike) -> np.ndarray:
   if labels.size and labels.max() >= NUM_CLASSES:
     index = int(np.argmax(labels >= NUM_CLASSES))
     raise DatasetError(
-        f"{path}: label {labels[index]} at index {index}, expected 0..{NUM_CLASSES - 1}")
+      f"{path}: label {labels[index]} at index {index}, expected 0..{NUM_CLASSES - 1}"
+    )
   return labels.astype(np.int32)
 
 
 def find_idx_file(directory: str | os.PathLike, stem: str) -> Path:
-  """Returns the path of ``stem`` or ``stem.gz`` in ``directory``; DatasetError if neither exists."""
+  """The path of ``stem`` or ``stem.gz`` in ``directory``; DatasetError if neither exists."""
   directory = Path(directory)
   for name in (stem, stem + ".gz"):
     if (directory / name).is_file():
@@ -128,11 +136,15 @@ def find_idx_file(directory: str | os.PathLike, stem: str) -> Path:
   raise DatasetError(f"{directory / stem}: missing, expected {stem} or {stem}.gz in {directory}")
 
 
-def make_split(images: np.ndarray, labels: np.ndarray, *, images_name: str, labels_name: str) -> Split:
+def make_split(
+  images: np.ndarray, labels: np.ndarray, *, images_name: str, labels_name: str
+) -> Split:
   """Pairs images and labels, checking that their counts are equal."""
   if len(images) != len(labels):
     raise DatasetError(
-        f"{labels_name}: {len(labels)} labels, expected {len(images)} to match the images in {images_name}")
+      f"{labels_name}: {len(labels)} labels, expected {len(images)} to match the images in "
+      f"{images_name}"
+    )
   return Split(images=np.ascontiguousarray(images), labels=np.ascontiguousarray(labels))
 
 
@@ -143,18 +155,26 @@ def load_idx_split(directory: str | os.PathLike, split: str) -> Split:
   images_stem, labels_stem = IDX_FILES[split]
   images_path = find_idx_file(directory, images_stem)
   labels_path = find_idx_file(directory, labels_stem)
-  return make_split(read_images(images_path), read_labels(labels_path),
-                    images_name=str(images_path), labels_name=str(labels_path))
+  return make_split(
+    read_images(images_path),
+    read_labels(labels_path),
+    images_name=str(images_path),
+    labels_name=str(labels_path),
+  )
 
 
 def load_idx_dir(directory: str | os.PathLike) -> Mnist:
   """Loads train and test from a directory of IDX files."""
-  return Mnist(train=load_idx_split(directory, "train"), test=load_idx_split(directory, "test"),
-               source=f"IDX files in {Path(directory).resolve()}")
+  return Mnist(
+    train=load_idx_split(directory, "train"),
+    test=load_idx_split(directory, "test"),
+    source=f"IDX files in {Path(directory).resolve()}",
+  )
 
 
-def load_mnist(data_dir: str | os.PathLike | None = None, *,
-               tfds_data_dir: str | os.PathLike | None = None) -> Mnist:
+def load_mnist(
+  data_dir: str | os.PathLike | None = None, *, tfds_data_dir: str | os.PathLike | None = None
+) -> Mnist:
   """Loads MNIST from the first available source (see the module docstring)."""
   if data_dir:
     return load_idx_dir(data_dir)
@@ -163,6 +183,7 @@ def load_mnist(data_dir: str | os.PathLike | None = None, *,
     return load_idx_dir(env_dir)
   # Imported here so that the IDX path never pays for importing TFDS.
   from flax_mnist import tfds_builder
+
   return tfds_builder.load(data_dir=tfds_data_dir)
 
 

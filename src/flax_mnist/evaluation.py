@@ -29,7 +29,9 @@ def evaluate_model(
   return steps.summarize(metrics)
 
 
-def predict_probabilities(model: nnx.Module, images: np.ndarray, *, batch_size: int = 1000) -> np.ndarray:
+def predict_probabilities(
+  model: nnx.Module, images: np.ndarray, *, batch_size: int = 1000
+) -> np.ndarray:
   """Softmax probabilities ``(N, 10)`` of uint8 NHWC images, in eval mode, batch by batch."""
   model.eval()
   graphdef, state = nnx.split(model)
@@ -38,8 +40,12 @@ def predict_probabilities(model: nnx.Module, images: np.ndarray, *, batch_size: 
   def probabilities(state, batch):
     return jax.nn.softmax(nnx.merge(graphdef, state)(data.normalize_images(batch)))
 
-  return np.concatenate([np.asarray(probabilities(state, jnp.asarray(images[start:start + batch_size])))
-                         for start in range(0, len(images), batch_size)])
+  return np.concatenate(
+    [
+      np.asarray(probabilities(state, jnp.asarray(images[start : start + batch_size])))
+      for start in range(0, len(images), batch_size)
+    ]
+  )
 
 
 def confusion_matrix(labels: np.ndarray, predictions: np.ndarray) -> np.ndarray:
@@ -58,18 +64,29 @@ def format_report(matrix: np.ndarray) -> str:
   """Per-class accuracy and the confusion matrix as text (rows: true digit, columns: predicted)."""
   accuracy = per_class_accuracy(matrix)
   lines = ["digit  images  accuracy"]
-  lines += [f"{digit:>5}  {matrix[digit].sum():>6}  {accuracy[digit]:.4f}" for digit in range(data.NUM_CLASSES)]
-  lines += [f"{'all':>5}  {matrix.sum():>6}  {np.trace(matrix) / matrix.sum():.4f}", "",
-            "confusion matrix (rows: true digit, columns: predicted)",
-            "      " + "".join(f"{digit:>6}" for digit in range(data.NUM_CLASSES))]
-  lines += [f"{digit:>6}" + "".join(f"{count:>6}" for count in matrix[digit]) for digit in range(data.NUM_CLASSES)]
+  lines += [
+    f"{digit:>5}  {matrix[digit].sum():>6}  {accuracy[digit]:.4f}"
+    for digit in range(data.NUM_CLASSES)
+  ]
+  lines += [
+    f"{'all':>5}  {matrix.sum():>6}  {np.trace(matrix) / matrix.sum():.4f}",
+    "",
+    "confusion matrix (rows: true digit, columns: predicted)",
+    "      " + "".join(f"{digit:>6}" for digit in range(data.NUM_CLASSES)),
+  ]
+  lines += [
+    f"{digit:>6}" + "".join(f"{count:>6}" for count in matrix[digit])
+    for digit in range(data.NUM_CLASSES)
+  ]
   return "\n".join(lines) + "\n"
 
 
 def _pyplot():
   import matplotlib
+
   matplotlib.use("Agg")  # Files only: no display needed, none touched.
   import matplotlib.pyplot as plt
+
   return plt
 
 
@@ -80,26 +97,46 @@ def plot_confusion(matrix: np.ndarray, path: str | os.PathLike, title: str = "")
   image = axes.imshow(np.log1p(matrix), cmap="Blues")
   for true in range(data.NUM_CLASSES):
     for predicted in range(data.NUM_CLASSES):
-      axes.text(predicted, true, str(matrix[true, predicted]), ha="center", va="center", fontsize=8,
-                color="white" if true == predicted else "black")
-  axes.set(xlabel="predicted digit", ylabel="true digit", xticks=range(10), yticks=range(10),
-           title=title or "confusion matrix (colour: log counts)")
+      axes.text(
+        predicted,
+        true,
+        str(matrix[true, predicted]),
+        ha="center",
+        va="center",
+        fontsize=8,
+        color="white" if true == predicted else "black",
+      )
+  axes.set(
+    xlabel="predicted digit",
+    ylabel="true digit",
+    xticks=range(10),
+    yticks=range(10),
+    title=title or "confusion matrix (colour: log counts)",
+  )
   figure.colorbar(image, ax=axes, label="log(1 + count)")
   figure.tight_layout()
   figure.savefig(path, dpi=120)
   plt.close(figure)
 
 
-def most_confident_mistakes(labels: np.ndarray, probabilities: np.ndarray, count: int = 25) -> np.ndarray:
+def most_confident_mistakes(
+  labels: np.ndarray, probabilities: np.ndarray, count: int = 25
+) -> np.ndarray:
   """Indices of misclassified images, highest predicted probability first."""
   predictions = probabilities.argmax(axis=1)
   wrong = np.flatnonzero(predictions != labels)
   return wrong[np.argsort(-probabilities[wrong, predictions[wrong]], kind="stable")][:count]
 
 
-def plot_mistakes(images: np.ndarray, labels: np.ndarray, probabilities: np.ndarray,
-                  path: str | os.PathLike, count: int = 25) -> np.ndarray:
-  """A grid of the most confidently misclassified images (true, predicted, probability); returns their indices."""
+def plot_mistakes(
+  images: np.ndarray,
+  labels: np.ndarray,
+  probabilities: np.ndarray,
+  path: str | os.PathLike,
+  count: int = 25,
+) -> np.ndarray:
+  """A grid of the most confidently misclassified images (true, predicted, probability);
+  returns their indices."""
   plt = _pyplot()
   indices = most_confident_mistakes(labels, probabilities, count)
   columns = 5
@@ -110,8 +147,10 @@ def plot_mistakes(images: np.ndarray, labels: np.ndarray, probabilities: np.ndar
   for axis, index in zip(axes.ravel(), indices):
     predicted = int(probabilities[index].argmax())
     axis.imshow(images[index, ..., 0], cmap="gray")
-    axis.set_title(f"#{index}: true {labels[index]}, pred {predicted}\np={probabilities[index, predicted]:.3f}",
-                   fontsize=8)
+    axis.set_title(
+      f"#{index}: true {labels[index]}, pred {predicted}\np={probabilities[index, predicted]:.3f}",
+      fontsize=8,
+    )
   figure.suptitle("most confidently misclassified test images")
   figure.tight_layout()
   figure.savefig(path, dpi=120)
@@ -137,12 +176,17 @@ def load_user_image(path: str | os.PathLike) -> np.ndarray:
     array = np.squeeze(array)
     if array.dtype.kind == "f":
       if array.min() < 0 or array.max() > 1:
-        raise DatasetError(f"{path}: float values in [{array.min():.3g}, {array.max():.3g}], expected [0, 1]")
+        raise DatasetError(
+          f"{path}: float values in [{array.min():.3g}, {array.max():.3g}], expected [0, 1]"
+        )
       array = np.round(array * 255)
     elif array.dtype.kind in "iu" and (array.min() < 0 or array.max() > 255):
-      raise DatasetError(f"{path}: integer values in [{array.min()}, {array.max()}], expected 0..255")
+      raise DatasetError(
+        f"{path}: integer values in [{array.min()}, {array.max()}], expected 0..255"
+      )
   elif path.suffix.lower() == ".png":
     from PIL import Image, UnidentifiedImageError
+
     try:
       with Image.open(path) as image:
         array = np.asarray(image.convert("L"))
@@ -151,6 +195,8 @@ def load_user_image(path: str | os.PathLike) -> np.ndarray:
   else:
     raise DatasetError(f"{path}: unsupported file type {path.suffix!r}, expected .png or .npy")
   if array.shape != data.IMAGE_SHAPE[:2]:
-    raise DatasetError(f"{path}: image is {'x'.join(map(str, array.shape))}, expected 28x28 "
-                       "(grey, digit light on dark, not resized)")
+    raise DatasetError(
+      f"{path}: image is {'x'.join(map(str, array.shape))}, expected 28x28 "
+      "(grey, digit light on dark, not resized)"
+    )
   return array.astype(np.uint8)[None, ..., None]

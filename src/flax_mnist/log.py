@@ -11,15 +11,14 @@ import importlib.metadata
 import os
 import platform
 import sys
-from pathlib import Path
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, TextIO
 
 import jax
 import numpy as np
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
-
 
 
 class ProgressBar:
@@ -34,8 +33,14 @@ class ProgressBar:
   def start(self, epoch: int, num_epochs: int) -> None:
     """Opens the bar for one epoch."""
     if self.enabled:
-      self._bar = tqdm(total=self.total_steps, desc=f"epoch {epoch}/{num_epochs}", unit="step",
-                       file=self.stream, leave=False, dynamic_ncols=True)
+      self._bar = tqdm(
+        total=self.total_steps,
+        desc=f"epoch {epoch}/{num_epochs}",
+        unit="step",
+        file=self.stream,
+        leave=False,
+        dynamic_ncols=True,
+      )
 
   def update(self, step: Any, loss_sum: Any, correct_sum: Any, seen: Any) -> None:
     """Called by the compiled epoch after each step with the running sums."""
@@ -43,8 +48,9 @@ class ProgressBar:
       return
     seen = max(int(seen), 1)
     self._bar.n = int(step)
-    self._bar.set_postfix(loss=f"{float(loss_sum) / seen:.4f}", accuracy=f"{int(correct_sum) / seen:.4f}",
-                          refresh=False)
+    self._bar.set_postfix(
+      loss=f"{float(loss_sum) / seen:.4f}", accuracy=f"{int(correct_sum) / seen:.4f}", refresh=False
+    )
     self._bar.refresh()
 
   def close(self) -> None:
@@ -62,20 +68,27 @@ def environment() -> dict[str, Any]:
   device = jax.devices()[0]
   cpu = platform.processor()
   if Path("/proc/cpuinfo").exists():
-    names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-             if line.startswith("model name")]
+    names = [
+      line.split(":", 1)[1].strip()
+      for line in Path("/proc/cpuinfo").read_text().splitlines()
+      if line.startswith("model name")
+    ]
     cpu = names[0] if names else cpu
   return {
-      "platform": device.platform, "device_kind": device.device_kind, "device_count": jax.device_count(),
-      "process_count": jax.process_count(), "cpu": cpu, "cpu_count": os.cpu_count(),
-      "python": platform.python_version(),
-      "versions": {name: importlib.metadata.version(name) for name in _VERSIONED},
-      "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    "platform": device.platform,
+    "device_kind": device.device_kind,
+    "device_count": jax.device_count(),
+    "process_count": jax.process_count(),
+    "cpu": cpu,
+    "cpu_count": os.cpu_count(),
+    "python": platform.python_version(),
+    "versions": {name: importlib.metadata.version(name) for name in _VERSIONED},
+    "xla_flags": os.environ.get("XLA_FLAGS", ""),
   }
 
 
 def describe_hardware(environment: dict[str, Any]) -> str:
-  """One phrase for the hardware of ``environment()``: the CPU and its cores, or the accelerators."""
+  """One phrase for the hardware of ``environment()``: the CPU and its cores, or accelerators."""
   if environment["platform"] == "cpu":
     return f"CPU: {environment['cpu']}, {environment['cpu_count']} cores"
   return f"{environment['device_count']} x {environment['device_kind']}"
@@ -83,21 +96,24 @@ def describe_hardware(environment: dict[str, Any]) -> str:
 
 def format_epoch(record: dict[str, Any], num_epochs: int) -> str:
   """One console line for an epoch's history record."""
-  return (f"epoch {record['epoch']:>3}/{num_epochs}  "
-          f"train_loss {record['train_loss']:.4f}  train_accuracy {record['train_accuracy']:.4f}  "
-          f"val_loss {record['val_loss']:.4f}  val_accuracy {record['val_accuracy']:.4f}  "
-          f"{record['seconds']:.2f} s  {record['images_per_second']:,.0f} images/s")
+  return (
+    f"epoch {record['epoch']:>3}/{num_epochs}  "
+    f"train_loss {record['train_loss']:.4f}  train_accuracy {record['train_accuracy']:.4f}  "
+    f"val_loss {record['val_loss']:.4f}  val_accuracy {record['val_accuracy']:.4f}  "
+    f"{record['seconds']:.2f} s  {record['images_per_second']:,.0f} images/s"
+  )
 
 
 class TensorBoard:
-  """TensorBoard event files in ``<workdir>/tensorboard`` (scalars and weight histograms per epoch)."""
+  """TensorBoard event files in ``<workdir>/tensorboard``: scalars and histograms per epoch."""
 
   def __init__(self, logdir: str | os.PathLike, *, enabled: bool = True):
     self.writer = SummaryWriter(os.fspath(logdir)) if enabled else None
 
-  def write_epoch(self, epoch: int, record: Mapping[str, Any],
-                  histograms: Mapping[str, Any]) -> None:
-    """Writes the epoch's scalars and one histogram per named array (``{"dense_1/kernel": ...}``)."""
+  def write_epoch(
+    self, epoch: int, record: Mapping[str, Any], histograms: Mapping[str, Any]
+  ) -> None:
+    """Writes the epoch's scalars and one histogram per named array (``{"dense/kernel": ...}``)."""
     if self.writer is None:
       return
     for key, value in record.items():
@@ -111,4 +127,3 @@ class TensorBoard:
     """Flushes and closes the event file."""
     if self.writer is not None:
       self.writer.close()
-

@@ -25,8 +25,12 @@ def make_mesh(seed_devices: int, data_devices: int) -> Mesh:
   ``with_sharding_constraint`` raises and the pooling reshape fails.
   """
   devices = jax.devices()[: seed_devices * data_devices]
-  return jax.make_mesh((seed_devices, data_devices), (SEED_AXIS, DATA_AXIS),
-                       axis_types=(AxisType.Auto, AxisType.Auto), devices=devices)
+  return jax.make_mesh(
+    (seed_devices, data_devices),
+    (SEED_AXIS, DATA_AXIS),
+    axis_types=(AxisType.Auto, AxisType.Auto),
+    devices=devices,
+  )
 
 
 def mesh_shape(mesh: Mesh) -> dict[str, int]:
@@ -55,7 +59,7 @@ def replicate(tree: Any, mesh: Mesh | None) -> Any:
 
 
 def split_seeds(tree: Any, mesh: Mesh | None) -> Any:
-  """A stacked-over-seeds ``tree`` with its leading axis split over ``seed``, the rest replicated."""
+  """A stacked-over-seeds ``tree``, its leading axis split over ``seed``, the rest replicated."""
   if mesh is None:
     return tree
   sharding = NamedSharding(mesh, PartitionSpec(SEED_AXIS))

@@ -179,8 +179,9 @@ def make_train_epoch(
     return scan_batches(step, carry, images, labels, batch_size, order, batch_sharding(mesh))
 
   if over_seeds:
-    train_epoch = jax.vmap(train_epoch, in_axes=(0, 0, 0, None, None, 0),
-                           spmd_axis_name=_seed_axis(mesh))
+    train_epoch = jax.vmap(
+      train_epoch, in_axes=(0, 0, 0, None, None, 0), spmd_axis_name=_seed_axis(mesh)
+    )
   return jax.jit(train_epoch)
 
 
@@ -198,8 +199,9 @@ def make_evaluate(
 
   def evaluate(params, model_state, images, labels):
     step = functools.partial(eval_step, graphdef, params, model_state)
-    return scan_batches(step, zero_metrics(), images, labels, batch_size, None,
-                        batch_sharding(mesh))
+    return scan_batches(
+      step, zero_metrics(), images, labels, batch_size, None, batch_sharding(mesh)
+    )
 
   if over_seeds:
     evaluate = jax.vmap(evaluate, in_axes=(0, 0, None, None), spmd_axis_name=_seed_axis(mesh))

@@ -37,8 +37,15 @@ def _unstack(tree: Any, index: int) -> Any:
 class _SeedRun:
   """One seed's workdir: its state, checkpoints, history and TensorBoard log."""
 
-  def __init__(self, config_dict: dict[str, Any], directory: epath.Path, template: State, *,
-               is_writer: bool, say: Say):
+  def __init__(
+    self,
+    config_dict: dict[str, Any],
+    directory: epath.Path,
+    template: State,
+    *,
+    is_writer: bool,
+    say: Say,
+  ):
     self.seed = config_dict["seed"]
     self.config_dict = config_dict
     self.workdir = directory
@@ -62,9 +69,15 @@ class _SeedRun:
       self.checkpoints.close()
       raise
 
-  def finish_epoch(self, epoch: int, state: State, train_metrics: steps.Metrics,
-                   val_metrics: steps.Metrics, timings: dict[str, float],
-                   train_graphdef: nnx.GraphDef) -> dict[str, Any]:
+  def finish_epoch(
+    self,
+    epoch: int,
+    state: State,
+    train_metrics: steps.Metrics,
+    val_metrics: steps.Metrics,
+    timings: dict[str, float],
+    train_graphdef: nnx.GraphDef,
+  ) -> dict[str, Any]:
     """Records an epoch: history, checkpoints, TensorBoard. Returns its history record."""
     train_summary, val_summary = steps.summarize(train_metrics), steps.summarize(val_metrics)
     if not math.isfinite(train_summary["loss"]):
@@ -72,7 +85,9 @@ class _SeedRun:
         f"training diverged at epoch {epoch} (seed {self.seed}): train_loss is "
         f"{train_summary['loss']}; lower config.learning_rate"
       )
-    images_per_second = timings["parallel_seeds"] * train_summary["count"] / timings["train_seconds"]
+    images_per_second = (
+      timings["parallel_seeds"] * train_summary["count"] / timings["train_seconds"]
+    )
     record = {
       "epoch": epoch,
       "train_loss": train_summary["loss"],
@@ -84,8 +99,12 @@ class _SeedRun:
     }
     self.history.append(record)
     self.state = state
-    meta = {"epoch": epoch, "model": self.config_dict["model"], "config": self.config_dict,
-            **{key: record[key] for key in history.AGGREGATED}}
+    meta = {
+      "epoch": epoch,
+      "model": self.config_dict["model"],
+      "config": self.config_dict,
+      **{key: record[key] for key in history.AGGREGATED},
+    }
     self.checkpoints.save_epoch(epoch, state, meta)
     if self.is_writer:
       workdir.write_json(self.workdir / workdir.HISTORY_FILE, self.history)
@@ -107,25 +126,30 @@ class _SeedRun:
 class _Programs:
   """The model's graphdefs, the optimizer, each seed's initial state and shuffle key."""
 
-  def __init__(self, config: Mapping[str, Any], spec: RunSpec, mesh: jax.sharding.Mesh | None,
-               say: Say):
+  def __init__(
+    self, config: Mapping[str, Any], spec: RunSpec, mesh: jax.sharding.Mesh | None, say: Say
+  ):
     self.tx = optim.make_optimizer(config)
     self.templates: list[State] = []
     self.shuffle_keys: list[jax.Array] = []
     for seed in spec.seeds:
-      model = models.init_model(spec.model, seed, impl=spec.impl,
-                                dropout_rng_impl=spec.dropout_rng_impl)
+      model = models.init_model(
+        spec.model, seed, impl=spec.impl, dropout_rng_impl=spec.dropout_rng_impl
+      )
       self.train_graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
       state = {"params": params, "model_state": model_state, "opt_state": self.tx.init(params)}
       self.templates.append(sharding.replicate(state, mesh))
-      self.shuffle_keys.append(sharding.replicate(jax.random.fold_in(jax.random.key(seed), 2), mesh))
+      self.shuffle_keys.append(
+        sharding.replicate(jax.random.fold_in(jax.random.key(seed), 2), mesh)
+      )
     say(models.summary(model))
     model.eval()
     self.eval_graphdef = nnx.graphdef(model)
 
 
-def _put_data(config: Mapping[str, Any], mesh: jax.sharding.Mesh | None,
-              say: Say) -> tuple[jax.Array, ...]:
+def _put_data(
+  config: Mapping[str, Any], mesh: jax.sharding.Mesh | None, say: Say
+) -> tuple[jax.Array, ...]:
   """MNIST on device (replicated over the mesh): train images, train labels, test images, test
   labels."""
   mnist = data.load_mnist(config["data_dir"] or None, tfds_data_dir=config["tfds_data_dir"] or None)
@@ -147,9 +171,16 @@ def _make_mesh(spec: RunSpec) -> jax.sharding.Mesh | None:
 class _Trainer:
   """Compiles the epoch once for every pending seed, then trains them (looped or vmapped)."""
 
-  def __init__(self, config: Mapping[str, Any], spec: RunSpec, runs: list[_SeedRun],
-               programs: _Programs, arrays: tuple[jax.Array, ...],
-               mesh: jax.sharding.Mesh | None, say: Say):
+  def __init__(
+    self,
+    config: Mapping[str, Any],
+    spec: RunSpec,
+    runs: list[_SeedRun],
+    programs: _Programs,
+    arrays: tuple[jax.Array, ...],
+    mesh: jax.sharding.Mesh | None,
+    say: Say,
+  ):
     self.config, self.spec, self.runs, self.programs, self.say = config, spec, runs, programs, say
     self.mesh = mesh
     self.train_images, self.train_labels, self.test_images, self.test_labels = arrays
@@ -164,50 +195,77 @@ class _Trainer:
         + "; resume with --config.seed_parallelism=loop"
       )
     self.steps_per_epoch = math.ceil(self.train_images.shape[0] / config["batch_size"])
-    self.progress = log.ProgressBar(self.steps_per_epoch,
-                                    enabled=config["progress_bar"] and not self.over_seeds)
+    self.progress = log.ProgressBar(
+      self.steps_per_epoch, enabled=config["progress_bar"] and not self.over_seeds
+    )
 
   def compile(self) -> dict[str, float]:
     """Compiles the train epoch and evaluation for the pending seeds' shapes; returns seconds."""
     config, programs, pending = self.config, self.programs, self.pending
     progress = self.progress.update if self.progress.enabled else None
     train_epoch = steps.make_train_epoch(
-      programs.train_graphdef, programs.tx, config["batch_size"], shuffle=config["shuffle"],
-      progress=progress, over_seeds=self.over_seeds, mesh=self.mesh)
-    evaluate = steps.make_evaluate(programs.eval_graphdef, config["eval_batch_size"],
-                                   over_seeds=self.over_seeds, mesh=self.mesh)
+      programs.train_graphdef,
+      programs.tx,
+      config["batch_size"],
+      shuffle=config["shuffle"],
+      progress=progress,
+      over_seeds=self.over_seeds,
+      mesh=self.mesh,
+    )
+    evaluate = steps.make_evaluate(
+      programs.eval_graphdef, config["eval_batch_size"], over_seeds=self.over_seeds, mesh=self.mesh
+    )
     if self.over_seeds:
       example, example_key = self._stacked_states()
     else:
       example, example_key = pending[0].state, self.keys[pending[0].seed]
     started = time.perf_counter()
     self.train_epoch = train_epoch.lower(
-      example["params"], example["model_state"], example["opt_state"], self.train_images,
-      self.train_labels, example_key).compile()
+      example["params"],
+      example["model_state"],
+      example["opt_state"],
+      self.train_images,
+      self.train_labels,
+      example_key,
+    ).compile()
     compiled_train = time.perf_counter()
-    self.evaluate = evaluate.lower(example["params"], example["model_state"], self.test_images,
-                                   self.test_labels).compile()
-    seconds = {"train_epoch": compiled_train - started,
-               "evaluate": time.perf_counter() - compiled_train}
+    self.evaluate = evaluate.lower(
+      example["params"], example["model_state"], self.test_images, self.test_labels
+    ).compile()
+    seconds = {
+      "train_epoch": compiled_train - started,
+      "evaluate": time.perf_counter() - compiled_train,
+    }
     together = f" for {len(pending)} seeds at once" if self.over_seeds else ""
-    self.say(f"compiled the train epoch ({self.steps_per_epoch} steps of {config['batch_size']}) "
-             f"and evaluation{together} in {sum(seconds.values()):.1f} s")
+    self.say(
+      f"compiled the train epoch ({self.steps_per_epoch} steps of {config['batch_size']}) "
+      f"and evaluation{together} in {sum(seconds.values()):.1f} s"
+    )
     return seconds
 
   def timed_epoch(self, state: State, keys: jax.Array) -> tuple:
-    """One epoch of training and evaluation; returns (state, train metrics, val metrics, timings)."""
+    """One epoch of training and evaluation: (state, train metrics, val metrics, timings)."""
     started = time.perf_counter()
     params, model_state, opt_state, train_metrics = self.train_epoch(
-      state["params"], state["model_state"], state["opt_state"], self.train_images,
-      self.train_labels, keys)
+      state["params"],
+      state["model_state"],
+      state["opt_state"],
+      self.train_images,
+      self.train_labels,
+      keys,
+    )
     train_metrics = sharding.to_host(train_metrics)  # Waits for the epoch.
     trained = time.perf_counter()
-    val_metrics = sharding.to_host(self.evaluate(params, model_state, self.test_images,
-                                                 self.test_labels))
+    val_metrics = sharding.to_host(
+      self.evaluate(params, model_state, self.test_images, self.test_labels)
+    )
     finished = time.perf_counter()
-    timings = {"seconds": finished - started, "train_seconds": trained - started,
-               "eval_seconds": finished - trained,
-               "parallel_seeds": len(self.pending) if self.over_seeds else 1}
+    timings = {
+      "seconds": finished - started,
+      "train_seconds": trained - started,
+      "eval_seconds": finished - trained,
+      "parallel_seeds": len(self.pending) if self.over_seeds else 1,
+    }
     new_state = {"params": params, "model_state": model_state, "opt_state": opt_state}
     return new_state, train_metrics, val_metrics, timings
 
@@ -225,8 +283,9 @@ class _Trainer:
         key = jax.random.fold_in(self.keys[run.seed], epoch)
         state, train_metrics, val_metrics, timings = self.timed_epoch(state, key)
         self.progress.close()
-        self._report(run, run.finish_epoch(epoch, state, train_metrics, val_metrics, timings,
-                                           graphdef))
+        self._report(
+          run, run.finish_epoch(epoch, state, train_metrics, val_metrics, timings, graphdef)
+        )
 
   def _stacked_states(self) -> tuple[State, jax.Array]:
     """The pending seeds' states and shuffle keys stacked on a leading axis, split over the
@@ -243,13 +302,20 @@ class _Trainer:
       epoch_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, epoch)
       states, train_metrics, val_metrics, timings = self.timed_epoch(states, epoch_keys)
       for index, run in enumerate(pending):
-        record = run.finish_epoch(epoch, _unstack(states, index), _unstack(train_metrics, index),
-                                  _unstack(val_metrics, index), timings, graphdef)
+        record = run.finish_epoch(
+          epoch,
+          _unstack(states, index),
+          _unstack(train_metrics, index),
+          _unstack(val_metrics, index),
+          timings,
+          graphdef,
+        )
         self._report(run, record)
 
 
-def _train(config: Any, spec: RunSpec, directories: list[epath.Path],
-           say: Say) -> list[list[dict[str, Any]]]:
+def _train(
+  config: Any, spec: RunSpec, directories: list[epath.Path], say: Say
+) -> list[list[dict[str, Any]]]:
   """Trains one copy of ``spec.model`` per seed, each into its directory; returns the histories."""
   is_writer = jax.process_index() == 0
   mesh = _make_mesh(spec)
@@ -258,21 +324,29 @@ def _train(config: Any, spec: RunSpec, directories: list[epath.Path],
   runs: list[_SeedRun] = []
   try:
     for seed, directory, template in zip(spec.seeds, directories, programs.templates):
-      runs.append(_SeedRun(run_config_dict(config, spec, seed), directory, template,
-                           is_writer=is_writer, say=say))
+      runs.append(
+        _SeedRun(
+          run_config_dict(config, spec, seed), directory, template, is_writer=is_writer, say=say
+        )
+      )
     trainer = _Trainer(config, spec, runs, programs, arrays, mesh, say)
     if not trainer.pending:
       return [run.history for run in runs]
     compile_seconds = trainer.compile()
     if is_writer:
       for run in trainer.pending:
-        workdir.write_json(run.workdir / workdir.RUN_FILE, {
-          "start_epoch": run.start_epoch, "compile_seconds": compile_seconds,
-          "seed_parallelism": spec.seed_parallelism,
-          "compiled_once_for_seeds": [other.seed for other in trainer.pending],
-          "resolved": spec.to_dict(),
-          "mesh": sharding.mesh_shape(mesh) if mesh is not None else {"seed": 1, "data": 1},
-          **log.environment()})
+        workdir.write_json(
+          run.workdir / workdir.RUN_FILE,
+          {
+            "start_epoch": run.start_epoch,
+            "compile_seconds": compile_seconds,
+            "seed_parallelism": spec.seed_parallelism,
+            "compiled_once_for_seeds": [other.seed for other in trainer.pending],
+            "resolved": spec.to_dict(),
+            "mesh": sharding.mesh_shape(mesh) if mesh is not None else {"seed": 1, "data": 1},
+            **log.environment(),
+          },
+        )
     try:
       trainer.run_vmapped() if trainer.over_seeds else trainer.run_looped()
     finally:
@@ -296,8 +370,9 @@ def _say_best(records: list[dict[str, Any]], say: Say, prefix: str = "") -> None
     say(f"{prefix}best val_accuracy {best['val_accuracy']:.4f} at epoch {best['epoch']}")
 
 
-def train_and_evaluate(config: Any, workdir: str | os.PathLike, *,
-                       print_fn: Say | None = print) -> list[dict[str, Any]]:
+def train_and_evaluate(
+  config: Any, workdir: str | os.PathLike, *, print_fn: Say | None = print
+) -> list[dict[str, Any]]:
   """Trains ``config.model`` from ``config.seed`` for ``config.num_epochs``, validating on the
   test set after each epoch. (Several seeds: ``train_seeds``.)
 
@@ -318,8 +393,9 @@ def train_and_evaluate(config: Any, workdir: str | os.PathLike, *,
   return records
 
 
-def train_seeds(config: Any, workdir_path: str | os.PathLike, *,
-                print_fn: Say | None = print) -> dict[int, list[dict[str, Any]]]:
+def train_seeds(
+  config: Any, workdir_path: str | os.PathLike, *, print_fn: Say | None = print
+) -> dict[int, list[dict[str, Any]]]:
   """Trains ``config.model`` from each seed of ``config.seed_list(config)``, compiling once.
 
   Each seed gets a full single-seed workdir, ``workdir/seed_<seed>/`` (the same files, history
@@ -337,10 +413,14 @@ def train_seeds(config: Any, workdir_path: str | os.PathLike, *,
     _say_best(records, say, prefix=f"seed {seed}: ")
   aggregate = history.aggregate_seeds(by_seed)
   if jax.process_index() == 0:
-    workdir.write_json(workdir.path(workdir_path) / workdir.SEEDS_FILE,
-                       {"model": spec.model, "seed_parallelism": spec.seed_parallelism, **aggregate})
+    workdir.write_json(
+      workdir.path(workdir_path) / workdir.SEEDS_FILE,
+      {"model": spec.model, "seed_parallelism": spec.seed_parallelism, **aggregate},
+    )
   best = aggregate["best_val_accuracy"]
   if best:
-    say(f"best val_accuracy over {len(spec.seeds)} seeds: {best['mean']:.4f} ± {best['std']:.4f} "
-        f"(min {best['min']:.4f}, max {best['max']:.4f})")
+    say(
+      f"best val_accuracy over {len(spec.seeds)} seeds: {best['mean']:.4f} ± {best['std']:.4f} "
+      f"(min {best['min']:.4f}, max {best['max']:.4f})"
+    )
   return by_seed
