@@ -27,7 +27,7 @@ FORBIDDEN = {
 
 
 def _imports(path) -> set[str]:
-  """Every module a file imports, as dotted names (``flax_mnist.x`` for ``from flax_mnist import x``)."""
+  """Every module a file imports, dotted (``flax_mnist.x`` for ``from flax_mnist import x``)."""
   names = set()
   for node in ast.walk(ast.parse(path.read_text())):
     if isinstance(node, ast.Import):
