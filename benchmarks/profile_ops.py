@@ -1,10 +1,11 @@
 """Where a training step's time goes: per-XLA-op times of the real compiled epoch, from a trace.
 
-  python benchmarks/profile_ops.py --model cnn_pool --steps 10 [--impl im2col] [--top 15]
+  python benchmarks/profile_ops.py --model cnn_pool --steps 10 [--impl s2d] [--top 15] [--show 3]
 
 Traces ``steps.make_train_epoch`` on the first ``steps`` batches of MNIST with jax.profiler
 (a Perfetto trace, no TensorBoard needed), sums each op's time, and prints the top ops per step
-with their output shape and the JAX operation they come from. Run nothing else meanwhile.
+with their output shape and the JAX operation they come from (``--show N``: and the fused HLO
+computation of the N slowest). Run nothing else meanwhile.
 """
 
 import collections
@@ -27,6 +28,7 @@ _IMPL = flags.DEFINE_enum(
 )
 _STEPS = flags.DEFINE_integer("steps", 10, "Batches of 512 in the profiled epoch.")
 _TOP = flags.DEFINE_integer("top", 15, "How many ops to list.")
+_SHOW = flags.DEFINE_integer("show", 0, "Print the fused HLO computation of this many top ops.")
 _DATA_DIR = flags.DEFINE_string(
   "data_dir", None, "IDX directory (default: $FLAX_MNIST_DATA_DIR, then TFDS)."
 )
@@ -78,6 +80,19 @@ def main(argv: list[str]) -> None:
     origin = re.search(r'op_name="([^"]+)"', line)
     origin = origin.group(1).split("closed_call/")[-1][:60] if origin else ""
     print(f"{per_step(microseconds):7.2f} ms  {name[:28]:28s} {shape:36s} {origin}")
+  for name, _ in totals.most_common(_SHOW.value):
+    print(f"\n{name}:\n{_fused_computation(hlo, name)}")
+
+
+def _fused_computation(hlo: list[str], name: str) -> str:
+  """The HLO computation that op ``name`` calls (a fusion's body), or its own line."""
+  line = next((text for text in hlo if f"%{name} = " in text), "")
+  called = re.search(r"calls=%([\w.\-]+)", line)
+  if not called:
+    return line.strip()
+  start = next(i for i, text in enumerate(hlo) if text.startswith(f"%{called.group(1)} "))
+  end = next(i for i in range(start, len(hlo)) if hlo[i].startswith("}"))
+  return "\n".join(text[:160] for text in hlo[start : end + 1])
 
 
 if __name__ == "__main__":

@@ -57,7 +57,7 @@ def idx_dir(tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def real_data_dir() -> Path:
   """The real MNIST files: $FLAX_MNIST_DATA_DIR, else ../shared/datasets/mnist. Fails if absent."""
-  directory = Path(os.environ.get("FLAX_MNIST_DATA_DIR") or DEFAULT_REAL_DATA_DIR)
+  directory = Path(os.environ.get("FLAX_MNIST_DATA_DIR") or DEFAULT_REAL_DATA_DIR).resolve()
   if (
     not (directory / "train-images-idx3-ubyte.gz").exists()
     and not (directory / "train-images-idx3-ubyte").exists()

@@ -1,4 +1,5 @@
-"""Tests for flax_mnist.layers: kernels, max-pool and its gradient, each layer alone, layouts."""
+"""Tests for flax_mnist.layers and .kernels: kernels, max-pool and its gradient, the s2d block,
+each layer alone, layouts."""
 
 from __future__ import annotations
 
@@ -8,18 +9,18 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from flax_mnist import layers
+from flax_mnist import kernels, layers, models
 
 
 def test_impls_are_the_concrete_layouts():
-  assert layers.IMPLS == ("lax", "im2col", "batch_minor")
+  assert layers.IMPLS == ("lax", "im2col", "batch_minor", "s2d")
   assert all(layers.get_layout(impl).name == impl for impl in layers.IMPLS)
 
 
 @pytest.mark.parametrize("impl", ["auto", "fft"])
 def test_get_layout_refuses_other_names_and_lists_the_valid_ones(impl):
   with pytest.raises(
-    ValueError, match=f"impl '{impl}': unknown, expected one of lax, im2col, batch_minor"
+    ValueError, match=f"impl '{impl}': unknown, expected one of lax, im2col, batch_minor, s2d"
   ):
     layers.get_layout(impl)
 
@@ -51,6 +52,161 @@ def test_max_pool_and_its_gradient_match_reduce_window_and_drop_odd_edges():
   want = jax.grad(lambda x: jnp.sum(reference(x) * weights))(images)
   np.testing.assert_array_equal(np.asarray(grad), np.asarray(want))
   assert np.all(np.asarray(grad)[:, 10, :, :] == 0) and np.all(np.asarray(grad)[:, :, 10, :] == 0)
+
+
+def _reference_pool(images, window=2):
+  """Max-pooling by ``lax.reduce_window``: its gradient goes to each window's first maximum."""
+  dims = (1, window, window, 1)
+  return jax.lax.reduce_window(images, -jnp.inf, jax.lax.max, dims, dims, "VALID")
+
+
+def _tied_inputs(kind, shape):
+  key = jax.random.key(8)
+  if kind == "integers":  # Values 0, 1, 2: most windows hold tied maxima.
+    return jax.random.randint(key, shape, 0, 3).astype(jnp.float32)
+  if kind == "zeros":  # Every window a 4-way tie.
+    return jnp.zeros(shape)
+  return jax.nn.relu(jax.random.normal(key, shape))  # ReLU outputs: all-zero windows tie.
+
+
+@pytest.mark.parametrize("kind", ["integers", "zeros", "relu"])
+@pytest.mark.parametrize("impl", ["im2col", "batch_minor"])
+def test_max_pool_gradient_goes_to_the_first_maximum_of_each_window(kind, impl):
+  # As TensorFlow's and lax.reduce_window's: one element per window, also at tied maxima.
+  layout = layers.get_layout(impl)
+  pool = layers.MaxPool()
+  pool.layout = layout
+  images = _tied_inputs(kind, (3, 11, 9, 4))
+  weights = jax.random.normal(jax.random.key(9), (3, 5, 4, 4))
+  got = jax.grad(lambda x: jnp.sum(layout.leave(pool(layout.enter(x))) * weights))(images)
+  want = jax.grad(lambda x: jnp.sum(_reference_pool(x) * weights))(images)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  # Exactly one input per window receives its output's gradient.
+  receivers = (np.asarray(got)[:, :10, :8] != 0).reshape(3, 5, 2, 4, 2, 4).sum(axis=(2, 4))
+  np.testing.assert_array_equal(receivers, 1)
+
+
+def _reference_conv_pool(images, kernel, bias):
+  """Conv (XLA's), bias, ReLU, then a 2x2 max-pool by lax.reduce_window."""
+  return _reference_pool(jax.nn.relu(layers.lax_conv(images, kernel) + bias))
+
+
+def _assert_close_to_the_array(got, want, relative=5e-7):
+  """Equal within ``relative`` of the array's largest magnitude (entries near 0 are sums of
+  terms that cancel: an elementwise tolerance would test the order of summation)."""
+  scale = float(np.abs(np.asarray(want)).max())
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=relative * scale)
+
+
+_block = jax.jit(lambda x, k, b: kernels.conv_pool(x, k, b, 2, jax.nn.relu))
+
+
+def _block_and_reference_grads(images, kernel, bias, reference=_reference_conv_pool):
+  shape = jax.eval_shape(reference, images, kernel, bias).shape
+  weights = jax.random.normal(jax.random.key(10), shape)
+
+  def grads(function):
+    loss = lambda x, k, b: jnp.sum(function(x, k, b) * weights)
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(images, kernel, bias)
+
+  return grads(_block), grads(reference)
+
+
+@pytest.mark.parametrize(
+  "shape, features", [((4, 28, 28, 1), 8), ((4, 13, 13, 8), 16), ((3, 12, 11, 2), 3)]
+)
+def test_s2d_block_equals_conv_relu_max_pool_exactly_ties_included(shape, features):
+  # Inputs and weights on a coarse grid, so that every sum is exact whatever its order: tied
+  # maxima (all-zero windows, repeated patches) tie in both, and the gradients must agree.
+  # 28 -> 26 -> 13 (conv1); 13 -> 11 -> 5, the odd edge dropped (conv2).
+  keys = jax.random.split(jax.random.key(11), 3)
+  images = jax.random.randint(keys[0], shape, -2, 3).clip(0) / 2  # Mostly zeros, some 0.5, 1.
+  kernel = jax.random.randint(keys[1], (3, 3, shape[-1], features), -4, 5) / 4
+  bias = jax.random.randint(keys[2], (features,), -1, 3) / 4
+  got = _block(images, kernel, bias)
+  want = jax.jit(_reference_conv_pool)(images, kernel, bias)
+  assert got.shape == want.shape
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  for got_grad, want_grad in zip(*_block_and_reference_grads(images, kernel, bias), strict=True):
+    _assert_close_to_the_array(got_grad, want_grad)
+
+
+def test_s2d_block_on_real_activations_routes_each_window_to_one_maximum(real_data_dir):
+  # conv2 of cnn_pool on real digits: exactly tied maxima can break the other way in the
+  # expanded matmul (it sums in another order). Its gradient is then the reference's with the
+  # block's choice of maximum, and that choice is a maximum of the reference's outputs.
+  from flax_mnist import data
+
+  images = data.normalize_images(jnp.asarray(data.load_mnist(str(real_data_dir)).train.images[:64]))
+  model = models.create_model("cnn_pool", rngs=nnx.Rngs(0))
+  conv1, conv2 = model.layers[0], model.layers[2]
+  bias1, bias2 = jnp.full((8,), 0.05), jnp.full((16,), 0.05)  # Positive: non-zero tied maxima.
+  kernel2 = conv2.kernel[...]
+  activations = _block(images, conv1.kernel[...], bias1)
+  want = jax.jit(_reference_conv_pool)(images, conv1.kernel[...], bias1)
+  _assert_close_to_the_array(activations, want)
+  first_maxima = jax.jit(lambda x, k: jnp.argmax(kernels.window_outputs(x, k, 2), axis=-2))
+  chosen = first_maxima(activations, kernel2)
+
+  def reference_with_the_blocks_choice(x, k, b):
+    outputs = layers.lax_conv(x, k)[:, :10, :10]  # 11 x 11, the odd edge dropped.
+    windows = (
+      outputs.reshape(-1, 5, 2, 5, 2, 16).transpose(0, 1, 3, 2, 4, 5).reshape(-1, 5, 5, 4, 16)
+    )
+    return jax.nn.relu(jnp.take_along_axis(windows, chosen[..., None, :], axis=-2)[..., 0, :] + b)
+
+  reference_windows = layers.lax_conv(activations, kernel2)[:, :10, :10].reshape(-1, 5, 2, 5, 2, 16)
+  picked = np.asarray(reference_with_the_blocks_choice(activations, kernel2, 0.0))
+  largest = np.asarray(reference_windows.max(axis=(2, 4)))
+  np.testing.assert_allclose(picked, np.maximum(largest, 0), rtol=0, atol=1e-6 * largest.max())
+  got = _block(activations, kernel2, bias2)
+  _assert_close_to_the_array(got, jax.jit(_reference_conv_pool)(activations, kernel2, bias2))
+  got_grads, want_grads = _block_and_reference_grads(
+    activations, kernel2, bias2, reference_with_the_blocks_choice
+  )
+  for got_grad, want_grad in zip(got_grads, want_grads, strict=True):
+    _assert_close_to_the_array(got_grad, want_grad)
+
+
+def test_the_s2d_layout_fuses_each_conv_with_the_max_pool_after_it():
+  assert models.create_model("cnn_pool_bn", rngs=nnx.Rngs(0), impl="s2d").fused == (0, 4)
+  assert models.create_model("cnn_pool", rngs=nnx.Rngs(0), impl="s2d").fused == (0, 2)
+  assert models.create_model("cnn", rngs=nnx.Rngs(0), impl="s2d").fused == ()
+  assert models.create_model("cnn_pool", rngs=nnx.Rngs(0), impl="im2col").fused == ()
+  rngs = nnx.Rngs(0)
+  unfused = [layers.Conv(1, 2, activation=jnp.tanh, rngs=rngs), layers.MaxPool()]
+  assert models.Classifier("tanh", unfused, impl="s2d").fused == ()
+  # Introspection calls the layers one by one: the same shapes as in any layout.
+  text = models.summary(models.create_model("cnn_pool", rngs=nnx.Rngs(0), impl="s2d"))
+  assert "(None, 26, 26, 8)" in text and "(None, 13, 13, 8)" in text and "(None, 5, 5, 16)" in text
+
+
+@pytest.mark.parametrize("name", ["cnn_pool", "cnn_pool_bn"])
+def test_the_s2d_layout_trains_the_same_function_as_im2col(name):
+  # Train mode (the same dropout masks), on images with all-zero borders as digits have.
+  images = jax.random.uniform(jax.random.key(12), (16, 28, 28, 1))
+  images = images * (jnp.arange(28) > 3)[:, None, None] * (jnp.arange(28) < 24)[:, None]
+
+  def train_mode_step(impl):
+    model = models.create_model(name, rngs=nnx.Rngs(params=0, dropout=1), impl=impl)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss(params):
+      model = nnx.merge(graphdef, params, rest, copy=True)
+      logits = model(images, mask=jnp.arange(16) < 14)
+      return jnp.sum(logits * jnp.arange(10.0)), (logits, nnx.split(model, nnx.Param, ...)[2])
+
+    grads, (logits, new_rest) = jax.jit(jax.grad(loss, has_aux=True))(params)
+    return logits, jax.tree.leaves(grads), jax.tree.leaves(new_rest)
+
+  want, got = train_mode_step("im2col"), train_mode_step("s2d")
+  np.testing.assert_allclose(np.asarray(got[0]), np.asarray(want[0]), atol=1e-5, rtol=1e-5)
+  for got_grad, want_grad in zip(got[1], want[1], strict=True):
+    _assert_close_to_the_array(got_grad, want_grad, relative=1e-5)
+  for got_leaf, want_leaf in zip(got[2], want[2], strict=True):  # BatchNorm statistics, RNG counts.
+    if jnp.issubdtype(want_leaf.dtype, jax.dtypes.prng_key):
+      got_leaf, want_leaf = jax.random.key_data(got_leaf), jax.random.key_data(want_leaf)
+    np.testing.assert_allclose(np.asarray(got_leaf), np.asarray(want_leaf), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("rate", [0.2, 0.5])

@@ -27,42 +27,46 @@ def read_events(logdir):
   return events
 
 
-def test_tensorboard_has_scalars_and_histograms_of_every_weight_per_epoch(idx_dir, tmp_path):
+def _run_values(logdir):
+  values = [(event.step, value) for event in read_events(logdir) for value in event.summary.value]
+  scalars = {(step, v.tag): v.simple_value for step, v in values if v.HasField("simple_value")}
+  histograms = {(step, v.tag): v.histo for step, v in values if v.HasField("histo")}
+  return scalars, histograms
+
+
+def test_tensorboard_is_laid_out_as_keras_writes_it(idx_dir, tmp_path):
   history = train.train_and_evaluate(
     small_config(idx_dir, model="cnn_pool_bn"), tmp_path, print_fn=None
   )
-  values = [
-    (event.step, value)
-    for event in read_events(tmp_path / "tensorboard")
-    for value in event.summary.value
-  ]
-  scalars = {
-    (step, value.tag): value.simple_value
-    for step, value in values
-    if value.HasField("simple_value")
-  }
-  histograms = {(step, value.tag): value.histo for step, value in values if value.HasField("histo")}
+  train_scalars, histograms = _run_values(tmp_path / "tensorboard" / "train")
+  val_scalars, val_histograms = _run_values(tmp_path / "tensorboard" / "validation")
+  # Train and val of a metric under one tag, in two runs: TensorBoard draws them on one chart.
   for record in history:
-    for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "seconds"):
-      assert scalars[(record["epoch"], key)] == pytest.approx(record[key], rel=1e-6)
-  # 6 kernels + 6 biases (conv, dense) + 4 BatchNorm scales + 4 biases, every epoch.
+    epoch = record["epoch"]
+    assert train_scalars[(epoch, "epoch_loss")] == pytest.approx(record["train_loss"], rel=1e-6)
+    assert train_scalars[(epoch, "epoch_accuracy")] == pytest.approx(record["train_accuracy"])
+    assert val_scalars[(epoch, "epoch_loss")] == pytest.approx(record["val_loss"], rel=1e-6)
+    assert val_scalars[(epoch, "epoch_accuracy")] == pytest.approx(record["val_accuracy"])
+    assert train_scalars[(epoch, "epoch_seconds")] == pytest.approx(record["seconds"], rel=1e-6)
+  assert not val_histograms
+  assert not {tag for _, tag in train_scalars} & {"parallel_seeds", "epoch_parallel_seeds"}
+  # 6 kernels + 6 biases (conv, dense), 4 BatchNorm scales + 4 biases, and their moving
+  # mean and variance, every epoch.
   expected_tags = {
     f"{layer}/{name}"
     for layer in ("conv2d", "conv2d_1", "dense", "dense_1", "dense_2")
     for name in ("kernel", "bias")
   }
-  expected_tags |= {
-    f"batch_normalization{suffix}/{name}"
-    for suffix in ("", "_1", "_2", "_3")
-    for name in ("scale", "bias")
-  }
+  for suffix in ("", "_1", "_2", "_3"):
+    expected_tags |= {f"batch_normalization{suffix}/{name}" for name in ("scale", "bias")}
+    expected_tags |= {f"batch_normalization{suffix}/{name}" for name in ("mean", "var")}
   for epoch in (1, 2):
     assert {tag for step, tag in histograms if step == epoch} == expected_tags
   assert histograms[(1, "conv2d/kernel")].num == 3 * 3 * 1 * 8
   assert histograms[(2, "dense/kernel")].num == 400 * 128
-  assert (
-    histograms[(1, "dense/kernel")].sum != histograms[(2, "dense/kernel")].sum
-  )  # Weights moved.
+  assert histograms[(1, "dense/kernel")].sum != histograms[(2, "dense/kernel")].sum  # Trained.
+  mean = "batch_normalization/mean"
+  assert histograms[(1, mean)].sum != histograms[(2, mean)].sum  # The moving statistics move.
 
 
 def test_format_epoch_line():

@@ -16,6 +16,8 @@ previous checkpoint. This is the only module that imports orbax.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import os
 from typing import Any
@@ -24,7 +26,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from flax_mnist import models, optim
+from flax_mnist import models
 from flax_mnist import workdir as workdir_module
 from flax_mnist.config import BEST_METRICS, resolve_impl
 from flax_mnist.errors import CheckpointError
@@ -34,6 +36,19 @@ KINDS = ("best", "latest")
 
 def _abstract(tree: Any) -> Any:
   return jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+@contextlib.contextmanager
+def _quiet(active: bool):
+  """Raises absl's log threshold to ERROR while ``active`` (orbax logs through absl)."""
+  logger = logging.getLogger("absl")
+  level = logger.level
+  if active:
+    logger.setLevel(logging.ERROR)
+  try:
+    yield
+  finally:
+    logger.setLevel(level)
 
 
 class Checkpoints:
@@ -55,18 +70,24 @@ class Checkpoints:
     self.directory = workdir_module.absolute(directory) / workdir_module.CHECKPOINTS_DIR
     # One barrier key per manager: two managers saving the same epoch in a multi-process run
     # otherwise clash on orbax's barrier ("already ongoing") and abort (1 run in 3, measured).
-    self._managers = {
-      kind: ocp.CheckpointManager(
-        self.directory / kind,
-        options=ocp.CheckpointManagerOptions(
-          max_to_keep=1,
-          create=not read_only,
-          read_only=read_only,
-          multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=kind),
-        ),
-      )
-      for kind in KINDS
-    }
+    # Read-only: no saving interval and no retention to warn about; orbax still logs that the
+    # directory is read only, which is what was asked (silenced: one line per manager per load).
+    with _quiet(read_only):
+      self._managers = {
+        kind: ocp.CheckpointManager(
+          self.directory / kind,
+          options=ocp.CheckpointManagerOptions(
+            max_to_keep=None if read_only else 1,
+            save_interval_steps=0 if read_only else 1,
+            create=not read_only,
+            read_only=read_only,
+            multiprocessing_options=ocp.options.MultiprocessingOptions(
+              barrier_sync_key_prefix=kind
+            ),
+          ),
+        )
+        for kind in KINDS
+      }
     self._best_value: float | None = None
 
   def epoch(self, kind: str) -> int | None:
@@ -126,6 +147,25 @@ class Checkpoints:
       ) from None
     return restored["state"], restored["meta"]
 
+  def restore_model(self, kind: str, template: Any) -> Any:
+    """Restores only the model (``template``: {"params", "model_state"}) of the ``kind``
+    checkpoint, whatever optimizer state is saved beside it."""
+    epoch = self._require(kind)
+    abstract = {"state": _abstract(template)}
+    args = ocp.args.PyTreeRestore(
+      item=abstract["state"],
+      restore_args=ocp.checkpoint_utils.construct_restore_args(abstract["state"]),
+      partial_restore=True,
+    )
+    try:
+      restored = self._manager(kind).restore(epoch, args=ocp.args.Composite(state=args))
+    except (ValueError, KeyError, TypeError) as error:
+      message = str(error).splitlines()[0] if str(error) else type(error).__name__
+      raise CheckpointError(
+        f"{self.directory / kind / str(epoch)}: does not match the model being restored ({message})"
+      ) from None
+    return restored["state"]
+
   def wait(self) -> None:
     """Blocks until asynchronous saves have finished."""
     for manager in self._managers.values():
@@ -158,7 +198,8 @@ def load_model(
   Returns ``(model, info)``: the model in eval mode, and a dict with at least ``epoch``,
   ``val_accuracy``, ``val_loss``, ``model`` (its name) and ``config`` (as trained). The layer
   implementation is this platform's (all compute the same function); the dropout PRNG is the
-  recorded one, since its key is part of the checkpoint.
+  recorded one, since its key is part of the checkpoint. Only the model is restored (params,
+  BatchNorm statistics), whatever the optimizer was.
   """
   if not (workdir_module.path(workdir) / workdir_module.CHECKPOINTS_DIR).is_dir():
     raise CheckpointError(
@@ -173,14 +214,10 @@ def load_model(
       config["seed"],
       impl=resolve_impl("auto"),
       dropout_rng_impl=config["dropout_rng_impl"],
+      model_kwargs=config.get("model_kwargs") or {},
     )
     graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
-    template = {
-      "params": params,
-      "model_state": model_state,
-      "opt_state": optim.make_optimizer(config).init(params),
-    }
-    state, _ = checkpoints.restore(which, template)
+    state = checkpoints.restore_model(which, {"params": params, "model_state": model_state})
   finally:
     checkpoints.close()
   model = nnx.merge(graphdef, state["params"], state["model_state"])

@@ -20,7 +20,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from flax_mnist import layers, models
+from flax_mnist import layers, models, optim
 from flax_mnist.errors import ConfigError
 
 IMPLS = ("auto", *layers.IMPLS)
@@ -35,10 +35,22 @@ def default_config() -> ml_collections.ConfigDict:
   """The notebook's settings; each file in ``configs/`` sets ``model`` and may override more."""
   config = ml_collections.ConfigDict()
   # What the experiment is.
-  config.model = "cnn"
+  config.model = "cnn"  # A registered name, or "package.module:factory" (imported on use).
+  config.model_kwargs = ml_collections.ConfigDict()  # Passed to the model's factory.
   config.seed = 0
+  # The optimizer (optim.make_optimizer): "keras_adam" is Adam as Keras computes it (the
+  # notebook's); "adam" is optax's (eps on the bias-corrected moment), "adamw", "sgd".
+  config.optimizer = "keras_adam"
   config.learning_rate = 1e-3
+  config.lr_schedule = "constant"  # Or cosine, warmup_cosine, onecycle.
+  config.warmup_epochs = 0.0  # warmup_cosine's warmup; onecycle's peak (0: at 30% of the run).
   config.adam_eps = 1e-7  # Keras's default (optax's is 1e-8).
+  config.momentum = 0.9  # sgd only.
+  config.weight_decay = 0.0  # adamw only (decoupled, as optax.adamw).
+  config.grad_clip_norm = 0.0  # Clip the gradient's global norm to this; 0: no clipping.
+  config.label_smoothing = 0.0
+  # Stop after this many epochs without a better best_metric (Keras's EarlyStopping); 0: never.
+  config.early_stopping_patience = 0
   config.batch_size = 512
   config.eval_batch_size = 1000
   config.num_epochs = 20
@@ -198,20 +210,66 @@ def _check_positive_int(config: Mapping[str, Any], field: str, minimum: int = 1)
     raise ConfigError(f"config.{field} {value!r}: expected {expected}")
 
 
+def _check_number(
+  config: Mapping[str, Any],
+  field: str,
+  low: float,
+  high: float = math.inf,
+  *,
+  low_open: bool = False,
+) -> None:
+  """``config[field]`` (if present) a finite number in [low, high) (or (low, high))."""
+  if field not in config:
+    return
+  value = config[field]
+  number = isinstance(value, (int, float)) and not isinstance(value, bool)
+  if not (
+    number and math.isfinite(value) and low <= value < high and (value > low or not low_open)
+  ):
+    if math.isinf(high):
+      expected = "a positive number" if low_open and low == 0 else f"a number >= {low:g}"
+    else:
+      expected = f"a number in {'(' if low_open else '['}{low:g}, {high:g})"
+    raise ConfigError(f"config.{field} {value!r}: expected {expected}")
+
+
+def _check_optimizer(config: Mapping[str, Any]) -> None:
+  """The optimizer fields: names, ranges, and no field that the chosen optimizer ignores."""
+  _check_choice("optimizer", config.get("optimizer", "adam"), optim.OPTIMIZERS)
+  _check_choice("lr_schedule", config.get("lr_schedule", "constant"), optim.SCHEDULES)
+  _check_number(config, "learning_rate", 0.0, low_open=True)
+  _check_number(config, "adam_eps", 0.0, low_open=True)
+  _check_number(config, "warmup_epochs", 0.0)
+  _check_number(config, "momentum", 0.0, 1.0)
+  _check_number(config, "weight_decay", 0.0)
+  _check_number(config, "grad_clip_norm", 0.0)
+  _check_number(config, "label_smoothing", 0.0, 1.0)
+  if config.get("weight_decay", 0.0) and config.get("optimizer") != "adamw":
+    raise ConfigError(
+      f"config.weight_decay {config['weight_decay']!r}: only config.optimizer 'adamw' decays "
+      f"weights, not {config.get('optimizer')!r}"
+    )
+  warmup, epochs = config.get("warmup_epochs", 0.0), config.get("num_epochs", 0)
+  if warmup and epochs and warmup >= epochs:
+    raise ConfigError(
+      f"config.warmup_epochs {warmup!r}: expected fewer than config.num_epochs {epochs}"
+    )
+
+
 def validate_config(config: Mapping[str, Any]) -> None:
   """Raises ConfigError naming the first field whose value cannot be used."""
-  if config["model"] not in models.model_names():
-    raise ConfigError(
-      f"config.model {config['model']!r}: unknown, expected one of "
-      f"{', '.join(models.model_names())}"
-    )
+  try:
+    models.resolve_model(config["model"])
+  except ConfigError as error:
+    raise ConfigError(f"config.{error}") from None
+  kwargs = config.get("model_kwargs") or {}
+  if not isinstance(kwargs, Mapping) and not hasattr(kwargs, "to_dict"):
+    raise ConfigError(f"config.model_kwargs {kwargs!r}: expected a mapping of factory arguments")
   _check_positive_int(config, "batch_size")
   _check_positive_int(config, "eval_batch_size")
   _check_positive_int(config, "num_epochs", minimum=0)
-  for field in ("learning_rate", "adam_eps"):
-    value = config[field]
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-      raise ConfigError(f"config.{field} {value!r}: expected a positive number")
+  _check_positive_int(config, "early_stopping_patience", minimum=0)
+  _check_optimizer(config)
   _check_choice("impl", config["impl"], IMPLS)
   _check_choice("dropout_rng_impl", config["dropout_rng_impl"], DROPOUT_RNG_IMPLS)
   _check_choice("seed_parallelism", config.get("seed_parallelism", "auto"), SEED_PARALLELISMS)
@@ -222,6 +280,24 @@ def validate_config(config: Mapping[str, Any]) -> None:
   seeds = seed_list(config)
   if len(set(seeds)) != len(seeds):
     raise ConfigError(f"config.seeds {tuple(seeds)!r}: expected distinct seeds")
+
+
+def result_fields(config: Mapping[str, Any]) -> tuple[str, ...]:
+  """The fields a resumed run must share with its workdir's: those that change what training
+  computes (not how fast, nor for how long, unless the learning-rate schedule spans the run)."""
+  fields = (
+    "model",
+    "model_kwargs",
+    "seed",
+    "batch_size",
+    "shuffle",
+    "label_smoothing",
+    "loss",
+    *optim.OPTIMIZER_FIELDS,
+  )
+  if config.get("lr_schedule", "constant") != "constant":
+    fields += ("num_epochs",)
+  return fields
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Keras-default layers as flax.nnx modules, their kernels, and the layouts they run in.
+"""Keras-default layers as flax.nnx modules and the layouts they run in (kernels: ``kernels``).
 
 Layers follow Keras's defaults, as the notebook used them: Glorot-uniform kernels, zero biases,
 valid 3x3 convolutions with ReLU, 2x2 max-pooling, BatchNorm with momentum 0.99 and epsilon
@@ -15,6 +15,10 @@ function (tested); they differ in speed:
 - ``batch_minor``: the whole network on (C, H, W, N) activations ((F, N) after Flatten),
   convolutions as im2col matmuls; with the batch as the minor dimension the elementwise,
   pooling and BatchNorm work vectorises.
+- ``s2d``: ``im2col``, except that each Conv followed by a MaxPool runs with it as one block
+  (``Layout.fused_conv_pools``, ``kernels.conv_pool``): one matmul per pooled output over its
+  space-to-depth patch, the pool a max over the window's outputs on the channel axis, bias and
+  ReLU after it (fastest on CPU for the pooled models).
 
 Dropout masks are drawn the same way in every layout. "auto" is no layout: the config resolves
 it per platform before a model is built.
@@ -23,103 +27,21 @@ it per platform before a model is built.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from flax_mnist import kernels
+from flax_mnist.kernels import batch_minor_conv, im2col_conv, lax_conv, max_pool
+
 _glorot_uniform = nnx.initializers.glorot_uniform()
 _zeros = nnx.initializers.zeros_init()
 
 Activation = Callable[[jax.Array], jax.Array]
-
-
-def _stacked_slices(images: jax.Array, kernel_h: int, kernel_w: int, axis: int) -> jax.Array:
-  """The valid shifted slices of axes 1 and 2, stacked on the channel ``axis`` (-1 for NHWC, 0
-  for CHWN) in (row, column, channel) order: the order of a row-major reshape of an HWIO kernel.
-  """
-  out_h = images.shape[1] - kernel_h + 1
-  out_w = images.shape[2] - kernel_w + 1
-  slices = [
-    images[:, i : i + out_h, j : j + out_w, :] for i in range(kernel_h) for j in range(kernel_w)
-  ]
-  return jnp.concatenate(slices, axis=axis)
-
-
-def im2col_conv(images: jax.Array, kernel: jax.Array) -> jax.Array:
-  """Valid, stride-1 convolution as one matmul over the stacked shifted slices (NHWC, HWIO)."""
-  kernel_h, kernel_w, in_features, out_features = kernel.shape
-  patches = _stacked_slices(images, kernel_h, kernel_w, axis=-1)
-  return jnp.dot(patches, kernel.reshape(kernel_h * kernel_w * in_features, out_features))
-
-
-def batch_minor_conv(images: jax.Array, kernel: jax.Array) -> jax.Array:
-  """Valid, stride-1 convolution of CHWN images as one matmul (HWIO kernel): CHWN out."""
-  kernel_h, kernel_w, in_features, out_features = kernel.shape
-  # Slicing leading axes copies whole rows of the batch.
-  patches = _stacked_slices(images, kernel_h, kernel_w, axis=0)
-  return jnp.tensordot(
-    kernel.reshape(kernel_h * kernel_w * in_features, out_features), patches, axes=((0,), (0,))
-  )
-
-
-def lax_conv(images: jax.Array, kernel: jax.Array) -> jax.Array:
-  """Valid, stride-1 convolution with XLA's convolution (NHWC, HWIO)."""
-  return jax.lax.conv_general_dilated(
-    images,
-    kernel,
-    window_strides=(1, 1),
-    padding="VALID",
-    dimension_numbers=("NHWC", "HWIO", "NHWC"),
-  )
-
-
-def _pool_windows(images: jax.Array, window: int) -> jax.Array:
-  """(A, H, W, Z) to (A, H//w, w, W//w, w, Z): the non-overlapping windows, odd edges dropped."""
-  first, height, width, last = images.shape
-  out_h, out_w = height // window, width // window
-  cropped = images[:, : out_h * window, : out_w * window, :]
-  return cropped.reshape(first, out_h, window, out_w, window, last)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def max_pool(images: jax.Array, window: int) -> jax.Array:
-  """Max over non-overlapping ``window x window`` windows of axes 1 and 2 (valid: odd edges
-  dropped). Axes 1 and 2 are height and width in NHWC and in CHWN alike.
-
-  Its gradient is one elementwise pass that routes each output gradient to the input(s) equal
-  to the window's max; JAX's reduce-max gradient (it splits ties) costs 3-4 passes over the
-  input. The two differ only where a window holds tied maxima that are not zero after a ReLU.
-  """
-  return _pool_windows(images, window).max(axis=(2, 4))
-
-
-def _max_pool_forward(images, window):
-  pooled = max_pool(images, window)
-  return pooled, (images, pooled)
-
-
-def _max_pool_backward(window, residuals, pooled_grad):
-  images, pooled = residuals
-  windows = _pool_windows(images, window)
-  expand = lambda array: array[:, :, None, :, None, :]
-  windows_grad = jnp.where(windows == expand(pooled), expand(pooled_grad), 0.0).reshape(
-    images.shape[0], windows.shape[1] * window, windows.shape[3] * window, images.shape[3]
-  )
-  pad = (
-    (0, 0),
-    (0, images.shape[1] - windows_grad.shape[1]),
-    (0, images.shape[2] - windows_grad.shape[2]),
-    (0, 0),
-  )
-  return (jnp.pad(windows_grad, pad),)
-
-
-max_pool.defvjp(_max_pool_forward, _max_pool_backward)
 
 
 def _swap_batch_axis(array: jax.Array) -> jax.Array:
@@ -138,6 +60,8 @@ class Layout:
   nhwc: ClassVar[bool] = True  # Whether activations are NHWC, as stock flax layers take them.
   name: str
   convolve: Callable[[jax.Array, jax.Array], jax.Array] = lax_conv
+  # Whether a Conv and the MaxPool right after it run as one block (``fused_conv_pools``).
+  fuses_conv_pool: bool = False
 
   def enter(self, array: jax.Array) -> jax.Array:
     """An NHWC (or (N, F)) array in this layout."""
@@ -158,6 +82,34 @@ class Layout:
   def conv(self, images: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
     """Valid, stride-1 convolution plus bias (HWIO kernel)."""
     return self.convolve(images, kernel) + bias
+
+  def fused_conv_pools(self, layers: Sequence[nnx.Module]) -> tuple[int, ...]:
+    """The indices of the Convs of ``layers`` that this layout computes together with the
+    MaxPool right after them (``Conv.pooled``; the MaxPool is then skipped): none unless the
+    layout fuses. The Conv's activation must commute with the max: ReLU or None."""
+    if not self.fuses_conv_pool:
+      return ()
+    pairs = enumerate(zip(layers, layers[1:]))
+    return tuple(
+      index
+      for index, (layer, after) in pairs
+      if type(layer) is Conv and type(after) is MaxPool and layer.activation in (nnx.relu, None)
+    )
+
+  def conv_pool(
+    self,
+    images: jax.Array,
+    kernel: jax.Array,
+    bias: jax.Array,
+    window: int,
+    activation: Activation | None,
+  ) -> jax.Array:
+    """``max_pool(activation(conv(images, kernel, bias)), window)``: a Conv and a MaxPool, as
+    one s2d block (``kernels.conv_pool``, NHWC) where the layout fuses them."""
+    if self.fuses_conv_pool:
+      return kernels.conv_pool(images, kernel, bias, window, activation)
+    outputs = self.conv(images, kernel, bias)
+    return max_pool(outputs if activation is None else activation(outputs), window)
 
   def dense(self, inputs: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
     """``inputs @ kernel + bias``, as ``nnx.Linear`` computes it."""
@@ -205,6 +157,7 @@ LAYOUTS: dict[str, Layout] = {
   "lax": Layout("lax", lax_conv),
   "im2col": Layout("im2col", im2col_conv),
   "batch_minor": BatchMinorLayout("batch_minor"),
+  "s2d": Layout("s2d", im2col_conv, fuses_conv_pool=True),
 }
 IMPLS = tuple(LAYOUTS)
 NHWC = LAYOUTS["lax"]
@@ -241,6 +194,11 @@ class Conv(nnx.Module):
   def __call__(self, images: jax.Array) -> jax.Array:
     outputs = self.layout.conv(images, self.kernel[...], self.bias[...])
     return outputs if self.activation is None else self.activation(outputs)
+
+  def pooled(self, images: jax.Array, window: int) -> jax.Array:
+    """``MaxPool(window)(self(images))``, fused into one block where the layout fuses them."""
+    kernel, bias = self.kernel[...], self.bias[...]
+    return self.layout.conv_pool(images, kernel, bias, window, self.activation)
 
 
 class Dense(nnx.Module):

@@ -104,26 +104,46 @@ def format_epoch(record: dict[str, Any], num_epochs: int) -> str:
   )
 
 
+# Keras's TensorBoard callback layout: runs "train" and "validation", each with epoch_loss and
+# epoch_accuracy, so that TensorBoard draws train and val of a metric on one chart.
+KERAS_SCALARS = {
+  "train": {"epoch_loss": "train_loss", "epoch_accuracy": "train_accuracy"},
+  "validation": {"epoch_loss": "val_loss", "epoch_accuracy": "val_accuracy"},
+}
+TIMING_SCALARS = ("seconds", "train_seconds", "eval_seconds", "images_per_second")
+
+
 class TensorBoard:
-  """TensorBoard event files in ``<workdir>/tensorboard``: scalars and histograms per epoch."""
+  """TensorBoard event files as Keras writes them: ``<logdir>/train`` and
+  ``<logdir>/validation`` with ``epoch_loss`` and ``epoch_accuracy``; the timings and one
+  histogram per weight, bias and BatchNorm moving statistic in ``train``. Nothing constant is
+  logged (a flat line per run says nothing)."""
 
   def __init__(self, logdir: str | os.PathLike, *, enabled: bool = True):
-    self.writer = SummaryWriter(os.fspath(logdir)) if enabled else None
+    self.writers = (
+      {run: SummaryWriter(os.path.join(os.fspath(logdir), run)) for run in KERAS_SCALARS}
+      if enabled
+      else {}
+    )
 
   def write_epoch(
     self, epoch: int, record: Mapping[str, Any], histograms: Mapping[str, Any]
   ) -> None:
     """Writes the epoch's scalars and one histogram per named array (``{"dense/kernel": ...}``)."""
-    if self.writer is None:
+    if not self.writers:
       return
-    for key, value in record.items():
-      if key != "epoch" and isinstance(value, (int, float)):
-        self.writer.add_scalar(key, value, epoch)
+    for run, tags in KERAS_SCALARS.items():
+      for tag, key in tags.items():
+        self.writers[run].add_scalar(tag, record[key], epoch)
+    train = self.writers["train"]
+    for key in TIMING_SCALARS:
+      train.add_scalar(f"epoch_{key}", record[key], epoch)
     for name, value in histograms.items():
-      self.writer.add_histogram(name, np.asarray(value), epoch)
-    self.writer.flush()
+      train.add_histogram(name, np.asarray(value), epoch)
+    for writer in self.writers.values():
+      writer.flush()
 
   def close(self) -> None:
-    """Flushes and closes the event file."""
-    if self.writer is not None:
-      self.writer.close()
+    """Flushes and closes the event files."""
+    for writer in self.writers.values():
+      writer.close()

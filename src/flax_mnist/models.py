@@ -8,7 +8,7 @@ images in [0, 1] and returns logits ``(N, 10)``, in one of the layouts of ``laye
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -25,6 +25,14 @@ from flax_mnist.layers import (
   Layout,
   MaxPool,
   get_layout,
+)
+from flax_mnist.registry import (  # noqa: F401  (re-exported: models.register etc.)
+  create_model,
+  init_model,
+  model_names,
+  register,
+  resolve_model,
+  takes_mask,
 )
 
 
@@ -54,6 +62,8 @@ class Classifier(nnx.Module):
     self.name = name
     self.impl = impl
     self.layout = layout
+    # Convs that run as one block with the MaxPool after them (layout s2d): static indices.
+    self.fused = layout.fused_conv_pools(layers)
     self.layers = nnx.List(layers)
 
   def __call__(self, images: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
@@ -61,54 +71,14 @@ class Classifier(nnx.Module):
     which alone enter BatchNorm's batch statistics (padded rows' outputs are to be ignored).
     """
     outputs = self.layout.enter(images)
-    for layer in self.layers:
-      outputs = layer(outputs, mask) if isinstance(layer, BatchNorm) else layer(outputs)
+    for index, layer in enumerate(self.layers):
+      if index - 1 in self.fused:  # This MaxPool ran with the Conv before it.
+        continue
+      if index in self.fused:
+        outputs = layer.pooled(outputs, self.layers[index + 1].window)
+      else:
+        outputs = layer(outputs, mask) if isinstance(layer, BatchNorm) else layer(outputs)
     return self.layout.leave(outputs)
-
-
-_REGISTRY: dict[str, Callable[..., Classifier]] = {}
-
-
-def register(name: str) -> Callable[[Callable[..., Classifier]], Callable[..., Classifier]]:
-  """Registers a model factory ``fn(*, rngs, impl) -> Classifier`` under ``name``."""
-
-  def decorator(factory: Callable[..., Classifier]) -> Callable[..., Classifier]:
-    if name in _REGISTRY:
-      raise ValueError(f"model {name!r} is already registered")
-    _REGISTRY[name] = factory
-    return factory
-
-  return decorator
-
-
-def model_names() -> list[str]:
-  """The registered model names, in registration order."""
-  return list(_REGISTRY)
-
-
-def create_model(name: str, *, rngs: nnx.Rngs, impl: str = "lax") -> Classifier:
-  """Builds the registered model ``name`` (in train mode) with parameters drawn from ``rngs``.
-
-  ``impl`` is one of ``layers.IMPLS`` (not "auto": the config resolves it); all give the same
-  function. ``rngs`` needs a ``params`` stream and, for models with dropout, a ``dropout``
-  stream (``nnx.Rngs(params=seed, dropout=seed + 1)``; a single ``nnx.Rngs(seed)`` also works).
-  """
-  if name not in _REGISTRY:
-    raise ConfigError(f"model {name!r}: unknown, expected one of {', '.join(_REGISTRY)}")
-  _check_impl(impl)
-  return _REGISTRY[name](rngs=rngs, impl=impl)
-
-
-def init_model(name: str, seed: int, *, impl: str, dropout_rng_impl: str) -> Classifier:
-  """Model ``name`` initialised from ``seed``, in train mode: the parameters from
-  ``fold_in(key(seed), 0)``, dropout masks from ``fold_in(key(seed, impl=dropout_rng_impl), 1)``.
-
-  ``impl`` and ``dropout_rng_impl`` are concrete (resolved by the config: no "auto").
-  """
-  seed_key = jax.random.key(seed)
-  dropout_key = jax.random.fold_in(jax.random.key(seed, impl=dropout_rng_impl), 1)
-  rngs = nnx.Rngs(params=jax.random.fold_in(seed_key, 0), dropout=dropout_key)
-  return create_model(name, impl=impl, rngs=rngs)
 
 
 def _dense_head(
@@ -297,6 +267,9 @@ def _named_leaves(module: nnx.Module, kind: type[nnx.Variable]) -> list[tuple[li
 
 
 def _named(model: nnx.Module, kind: type[nnx.Variable]) -> dict[str, jax.Array]:
+  """Keras-style names for a stack of layers; the nnx attribute path for any other module."""
+  if not hasattr(model, "layers"):
+    return {"/".join(keys): value for keys, value in _named_leaves(model, kind)}
   named = {}
   for name, layer in zip(layer_names(model), model.layers, strict=True):
     for keys, value in _named_leaves(layer, kind):

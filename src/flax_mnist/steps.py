@@ -19,10 +19,40 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from flax_mnist import data
+from flax_mnist import data, registry
 
 Metrics = dict[str, jax.Array]
 Batch = tuple[jax.Array, jax.Array, jax.Array | None]
+# loss_fn(logits, labels) -> one loss per example; the step averages it (over the real rows).
+LossFn = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Softmax cross-entropy of integer labels: the notebook's softmax + sparse cross-entropy,
+  computed stably from the logits."""
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+
+def smoothed_cross_entropy(label_smoothing: float) -> LossFn:
+  """Cross-entropy against labels smoothed as Keras's ``label_smoothing``: one-hot * (1 - s) +
+  s / 10; ``cross_entropy`` itself when s is 0."""
+  if not label_smoothing:
+    return cross_entropy
+
+  def loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+    return optax.softmax_cross_entropy(logits, targets)
+
+  return loss
+
+
+def apply_model(model: nnx.Module, images: jax.Array, mask: jax.Array | None) -> jax.Array:
+  """Logits of uint8 ``images``; the padding ``mask`` goes to models that take one (the
+  family's BatchNorm leaves padded rows out of its statistics)."""
+  inputs = data.normalize_images(images)
+  if mask is not None and registry.takes_mask(model):
+    return model(inputs, mask=mask)
+  return model(inputs)
 
 
 def zero_metrics() -> Metrics:
@@ -100,7 +130,11 @@ def scan_batches(
 
 
 def train_step(
-  graphdef: nnx.GraphDef, tx: optax.GradientTransformation, carry: tuple, batch: Batch
+  graphdef: nnx.GraphDef,
+  tx: optax.GradientTransformation,
+  carry: tuple,
+  batch: Batch,
+  loss_fn: LossFn = cross_entropy,
 ) -> tuple:
   """One optimizer step on a batch of uint8 images: a pure function of
   (params, model_state, opt_state, metrics).
@@ -111,10 +145,10 @@ def train_step(
   params, model_state, opt_state, metrics = carry
   images, labels, mask = batch
 
-  def loss_fn(params):
+  def mean_loss(params):
     model = nnx.merge(graphdef, params, model_state, copy=True)
-    logits = model(data.normalize_images(images), mask=mask)
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    logits = apply_model(model, images, mask)
+    losses = loss_fn(logits, labels)
     if mask is None:
       loss = losses.mean()
     else:
@@ -123,7 +157,7 @@ def train_step(
     _, _, new_model_state = nnx.split(model, nnx.Param, ...)
     return loss, (losses, logits, new_model_state)
 
-  (_, (losses, logits, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+  (_, (losses, logits, model_state)), grads = jax.value_and_grad(mean_loss, has_aux=True)(params)
   updates, opt_state = tx.update(grads, opt_state, params)
   params = optax.apply_updates(params, updates)
   return params, model_state, opt_state, accumulate(metrics, losses, logits, labels, mask)
@@ -135,11 +169,12 @@ def eval_step(
   model_state: nnx.State,
   metrics: Metrics,
   batch: Batch,
+  loss_fn: LossFn = cross_entropy,
 ) -> Metrics:
   """Adds a batch's summed loss and correct count (eval-mode ``graphdef``) to ``metrics``."""
   images, labels, mask = batch
-  logits = nnx.merge(graphdef, params, model_state, copy=True)(data.normalize_images(images))
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  logits = apply_model(nnx.merge(graphdef, params, model_state, copy=True), images, None)
+  losses = loss_fn(logits, labels)
   return accumulate(metrics, losses, logits, labels, mask)
 
 
@@ -152,6 +187,7 @@ def make_train_epoch(
   progress: Callable[..., None] | None = None,
   over_seeds: bool = False,
   mesh: jax.sharding.Mesh | None = None,
+  loss_fn: LossFn = cross_entropy,
 ) -> Callable[..., tuple]:
   """Returns the jitted ``train_epoch(params, model_state, opt_state, images, labels, key)``.
 
@@ -165,7 +201,7 @@ def make_train_epoch(
     raise ValueError("progress is not supported over seeds (the callback would run per seed)")
 
   def step(carry, batch):
-    carry = train_step(graphdef, tx, carry, batch)
+    carry = train_step(graphdef, tx, carry, batch, loss_fn)
     if progress is not None:
       metrics = carry[3]
       jax.debug.callback(
@@ -191,6 +227,7 @@ def make_evaluate(
   *,
   over_seeds: bool = False,
   mesh: jax.sharding.Mesh | None = None,
+  loss_fn: LossFn = cross_entropy,
 ) -> Callable[..., Metrics]:
   """Returns the jitted ``evaluate(params, model_state, images, labels) -> metrics`` over every
   image. ``over_seeds``: the states and the returned metrics carry a leading seed axis (vmap).
@@ -198,7 +235,7 @@ def make_evaluate(
   """
 
   def evaluate(params, model_state, images, labels):
-    step = functools.partial(eval_step, graphdef, params, model_state)
+    step = functools.partial(eval_step, graphdef, params, model_state, loss_fn=loss_fn)
     return scan_batches(
       step, zero_metrics(), images, labels, batch_size, None, batch_sharding(mesh)
     )

@@ -7,6 +7,7 @@ config and its resolution in ``config``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -15,11 +16,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 from etils import epath
 from flax import nnx
 
 from flax_mnist import checkpoint, data, history, log, models, optim, sharding, steps, workdir
-from flax_mnist.config import RunSpec, resolve, run_config_dict
+from flax_mnist.config import RunSpec, config_to_dict, resolve, result_fields, run_config_dict
 from flax_mnist.errors import ConfigError, RunError
 
 Say = Callable[[str], None]
@@ -51,17 +53,19 @@ class _SeedRun:
     self.workdir = directory
     self.is_writer = is_writer
     directory.mkdir(parents=True, exist_ok=True)
-    workdir.check_resumable(directory, config_dict)
+    workdir.check_resumable(directory, config_dict, result_fields(config_dict))
     self.checkpoints = checkpoint.Checkpoints(directory, best_metric=config_dict["best_metric"])
     self.tensorboard: log.TensorBoard | None = None
     self.state = template
     self.start_epoch = 0
     self.history: list[dict[str, Any]] = []
+    self.stopped = False  # Early stopping ended this seed's run.
     try:
       if self.checkpoints.epoch("latest") is not None:
         self.state, meta = self.checkpoints.restore("latest", template)
         self.start_epoch = meta["epoch"]
         self.history = workdir.read_history(directory, self.start_epoch)
+        self.stopped = any(record.get("stopped_early") for record in self.history)
         say(f"resumed from {self.checkpoints.directory / 'latest'} at epoch {self.start_epoch}")
       if is_writer:
         workdir.write_json(directory / workdir.CONFIG_FILE, config_dict)
@@ -97,6 +101,11 @@ class _SeedRun:
       **timings,
       "images_per_second": images_per_second,
     }
+    patience = self.config_dict.get("early_stopping_patience", 0)
+    if patience:
+      best = history.best_record([*self.history, record], self.config_dict["best_metric"])
+      if epoch - best["epoch"] >= patience:
+        record["stopped_early"] = self.stopped = True
     self.history.append(record)
     self.state = state
     meta = {
@@ -111,7 +120,8 @@ class _SeedRun:
       if self.tensorboard is None:
         self.tensorboard = log.TensorBoard(self.workdir / workdir.TENSORBOARD_DIR)
       model = nnx.merge(train_graphdef, state["params"], state["model_state"])
-      self.tensorboard.write_epoch(epoch, record, sharding.to_host(models.named_params(model)))
+      arrays = {**models.named_params(model), **models.named_batch_stats(model)}
+      self.tensorboard.write_epoch(epoch, record, sharding.to_host(arrays))
     return record
 
   def close(self) -> None:
@@ -123,18 +133,54 @@ class _SeedRun:
       self.checkpoints.close()
 
 
+@dataclasses.dataclass(frozen=True)
+class Custom:
+  """What a caller passes from Python instead of the config: an optax optimizer, a loss."""
+
+  optimizer: optax.GradientTransformation | None = None
+  loss_fn: steps.LossFn | None = None
+
+  def record(self, config_dict: dict[str, Any]) -> dict[str, Any]:
+    """config.json says where the config was overridden (a resume then checks these too)."""
+    if self.optimizer is not None:
+      config_dict["optimizer"] = "custom"
+    if self.loss_fn is not None:
+      config_dict["loss"] = f"custom: {getattr(self.loss_fn, '__name__', repr(self.loss_fn))}"
+    return config_dict
+
+
+def _describe(model: nnx.Module) -> str:
+  """The Keras-like summary of a stack of layers; the parameter count of any other module."""
+  if hasattr(model, "layers"):
+    return models.summary(model)
+  trainable, non_trainable = models.count_params(model)
+  return f"Model {type(model).__name__}: {trainable:,} trainable, {non_trainable:,} other params"
+
+
 class _Programs:
   """The model's graphdefs, the optimizer, each seed's initial state and shuffle key."""
 
   def __init__(
-    self, config: Mapping[str, Any], spec: RunSpec, mesh: jax.sharding.Mesh | None, say: Say
+    self,
+    config: Mapping[str, Any],
+    spec: RunSpec,
+    mesh: jax.sharding.Mesh | None,
+    steps_per_epoch: int,
+    custom: Custom,
+    say: Say,
   ):
-    self.tx = optim.make_optimizer(config)
+    self.tx = custom.optimizer or optim.make_optimizer(config, steps_per_epoch)
+    self.loss_fn = custom.loss_fn or steps.smoothed_cross_entropy(config["label_smoothing"])
     self.templates: list[State] = []
     self.shuffle_keys: list[jax.Array] = []
+    kwargs = config_to_dict(config.get("model_kwargs") or {})
     for seed in spec.seeds:
       model = models.init_model(
-        spec.model, seed, impl=spec.impl, dropout_rng_impl=spec.dropout_rng_impl
+        spec.model,
+        seed,
+        impl=spec.impl,
+        dropout_rng_impl=spec.dropout_rng_impl,
+        model_kwargs=kwargs,
       )
       self.train_graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
       state = {"params": params, "model_state": model_state, "opt_state": self.tx.init(params)}
@@ -142,7 +188,7 @@ class _Programs:
       self.shuffle_keys.append(
         sharding.replicate(jax.random.fold_in(jax.random.key(seed), 2), mesh)
       )
-    say(models.summary(model))
+    say(_describe(model))
     model.eval()
     self.eval_graphdef = nnx.graphdef(model)
 
@@ -187,7 +233,7 @@ class _Trainer:
     self.num_epochs = config["num_epochs"]
     self.over_seeds = spec.seed_parallelism == "vmap"
     self.keys = dict(zip(spec.seeds, programs.shuffle_keys))
-    self.pending = [run for run in runs if run.start_epoch < self.num_epochs]
+    self.pending = [run for run in runs if run.start_epoch < self.num_epochs and not run.stopped]
     if self.over_seeds and len({run.start_epoch for run in runs}) > 1:
       raise ConfigError(
         "seed_parallelism 'vmap' resumes only seeds stopped at the same epoch; these are at "
@@ -211,6 +257,7 @@ class _Trainer:
       progress=progress,
       over_seeds=self.over_seeds,
       mesh=self.mesh,
+      loss_fn=programs.loss_fn,
     )
     evaluate = steps.make_evaluate(
       programs.eval_graphdef, config["eval_batch_size"], over_seeds=self.over_seeds, mesh=self.mesh
@@ -269,10 +316,6 @@ class _Trainer:
     new_state = {"params": params, "model_state": model_state, "opt_state": opt_state}
     return new_state, train_metrics, val_metrics, timings
 
-  def _report(self, run: _SeedRun, record: dict[str, Any]) -> None:
-    prefix = f"seed {run.seed}: " if len(self.runs) > 1 else ""
-    self.say(prefix + log.format_epoch(record, self.num_epochs))
-
   def run_looped(self) -> None:
     """Each pending seed after the other, through the same compiled epoch."""
     graphdef = self.programs.train_graphdef
@@ -286,6 +329,8 @@ class _Trainer:
         self._report(
           run, run.finish_epoch(epoch, state, train_metrics, val_metrics, timings, graphdef)
         )
+        if run.stopped:
+          break
 
   def _stacked_states(self) -> tuple[State, jax.Array]:
     """The pending seeds' states and shuffle keys stacked on a leading axis, split over the
@@ -302,6 +347,8 @@ class _Trainer:
       epoch_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, epoch)
       states, train_metrics, val_metrics, timings = self.timed_epoch(states, epoch_keys)
       for index, run in enumerate(pending):
+        if run.stopped:  # Early stopping: its later epochs are computed but not kept.
+          continue
         record = run.finish_epoch(
           epoch,
           _unstack(states, index),
@@ -311,24 +358,35 @@ class _Trainer:
           graphdef,
         )
         self._report(run, record)
+      if all(run.stopped for run in pending):
+        break
+
+  def _report(self, run: _SeedRun, record: dict[str, Any]) -> None:
+    prefix = f"seed {run.seed}: " if len(self.runs) > 1 else ""
+    self.say(prefix + log.format_epoch(record, self.num_epochs))
+    if record.get("stopped_early"):
+      metric = run.config_dict["best_metric"]
+      best = history.best_record(run.history, metric)
+      self.say(
+        f"{prefix}stopped early at epoch {record['epoch']}: no better {metric} for "
+        f"{run.config_dict['early_stopping_patience']} epochs (best at epoch {best['epoch']})"
+      )
 
 
 def _train(
-  config: Any, spec: RunSpec, directories: list[epath.Path], say: Say
+  config: Any, spec: RunSpec, directories: list[epath.Path], custom: Custom, say: Say
 ) -> list[list[dict[str, Any]]]:
   """Trains one copy of ``spec.model`` per seed, each into its directory; returns the histories."""
   is_writer = jax.process_index() == 0
   mesh = _make_mesh(spec)
   arrays = _put_data(config, mesh, say)
-  programs = _Programs(config, spec, mesh, say)
+  steps_per_epoch = math.ceil(arrays[0].shape[0] / config["batch_size"])
+  programs = _Programs(config, spec, mesh, steps_per_epoch, custom, say)
   runs: list[_SeedRun] = []
   try:
     for seed, directory, template in zip(spec.seeds, directories, programs.templates):
-      runs.append(
-        _SeedRun(
-          run_config_dict(config, spec, seed), directory, template, is_writer=is_writer, say=say
-        )
-      )
+      config_dict = custom.record(run_config_dict(config, spec, seed))
+      runs.append(_SeedRun(config_dict, directory, template, is_writer=is_writer, say=say))
     trainer = _Trainer(config, spec, runs, programs, arrays, mesh, say)
     if not trainer.pending:
       return [run.history for run in runs]
@@ -371,7 +429,12 @@ def _say_best(records: list[dict[str, Any]], say: Say, prefix: str = "") -> None
 
 
 def train_and_evaluate(
-  config: Any, workdir: str | os.PathLike, *, print_fn: Say | None = print
+  config: Any,
+  workdir: str | os.PathLike,
+  *,
+  print_fn: Say | None = print,
+  optimizer: optax.GradientTransformation | None = None,
+  loss_fn: steps.LossFn | None = None,
 ) -> list[dict[str, Any]]:
   """Trains ``config.model`` from ``config.seed`` for ``config.num_epochs``, validating on the
   test set after each epoch. (Several seeds: ``train_seeds``.)
@@ -381,20 +444,30 @@ def train_and_evaluate(
   Resumes from ``checkpoints/latest`` if present. Returns the history, one dict per epoch with
   epoch, train_loss, train_accuracy, val_loss, val_accuracy, seconds (train + eval, compile
   excluded), train_seconds, eval_seconds, parallel_seeds (1 here) and images_per_second
-  (training throughput).
+  (training throughput), and ``stopped_early`` on the epoch where early stopping ended it.
+
+  ``optimizer`` (any optax transformation) replaces the config's; ``loss_fn(logits, labels)
+  -> per-example losses`` replaces cross-entropy (for training and the val loss). config.json
+  then records "custom" for them.
   """
   spec = resolve(config)
   if len(spec.seeds) > 1:
     raise ConfigError(f"config trains seeds {list(spec.seeds)}: use train_seeds for several seeds")
   say = _sayer(print_fn)
   spec = RunSpec(**{**spec.to_dict(), "seeds": (config["seed"],), "seed_parallelism": "loop"})
-  [records] = _train(config, spec, [epath.Path(workdir)], say)
+  custom = Custom(optimizer, loss_fn)
+  [records] = _train(config, spec, [epath.Path(workdir)], custom, say)
   _say_best(records, say)
   return records
 
 
 def train_seeds(
-  config: Any, workdir_path: str | os.PathLike, *, print_fn: Say | None = print
+  config: Any,
+  workdir_path: str | os.PathLike,
+  *,
+  print_fn: Say | None = print,
+  optimizer: optax.GradientTransformation | None = None,
+  loss_fn: steps.LossFn | None = None,
 ) -> dict[int, list[dict[str, Any]]]:
   """Trains ``config.model`` from each seed of ``config.seed_list(config)``, compiling once.
 
@@ -402,13 +475,14 @@ def train_seeds(
   and best checkpoint as ``train_and_evaluate`` with that seed would write, to float tolerance
   under vmap and exactly in a loop); ``workdir/seeds.json`` holds the aggregate over seeds
   (``history.aggregate_seeds``). ``config.seed_parallelism`` picks vmap or loop. Returns
-  {seed: history}.
+  {seed: history}. ``optimizer``, ``loss_fn``: as ``train_and_evaluate``.
   """
   spec = resolve(config)
   say = _sayer(print_fn)
   say(f"seeds {', '.join(map(str, spec.seeds))} ({spec.seed_parallelism})")
   directories = [workdir.seed_dir(workdir_path, seed) for seed in spec.seeds]
-  by_seed = dict(zip(spec.seeds, _train(config, spec, directories, say)))
+  histories = _train(config, spec, directories, Custom(optimizer, loss_fn), say)
+  by_seed = dict(zip(spec.seeds, histories))
   for seed, records in by_seed.items():
     _say_best(records, say, prefix=f"seed {seed}: ")
   aggregate = history.aggregate_seeds(by_seed)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from etils import epath
@@ -69,15 +69,35 @@ def read_history(workdir: PathLike, last_epoch: int) -> list[dict[str, Any]]:
   return [record for record in read_json(file) if record["epoch"] <= last_epoch]
 
 
-def check_resumable(workdir: PathLike, config: Mapping[str, Any]) -> None:
-  """A workdir's checkpoints must be of the same model (and seed) as the config."""
+# What a field held in runs written before it existed (their config.json lacks it).
+LEGACY_VALUES = {
+  "optimizer": "adam",
+  "lr_schedule": "constant",
+  "model_kwargs": {},
+  "label_smoothing": 0.0,
+  "grad_clip_norm": 0.0,
+  "weight_decay": 0.0,
+}
+
+
+def check_resumable(
+  workdir: PathLike, config: Mapping[str, Any], fields: Sequence[str] = ("model", "seed")
+) -> None:
+  """A workdir's run may be resumed only by a config equal to it in ``fields`` (those that change
+  what training computes): a one-line error names every field that differs."""
   file = path(workdir) / CONFIG_FILE
   if not file.exists():
     return
   previous = read_json(file)
-  for field in ("model", "seed"):
-    if field in previous and previous[field] != config[field]:
-      raise ConfigError(
-        f"{workdir}: holds a run with {field} {previous[field]!r}, config.{field} is "
-        f"{config[field]!r}; use another workdir"
-      )
+  changed = []
+  for field in fields:
+    if field not in config:
+      continue
+    before = previous.get(field, LEGACY_VALUES.get(field, config[field]))
+    if before != config[field]:
+      changed.append((field, before, config[field]))
+  if not changed:
+    return
+  held = ", ".join(f"{field} {before!r}" for field, before, _ in changed)
+  wanted = ", ".join(f"config.{field} is {now!r}" for field, _, now in changed)
+  raise ConfigError(f"{workdir}: holds a run with {held}, {wanted}; use another workdir")

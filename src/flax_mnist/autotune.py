@@ -1,0 +1,87 @@
+"""The measured choice of a layer implementation: time a few training steps of each candidate.
+
+Implementations (``layers.IMPLS``) compute the same function but differ in speed from machine
+to machine (the batch-minor layout won on one AMD VM and lost on another). ``choose_impl``
+compiles the real training epoch (``steps.make_train_epoch``) of the model for each candidate on
+a few batches, times it, and returns the fastest with every timing. Implementations differ in
+the last float bits, so a run should record the choice (and a resumed run reuse it) rather than
+measure again.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from flax_mnist import models
+from flax_mnist import steps as steps_lib
+
+
+def time_impls(
+  model_name: str,
+  candidates: Sequence[str],
+  *,
+  batch_size: int = 512,
+  steps: int = 5,
+  repeats: int = 3,
+  seed: int = 0,
+  tx: optax.GradientTransformation | None = None,
+  dropout_rng_impl: str = "threefry2x32",
+  model_kwargs: Mapping[str, Any] | None = None,
+  images: jax.Array | None = None,
+  labels: jax.Array | None = None,
+) -> dict[str, float]:
+  """Seconds per training step of ``model_name`` under each impl of ``candidates``.
+
+  Each candidate's epoch over ``steps`` batches (``images``/``labels``, default random
+  uint8 images) is compiled and run once to warm up; then the candidates run in turn
+  ``repeats`` times (interleaved, so that a drift of the machine hits them alike), and each
+  keeps its fastest run. ``tx`` defaults to Adam; pass the run's optimizer and
+  ``dropout_rng_impl`` to time exactly its step.
+  """
+  if not candidates:
+    raise ValueError("time_impls: no candidate implementations")
+  count = batch_size * steps
+  if images is None:
+    keys = jax.random.split(jax.random.key(seed), 2)
+    images = jax.random.randint(keys[0], (count, 28, 28, 1), 0, 256).astype(jnp.uint8)
+    labels = jax.random.randint(keys[1], (count,), 0, 10)
+  images, labels = images[:count], labels[:count]
+  tx = tx if tx is not None else optax.adam(1e-3)
+  runs = {}
+  for impl in candidates:
+    model = models.init_model(
+      model_name,
+      seed,
+      impl=impl,
+      dropout_rng_impl=dropout_rng_impl,
+      **({"model_kwargs": model_kwargs} if model_kwargs else {}),
+    )
+    graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
+    epoch = steps_lib.make_train_epoch(graphdef, tx, batch_size, shuffle=False)
+    arguments = (params, model_state, tx.init(params), images, labels, jax.random.key(seed))
+    compiled = epoch.lower(*arguments).compile()
+    jax.block_until_ready(compiled(*arguments))  # Warm up.
+    runs[impl] = (compiled, arguments)
+  best = dict.fromkeys(candidates, float("inf"))
+  for _ in range(repeats):
+    for impl, (compiled, arguments) in runs.items():
+      started = time.perf_counter()
+      jax.block_until_ready(compiled(*arguments))
+      best[impl] = min(best[impl], (time.perf_counter() - started) / steps)
+  return best
+
+
+def choose_impl(
+  model_name: str, candidates: Sequence[str], **kwargs: Any
+) -> tuple[str, dict[str, float]]:
+  """``(impl, {impl: seconds per step})``: the fastest of ``candidates`` for ``model_name`` on
+  this machine, measured by ``time_impls`` (same keyword arguments), and every timing."""
+  timings = time_impls(model_name, candidates, **kwargs)
+  return min(timings, key=timings.get), timings
