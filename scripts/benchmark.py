@@ -48,6 +48,12 @@ _BASELINE_PYTHON = flags.DEFINE_string(
 def main() -> None:
   if _EPOCHS.value < 1:
     _cli.fail(f"--epochs {_EPOCHS.value}: expected at least 1")
+  _cli.check_model_names(_MODELS.value)
+  for flag in (_JSON, _MARKDOWN):  # Before the measurements, not after.
+    if flag.value and Path(flag.value).is_dir():
+      _cli.fail(f"--{flag.name} {flag.value}: a directory, expected the path of a file")
+    if flag.value:
+      _cli.check_writable_dir(Path(flag.value).parent, f"--{flag.name}")
   configs = {name: _cli.model_config(name) for name in _MODELS.value}
   result = benchmark.run(
     configs,

@@ -50,11 +50,7 @@ _TRAINING_FLAGS = ("models", "seeds", "epochs", "workdir", "data_dir")
 
 def _configs(names: list[str]) -> dict:
   """Each model's experiment config, configs/<model>.py, with --data_dir if given."""
-  unknown = [name for name in names if name not in models.model_names()]
-  if unknown:
-    _cli.fail(
-      f"--models: unknown {', '.join(unknown)}; expected some of {', '.join(models.model_names())}"
-    )
+  _cli.check_model_names(names)
   configs = {name: _cli.model_config(name) for name in names}
   if _DATA_DIR.value:
     for config in configs.values():
@@ -73,6 +69,7 @@ def main() -> None:
     return
   command = "python scripts/compare.py " + " ".join(shlex.quote(arg) for arg in sys.argv[1:])
   configs = _configs(_MODELS.value)
+  _cli.check_writable_dir(out, "--out")  # Before hours of training, not after.
   results = run_comparison(configs, range(_SEEDS.value), _EPOCHS.value, _WORKDIR.value)
   path = study.write_report(results, out, command=command)
   print(f"wrote {path} and {len(results['models'])} models' results beside it")

@@ -7,7 +7,9 @@ Prints test loss and accuracy of the best checkpoint (--which=latest for the las
 or one JSON object with --json. --report adds per-class accuracy and the confusion matrix
 (text), and writes confusion_matrix.png, mistakes.png and report.txt into --report_dir
 (default <workdir>/report). --predict FILE.png|FILE.npy prints the class probabilities of
-one 28x28 grey image (light digit on dark, as MNIST; other sizes are refused, not resized).
+one 28x28 grey image (light digit on dark, as MNIST; other sizes are refused, not resized). An
+image with a light background gets a warning on stderr and is predicted as it is; --invert
+classifies 255 - image instead (a dark digit drawn on white).
 """
 
 import json
@@ -33,15 +35,26 @@ _REPORT_DIR = flags.DEFINE_string(
   "report_dir", None, "Where --report writes (default <workdir>/report)."
 )
 _PREDICT = flags.DEFINE_string("predict", None, "A 28x28 .png or .npy image to classify.")
+_INVERT = flags.DEFINE_bool(
+  "invert", False, "--predict: classify 255 - image (for a dark digit on a light background)."
+)
 flags.mark_flag_as_required("workdir")
 
 
 def main() -> None:
+  if _INVERT.value and not _PREDICT.value:
+    _cli.fail("--invert applies to the --predict image; give --predict FILE")
+  image = _user_image() if _PREDICT.value else None  # A bad image fails before any loading.
   model, info = checkpoint.load_model(_WORKDIR.value, _WHICH.value)
   config = info["config"]
-  if _PREDICT.value:
-    _predict(model)
+  if image is not None:
+    _predict(model, image)
     return
+  report_dir = None
+  if _REPORT.value:  # Fail before evaluating, not after, when the report cannot be written.
+    report_dir = _cli.check_writable_dir(
+      _REPORT_DIR.value or Path(_WORKDIR.value) / "report", "--report_dir"
+    )
   mnist = data.load_mnist(
     _DATA_DIR.value or config.get("data_dir"), tfds_data_dir=config.get("tfds_data_dir")
   )
@@ -60,7 +73,7 @@ def main() -> None:
     "recorded_val_accuracy": info["val_accuracy"],
   }
   if _REPORT.value:
-    summary.update(_write_report(model, mnist.test, config["eval_batch_size"], info))
+    summary.update(_write_report(model, mnist.test, config["eval_batch_size"], info, report_dir))
   if _JSON.value:
     print(json.dumps(summary))
   else:
@@ -71,9 +84,29 @@ def main() -> None:
     )
 
 
-def _predict(model) -> None:
-  """Prints the class probabilities of the --predict image."""
+def _user_image():
+  """The --predict image (inverted with --invert); warns when its background is light.
+
+  A light background is warned about, not refused: the test is a heuristic (the image's outer
+  frame), and a user may mean to probe the model with exactly that image; the warning says what
+  the prediction is worth and how to get a meaningful one.
+  """
   image = evaluation.load_user_image(_PREDICT.value)
+  if _INVERT.value:
+    image = 255 - image
+  level = evaluation.light_background(image)
+  if level is not None:
+    where = "after --invert " if _INVERT.value else ""
+    remedy = "drop --invert" if _INVERT.value else "invert it (255 - x) or pass --invert"
+    _cli.warn(
+      f"{_PREDICT.value}: light background {where}(mean {level:.0f}/255 at the border, MNIST's is "
+      f"0): MNIST digits are light on dark, {remedy}; this prediction is likely meaningless"
+    )
+  return image
+
+
+def _predict(model, image) -> None:
+  """Prints the class probabilities of the --predict image."""
   probabilities = evaluation.predict_probabilities(model, image)[0]
   if _JSON.value:
     print(
@@ -82,6 +115,8 @@ def _predict(model) -> None:
           "file": _PREDICT.value,
           "predicted": int(probabilities.argmax()),
           "probabilities": [float(p) for p in probabilities],
+          "inverted": _INVERT.value,
+          "light_background": evaluation.light_background(image) is not None,
         }
       )
     )
@@ -91,10 +126,8 @@ def _predict(model) -> None:
     print(f"  {digit}: {probability:.4f}")
 
 
-def _write_report(model, test: data.Split, batch_size: int, info: dict) -> dict:
+def _write_report(model, test: data.Split, batch_size: int, info: dict, directory: Path) -> dict:
   """Writes the report files, prints the text report, returns what --json adds."""
-  directory = Path(_REPORT_DIR.value or Path(_WORKDIR.value) / "report")
-  directory.mkdir(parents=True, exist_ok=True)
   probabilities = evaluation.predict_probabilities(model, test.images, batch_size=batch_size)
   matrix = evaluation.confusion_matrix(test.labels, probabilities.argmax(axis=1))
   text = evaluation.format_report(matrix)

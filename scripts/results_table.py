@@ -8,6 +8,7 @@ the run was logged there, ``train.log`` beside it (``<out>/<model>/``), so the c
 can be checked against the raw per-epoch data.
 """
 
+import json
 import shutil
 import statistics
 import sys
@@ -27,15 +28,47 @@ _OUT = flags.DEFINE_string("out", None, "Directory for table.md and the copied h
 flags.mark_flags_as_required(["workdirs", "out"])
 
 
+# What a row reads from each file: every history record's figures, and the config's settings.
+_RECORD_FIELDS = (
+  "epoch",
+  "val_accuracy",
+  "train_accuracy",
+  "seconds",
+  "images_per_second",
+)
+_CONFIG_FIELDS = ("model", "batch_size", "learning_rate", "seed")
+
+
+def _read(file: Path, kind: type, fields: tuple[str, ...]):
+  """A workdir's JSON file as written by train.py: a ``kind`` (dict, or list of dicts) with
+  ``fields``; anything else (empty, corrupt, another shape) is one line naming the file."""
+  expected = f"expected the {file.name} that scripts/train.py writes"
+  if not file.is_file():
+    raise FlaxMnistError(
+      f"{file}: missing (is {file.parent} a finished training workdir?); {expected}"
+    )
+  try:
+    value = json.loads(file.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    reason = error.msg if isinstance(error, json.JSONDecodeError) else "not UTF-8 text"
+    what = "empty" if not file.read_bytes().strip() else f"not valid JSON ({reason})"
+    raise FlaxMnistError(f"{file}: {what}; {expected}") from None
+  items = value if kind is list else [value]
+  if not isinstance(value, kind) or not items or not all(isinstance(i, dict) for i in items):
+    shape = "an empty list" if value == [] else f"a JSON {type(value).__name__}"
+    wanted = "a non-empty list of epoch records" if kind is list else "an object"
+    raise FlaxMnistError(f"{file}: {shape}, {expected} ({wanted})")
+  for item in items:
+    missing = [field for field in fields if field not in item]
+    if missing:
+      raise FlaxMnistError(f"{file}: no {', '.join(missing)} in {item!r:.80}; {expected}")
+  return value
+
+
 def summarize(directory: Path) -> dict:
   """One row: the run's model, size, best and final val accuracy, median seconds per epoch."""
-  for name in (workdir_lib.HISTORY_FILE, workdir_lib.CONFIG_FILE):
-    if not (directory / name).is_file():
-      raise FlaxMnistError(
-        f"{directory / name}: missing (is {directory} a finished training workdir?)"
-      )
-  records = workdir_lib.read_json(directory / workdir_lib.HISTORY_FILE)
-  config = workdir_lib.read_json(directory / workdir_lib.CONFIG_FILE)
+  records = _read(directory / workdir_lib.HISTORY_FILE, list, _RECORD_FIELDS)
+  config = _read(directory / workdir_lib.CONFIG_FILE, dict, _CONFIG_FIELDS)
   best = history.best_record(records)
   model = models.create_model(config["model"], rngs=nnx.Rngs(0))
   trainable, non_trainable = models.count_params(model)
@@ -90,12 +123,12 @@ def _settings(rows: list[dict]) -> str:
 
 
 def main() -> None:
-  out = Path(_OUT.value)
-  out.mkdir(parents=True, exist_ok=True)
-  rows = []
-  for directory in map(Path, _WORKDIRS.value):
-    row = summarize(directory)
-    rows.append(row)
+  if not _WORKDIRS.value:
+    _cli.fail("--workdirs: empty, expected a comma-separated list of training workdirs")
+  directories = [Path(directory) for directory in _WORKDIRS.value]
+  rows = [summarize(directory) for directory in directories]  # Every workdir read, then written.
+  out = _cli.check_writable_dir(_OUT.value, "--out")
+  for directory, row in zip(directories, rows):
     (out / row["model"]).mkdir(exist_ok=True)
     copied = (workdir_lib.HISTORY_FILE, workdir_lib.CONFIG_FILE, workdir_lib.RUN_FILE, "train.log")
     for name in copied:

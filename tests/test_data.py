@@ -154,13 +154,22 @@ def test_tfds_prepares_from_idx_and_reads_back_without_tensorflow(tmp_path):
   assert "tensorflow" not in sys.modules
 
 
-def test_tfds_prepare_validates_the_idx_files(tmp_path):
+def test_tfds_prepare_validates_the_idx_files_and_leaves_nothing_partial(tmp_path):
   from flax_mnist import tfds_builder
 
   manual_dir = write_mnist_dir(tmp_path / "manual", num_train=10, num_test=4, compress=False)
   write_idx(manual_dir / "t10k-labels-idx1-ubyte", np.full(4, 12, np.uint8))
   with pytest.raises(DatasetError, match="label 12 at index 0"):
     tfds_builder.load(data_dir=tmp_path / "tfds", manual_dir=manual_dir)
+  assert not (tmp_path / "tfds").exists()  # No incomplete.* directory left behind.
+  (tmp_path / "shared" / "downloads").mkdir(parents=True)
+  (tmp_path / "shared" / "other_dataset").mkdir()
+  with pytest.raises(DatasetError, match="label 12 at index 0"):
+    tfds_builder.load(data_dir=tmp_path / "shared", manual_dir=manual_dir)
+  assert sorted(path.name for path in (tmp_path / "shared").rglob("*")) == [
+    "downloads",
+    "other_dataset",
+  ]
 
 
 def test_normalize_images_scales_uint8_to_unit_interval():
@@ -175,12 +184,26 @@ def test_tfds_download_failure_is_one_clear_line(tmp_path, monkeypatch):
 
   from flax_mnist import tfds_builder
 
-  monkeypatch.setattr(
-    tfds_builder, "DOWNLOAD_URL", "http://127.0.0.1:9/mnist/"
-  )  # Nothing listens there.
+  # Nothing listens there: the probe is refused at once.
+  monkeypatch.setattr(tfds_builder, "DOWNLOAD_URL", "http://127.0.0.1:9/mnist/")
+  with pytest.raises(DatasetError, match="127.0.0.1:9 cannot be reached") as info:
+    tfds_builder.load(data_dir=tmp_path / "tfds")
+  message = str(info.value)
+  assert "--config.data_dir=DIR" in message and "FLAX_MNIST_DATA_DIR=DIR" in message
+  assert "\n" not in message and not (tmp_path / "tfds").exists()
+  # The probe passes, the download fails: the same hint, and no partial download left.
+  monkeypatch.setattr(tfds_builder, "probe_download", lambda: None)
   monkeypatch.setattr(downloader, "MAX_RETRIES", 0)  # TFDS would back off for minutes first.
   with pytest.raises(
-    DatasetError, match="could not download or prepare .*set FLAX_MNIST_DATA_DIR"
+    DatasetError, match="could not download or prepare .*--config.data_dir=DIR"
   ) as info:
     tfds_builder.load(data_dir=tmp_path / "tfds")
-  assert "\n" not in str(info.value)
+  assert "\n" not in str(info.value) and not (tmp_path / "tfds").exists()
+
+
+def test_a_split_of_zero_images_is_refused_naming_the_file(tmp_path):
+  directory = write_mnist_dir(tmp_path / "d", num_train=10, num_test=4, compress=False)
+  write_idx(directory / "t10k-images-idx3-ubyte", np.zeros((0, 28, 28), np.uint8))
+  write_idx(directory / "t10k-labels-idx1-ubyte", np.zeros(0, np.uint8))
+  with pytest.raises(DatasetError, match=r"t10k-images-idx3-ubyte: 0 images, expected at least"):
+    data.load_idx_dir(directory)

@@ -20,18 +20,30 @@ import contextlib
 import logging
 import math
 import os
+import zlib
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from flax_mnist import models
+from flax_mnist import models, sharding
 from flax_mnist import workdir as workdir_module
 from flax_mnist.config import BEST_METRICS, resolve_impl
 from flax_mnist.errors import CheckpointError
 
 KINDS = ("best", "latest")
+
+
+def checksum(tree: Any) -> int:
+  """CRC-32 of every array of ``tree`` (bytes, in tree order; PRNG keys by their key data)."""
+  value = 0
+  for leaf in jax.tree.leaves(tree):
+    if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+      leaf = jax.random.key_data(leaf)
+    value = zlib.crc32(np.ascontiguousarray(sharding.to_host(leaf)).tobytes(), value)
+  return value
 
 
 def _abstract(tree: Any) -> Any:
@@ -95,7 +107,9 @@ class Checkpoints:
     return self._manager(kind).latest_step()
 
   def save(self, kind: str, epoch: int, state: Any, meta: dict[str, Any]) -> None:
-    """Saves ``state`` (a pytree) and ``meta`` (JSON-able) as ``kind`` checkpoint of ``epoch``."""
+    """Saves ``state`` (a pytree) and ``meta`` (JSON-able) as ``kind`` checkpoint of ``epoch``;
+    ``meta`` also gets a CRC-32 of each part of ``state``, checked on restore."""
+    meta = {**meta, "checksums": {part: checksum(value) for part, value in state.items()}}
     self._manager(kind).save(
       epoch,
       args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
@@ -123,48 +137,69 @@ class Checkpoints:
     self.save("latest", epoch, state, meta)
     return is_best
 
+  def step_dir(self, kind: str) -> str:
+    """``<workdir>/checkpoints/<kind>/<epoch>``: what error messages name."""
+    return f"{self.directory / kind / str(self.epoch(kind))}"
+
   def restore_meta(self, kind: str) -> dict[str, Any]:
     """The JSON metadata of the ``kind`` checkpoint."""
     epoch = self._require(kind)
-    return self._manager(kind).restore(epoch, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
-      "meta"
-    ]
+    args = ocp.args.Composite(meta=ocp.args.JsonRestore())
+    with self._damage_as_error(kind):
+      return self._manager(kind).restore(epoch, args=args)["meta"]
 
   def restore(self, kind: str, template: Any) -> tuple[Any, dict[str, Any]]:
-    """Restores the ``kind`` checkpoint into a pytree shaped like ``template``: (state, meta)."""
+    """Restores the ``kind`` checkpoint into a pytree shaped like ``template``: (state, meta).
+    A checkpoint whose arrays do not match their saved checksums is a CheckpointError."""
     epoch = self._require(kind)
-    try:
-      restored = self._manager(kind).restore(
-        epoch,
-        args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(_abstract(template)), meta=ocp.args.JsonRestore()
-        ),
-      )
-    except (ValueError, KeyError, TypeError) as error:
-      message = str(error).splitlines()[0] if str(error) else type(error).__name__
-      raise CheckpointError(
-        f"{self.directory / kind / str(epoch)}: does not match the model being restored ({message})"
-      ) from None
+    args = ocp.args.Composite(
+      state=ocp.args.StandardRestore(_abstract(template)), meta=ocp.args.JsonRestore()
+    )
+    with self._damage_as_error(kind):
+      restored = self._manager(kind).restore(epoch, args=args)
+    self._verify(kind, restored["state"], restored["meta"])
     return restored["state"], restored["meta"]
 
-  def restore_model(self, kind: str, template: Any) -> Any:
+  def restore_model(self, kind: str, template: Any) -> tuple[Any, dict[str, Any]]:
     """Restores only the model (``template``: {"params", "model_state"}) of the ``kind``
-    checkpoint, whatever optimizer state is saved beside it."""
+    checkpoint, whatever optimizer state is saved beside it: (state, meta), checksums checked."""
     epoch = self._require(kind)
-    abstract = {"state": _abstract(template)}
+    item = _abstract(template)
     args = ocp.args.PyTreeRestore(
-      item=abstract["state"],
-      restore_args=ocp.checkpoint_utils.construct_restore_args(abstract["state"]),
+      item=item,
+      restore_args=ocp.checkpoint_utils.construct_restore_args(item),
       partial_restore=True,
     )
+    meta = self.restore_meta(kind)
+    with self._damage_as_error(kind):
+      state = self._manager(kind).restore(epoch, args=ocp.args.Composite(state=args))["state"]
+    self._verify(kind, state, meta)
+    return state, meta
+
+  @contextlib.contextmanager
+  def _damage_as_error(self, kind: str):
+    """Whatever orbax raises on a truncated, missing or mismatched file becomes one line."""
     try:
-      restored = self._manager(kind).restore(epoch, args=ocp.args.Composite(state=args))
-    except (ValueError, KeyError, TypeError) as error:
-      message = str(error).splitlines()[0] if str(error) else type(error).__name__
+      yield
+    except CheckpointError:
+      raise
+    except Exception as error:  # noqa: BLE001 (orbax raises many types for one cause)
+      lines = str(error).strip().splitlines()
+      reason = f"{type(error).__name__}: {lines[0][:200]}" if lines else type(error).__name__
       raise CheckpointError(
-        f"{self.directory / kind / str(epoch)}: does not match the model being restored ({message})"
+        f"{self.step_dir(kind)}: cannot be restored ({reason}): it is damaged or incomplete, or "
+        "was written for another model"
       ) from None
-    return restored["state"]
+
+  def _verify(self, kind: str, state: Any, meta: dict[str, Any]) -> None:
+    """Compares each restored part's CRC-32 with the one saved beside it (older checkpoints
+    have none: nothing to compare)."""
+    saved = meta.get("checksums", {})
+    for part, value in state.items():
+      if part in saved and checksum(value) != saved[part]:
+        raise CheckpointError(
+          f"{self.step_dir(kind)}: damaged: its {part} do not match the checksum saved with them"
+        )
 
   def wait(self) -> None:
     """Blocks until asynchronous saves have finished."""
@@ -190,36 +225,57 @@ class Checkpoints:
     return epoch
 
 
+def _load(checkpoints: Checkpoints, which: str) -> tuple[nnx.Module, dict[str, Any]]:
+  meta = checkpoints.restore_meta(which)
+  config = meta["config"]
+  model = models.init_model(
+    config["model"],
+    config["seed"],
+    impl=resolve_impl("auto"),
+    dropout_rng_impl=config["dropout_rng_impl"],
+    model_kwargs=config.get("model_kwargs") or {},
+  )
+  graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
+  state, _ = checkpoints.restore_model(which, {"params": params, "model_state": model_state})
+  model = nnx.merge(graphdef, state["params"], state["model_state"])
+  model.eval()
+  return model, meta
+
+
 def load_model(
-  workdir: str | os.PathLike, which: str = "best"
+  workdir: str | os.PathLike, which: str = "best", *, fallback: bool = True
 ) -> tuple[nnx.Module, dict[str, Any]]:
   """Loads the ``which`` ("best" or "latest") checkpoint of a training workdir.
 
-  Returns ``(model, info)``: the model in eval mode, and a dict with at least ``epoch``,
-  ``val_accuracy``, ``val_loss``, ``model`` (its name) and ``config`` (as trained). The layer
+  Returns ``(model, info)``: the model in eval mode, and the checkpoint's metadata: ``epoch``,
+  ``val_accuracy``, ``val_loss``, ``model`` (its name), ``config`` (as trained). The layer
   implementation is this platform's (all compute the same function); the dropout PRNG is the
   recorded one, since its key is part of the checkpoint. Only the model is restored (params,
-  BatchNorm statistics), whatever the optimizer was.
+  BatchNorm statistics), whatever the optimizer was. If that checkpoint is damaged and the other
+  one is intact (and ``fallback``), the other is loaded and ``info["fallback"]`` says so.
   """
   if not (workdir_module.path(workdir) / workdir_module.CHECKPOINTS_DIR).is_dir():
     raise CheckpointError(
       f"{workdir}: no checkpoints directory (expected a workdir written by train.py)"
     )
+  if which not in KINDS:
+    raise CheckpointError(f"checkpoint {which!r}: unknown, expected one of {', '.join(KINDS)}")
   checkpoints = Checkpoints(workdir, read_only=True)
   try:
-    meta = checkpoints.restore_meta(which)
-    config = meta["config"]
-    model = models.init_model(
-      config["model"],
-      config["seed"],
-      impl=resolve_impl("auto"),
-      dropout_rng_impl=config["dropout_rng_impl"],
-      model_kwargs=config.get("model_kwargs") or {},
-    )
-    graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
-    state = checkpoints.restore_model(which, {"params": params, "model_state": model_state})
+    try:
+      return _load(checkpoints, which)
+    except CheckpointError as damaged:
+      other = next(kind for kind in KINDS if kind != which)
+      if not fallback or checkpoints.epoch(other) is None or checkpoints.epoch(which) is None:
+        raise
+      try:
+        model, meta = _load(checkpoints, other)
+      except CheckpointError:
+        raise CheckpointError(
+          f"{damaged}; {checkpoints.step_dir(other)} cannot be restored either: retrain "
+          "(move the checkpoints directory away)"
+        ) from None
+      meta["fallback"] = f"{damaged}; loaded the {other} checkpoint (epoch {meta['epoch']}) instead"
+      return model, meta
   finally:
     checkpoints.close()
-  model = nnx.merge(graphdef, state["params"], state["model_state"])
-  model.eval()
-  return model, meta

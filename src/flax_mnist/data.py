@@ -139,7 +139,11 @@ def find_idx_file(directory: str | os.PathLike, stem: str) -> Path:
 def make_split(
   images: np.ndarray, labels: np.ndarray, *, images_name: str, labels_name: str
 ) -> Split:
-  """Pairs images and labels, checking that their counts are equal."""
+  """Pairs images and labels, checking that there are some and that their counts are equal."""
+  if len(images) == 0:
+    raise DatasetError(
+      f"{images_name}: 0 images, expected at least one (MNIST has 60,000 + 10,000)"
+    )
   if len(images) != len(labels):
     raise DatasetError(
       f"{labels_name}: {len(labels)} labels, expected {len(images)} to match the images in "

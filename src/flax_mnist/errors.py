@@ -23,7 +23,20 @@ class CheckpointError(FlaxMnistError):
   """A workdir holds no usable checkpoint, or one that does not match the run."""
 
 
+class WorkdirError(FlaxMnistError):
+  """A workdir cannot be used: a file, not writable, or held by another run."""
+
+
 class RunError(FlaxMnistError):
   """Training failed at run time (it diverged, a device or file system failed)."""
 
   exit_code = 1
+
+
+class Interrupted(KeyboardInterrupt):
+  """Training was stopped by SIGINT (exit 130) or SIGTERM (exit 143); ``str()`` says what is
+  saved and how to resume."""
+
+  def __init__(self, message: str, exit_code: int = 130):
+    super().__init__(message)
+    self.exit_code = exit_code

@@ -158,32 +158,27 @@ def plot_mistakes(
   return indices
 
 
+# What a user's .npy may hold, said in every refusal of one.
+_NPY_EXPECTED = "expected 28x28 grey levels: integers 0..255 or floats in [0, 1]"
+_NPY_MAGIC = b"\x93NUMPY"
+# A frame this wide around the image: MNIST's is black (the digits are centred in 20x20).
+_BORDER = 2
+
+
 def load_user_image(path: str | os.PathLike) -> np.ndarray:
   """A user's image as uint8 (1, 28, 28, 1): a .png (converted to grey) or a .npy of 28x28 values.
 
   Images are not resized: another size is an error, since MNIST digits are centred in 28x28
-  and a resize would quietly change what the model sees. Like MNIST, digits are light on dark;
-  .npy floats in [0, 1] are scaled to 0..255.
+  and a resize would quietly change what the model sees. Like MNIST, digits are light on dark
+  (``light_background`` tells a dark-on-light one). A .npy must hold numbers: integers 0..255,
+  or floats in [0, 1] (scaled to 0..255); an empty, boolean, string, complex or object array,
+  NaN or inf, is refused with a one-line DatasetError naming the file.
   """
   path = Path(path)
   if not path.is_file():
     raise DatasetError(f"{path}: no such file")
   if path.suffix.lower() == ".npy":
-    try:
-      array = np.load(path, allow_pickle=False)
-    except ValueError as error:
-      raise DatasetError(f"{path}: not a readable .npy array ({error})") from None
-    array = np.squeeze(array)
-    if array.dtype.kind == "f":
-      if array.min() < 0 or array.max() > 1:
-        raise DatasetError(
-          f"{path}: float values in [{array.min():.3g}, {array.max():.3g}], expected [0, 1]"
-        )
-      array = np.round(array * 255)
-    elif array.dtype.kind in "iu" and (array.min() < 0 or array.max() > 255):
-      raise DatasetError(
-        f"{path}: integer values in [{array.min()}, {array.max()}], expected 0..255"
-      )
+    array = _load_npy(path)
   elif path.suffix.lower() == ".png":
     from PIL import Image, UnidentifiedImageError
 
@@ -196,7 +191,55 @@ def load_user_image(path: str | os.PathLike) -> np.ndarray:
     raise DatasetError(f"{path}: unsupported file type {path.suffix!r}, expected .png or .npy")
   if array.shape != data.IMAGE_SHAPE[:2]:
     raise DatasetError(
-      f"{path}: image is {'x'.join(map(str, array.shape))}, expected 28x28 "
+      f"{path}: image is {'x'.join(map(str, array.shape)) or 'a single value'}, expected 28x28 "
       "(grey, digit light on dark, not resized)"
     )
   return array.astype(np.uint8)[None, ..., None]
+
+
+def _load_npy(path: Path) -> np.ndarray:
+  """The grey levels 0..255 of a .npy file, squeezed; DatasetError for anything but numbers."""
+  with open(path, "rb") as file:
+    magic = file.read(len(_NPY_MAGIC))
+  if not magic:
+    raise DatasetError(f"{path}: empty file, {_NPY_EXPECTED}")
+  if magic != _NPY_MAGIC:
+    raise DatasetError(f"{path}: not a .npy file (no NUMPY header), {_NPY_EXPECTED}")
+  try:
+    array = np.load(path, allow_pickle=False)
+  except (ValueError, OSError, EOFError) as error:
+    reason = (str(error).split(". ")[0] or type(error).__name__).rstrip(".")
+    raise DatasetError(
+      f"{path}: not a readable .npy array of numbers ({reason}); {_NPY_EXPECTED}"
+    ) from None
+  array = np.squeeze(array)
+  kind = {"b": "booleans", "U": "strings", "S": "bytes", "c": "complex numbers", "O": "objects"}
+  if array.dtype.kind not in "iuf":
+    what = kind.get(array.dtype.kind, f"dtype {array.dtype}")
+    raise DatasetError(f"{path}: an array of {what} ({array.dtype}), {_NPY_EXPECTED}")
+  if array.size == 0:
+    raise DatasetError(f"{path}: an empty array, shape {array.shape}; {_NPY_EXPECTED}")
+  if array.dtype.kind == "f":
+    counts = {"NaN": int(np.isnan(array).sum()), "infinite": int(np.isinf(array).sum())}
+    if any(counts.values()):
+      found = " and ".join(f"{count} {name}" for name, count in counts.items() if count)
+      raise DatasetError(f"{path}: {found} values of {array.size}; {_NPY_EXPECTED}")
+    if array.min() < 0 or array.max() > 1:
+      raise DatasetError(
+        f"{path}: float values in [{array.min():.3g}, {array.max():.3g}], expected [0, 1]"
+      )
+    return np.round(array * 255)
+  if array.min() < 0 or array.max() > 255:
+    raise DatasetError(f"{path}: integer values in [{array.min()}, {array.max()}], expected 0..255")
+  return array
+
+
+def light_background(image: np.ndarray) -> float | None:
+  """The mean grey level (0..255) of the image's outer frame if it is light (above 127), else
+  None. MNIST's frame is black, digits light on dark: a dark-on-light image, a scan or a drawing
+  on white, is classified as noise by a model trained on MNIST, often confidently."""
+  grey = np.asarray(image, np.float64).reshape(data.IMAGE_SHAPE[:2])
+  frame = np.ones(grey.shape, bool)
+  frame[_BORDER:-_BORDER, _BORDER:-_BORDER] = False
+  level = float(grey[frame].mean())
+  return level if level > 127 else None

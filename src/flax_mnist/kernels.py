@@ -96,6 +96,12 @@ def _max_pool_index(images, window):
 def _max_pool_index_forward(images, window):
   windows = _pool_windows(images, window)
   slices = [windows[:, :, i, :, j, :] for i in range(window) for j in range(window)]
+  if _FIRST_MAX == "index2":
+    best = windows.max(axis=(2, 4))
+    index = jnp.full(best.shape, window * window - 1, jnp.int8)
+    for position in reversed(range(window * window - 1)):
+      index = jnp.where(slices[position] == best, jnp.int8(position), index)
+    return best, jax.lax.rem(index, jnp.int8(127))
   best, index = _first_max_and_index(jnp.stack(slices, axis=-2))
   best, index = jax.lax.optimization_barrier((best, index))
   return best, index
@@ -129,6 +135,25 @@ def _max_pool_backward(window, residuals, pooled_grad):
   equal = windows == expand(pooled)
   if _POOL_VARIANT == "old":
     first_max = equal
+  elif _POOL_VARIANT == "e3":
+    slices = [windows[:, :, i, :, j, :] for i in range(window) for j in range(window)]
+    hits, none_before = [], None
+    for x in slices:
+      equal_here = x == pooled
+      hits.append(equal_here if none_before is None else equal_here & none_before)
+      none_before = ~equal_here if none_before is None else none_before & ~equal_here
+    stacked = jnp.stack(hits).reshape(window, window, *pooled_grad.shape)
+    first_max = jnp.transpose(stacked, (2, 3, 0, 4, 1, 5))
+  elif _POOL_VARIANT == "e2":
+    slices = [windows[:, :, i, :, j, :] for i in range(window) for j in range(window)]
+    outs, none_before = [], None
+    for x in slices:
+      equal_here = x == pooled
+      hit = equal_here if none_before is None else equal_here & none_before
+      none_before = ~equal_here if none_before is None else none_before & ~equal_here
+      outs.append(jnp.where(hit, pooled_grad, jnp.zeros((), pooled_grad.dtype)))
+    stacked = jnp.stack(outs).reshape(window, window, *pooled_grad.shape)
+    return (jnp.transpose(stacked, (2, 3, 0, 4, 1, 5)).reshape(images.shape),)
   elif _POOL_VARIANT == "chain":
     slices = [windows[:, :, i, :, j, :] for i in range(window) for j in range(window)]
     best, index = slices[0], jnp.zeros(pooled.shape, jnp.int8)
@@ -208,6 +233,14 @@ def _first_max_and_index(groups: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Max over axis -2 of (..., S, O) and the index of its first maximum (int8)."""
   if _FIRST_MAX == "argmax":
     return groups.max(axis=-2), jnp.argmax(groups, axis=-2).astype(jnp.int8)
+  if _FIRST_MAX == "chainrem":
+    best, index = groups[..., 0, :], jnp.zeros(groups.shape[:-2] + groups.shape[-1:], jnp.int8)
+    for position in range(1, groups.shape[-2]):
+      candidate = groups[..., position, :]
+      above = candidate > best
+      best = jnp.where(above, candidate, best)
+      index = jnp.where(above, jnp.int8(position), index)
+    return best, jax.lax.rem(index, jnp.int8(127))
   best, index = groups[..., 0, :], jnp.zeros(groups.shape[:-2] + groups.shape[-1:], jnp.int8)
   for position in range(1, groups.shape[-2]):
     candidate = groups[..., position, :]

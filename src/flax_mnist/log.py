@@ -29,9 +29,11 @@ class ProgressBar:
     self.stream = stream or sys.stderr
     self.enabled = enabled and self.stream.isatty()
     self._bar: tqdm | None = None
+    self.last_step = 0  # The last step reported in the current epoch (0: none, or no bar).
 
   def start(self, epoch: int, num_epochs: int) -> None:
     """Opens the bar for one epoch."""
+    self.last_step = 0
     if self.enabled:
       self._bar = tqdm(
         total=self.total_steps,
@@ -47,6 +49,7 @@ class ProgressBar:
     if self._bar is None:
       return
     seen = max(int(seen), 1)
+    self.last_step = int(step)
     self._bar.n = int(step)
     self._bar.set_postfix(
       loss=f"{float(loss_sum) / seen:.4f}", accuracy=f"{int(correct_sum) / seen:.4f}", refresh=False

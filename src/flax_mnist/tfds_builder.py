@@ -4,11 +4,19 @@ TFDS's stock ``mnist`` builder prepares through TensorFlow and ``tfds.load`` nee
 this builder parses the IDX files with ``flax_mnist.data`` (so the same validation applies)
 and is read back with ``as_data_source`` (array_record), which needs no TensorFlow either.
 Importing this module registers the builder with TFDS under the name ``mnist_idx``.
+
+Without a network, preparing fails in seconds, not after TFDS's minutes of retries: the download
+host is probed first (``PROBE_TIMEOUT_S``). A failed preparation leaves nothing behind in the TFDS
+data dir that was not there before (downloads, incomplete directories).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import urllib.error
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +27,13 @@ from flax_mnist.errors import DatasetError
 
 # The mirror the stock TFDS builder downloads from.
 DOWNLOAD_URL = "https://storage.googleapis.com/cvdf-datasets/mnist/"
+# How long the download host may take to answer before the download is abandoned.
+PROBE_TIMEOUT_S = 5.0
+# The ways to give the files instead, said by every failure to download them.
+DATA_HINT = (
+  "give a directory of the four MNIST IDX files with --config.data_dir=DIR (--data_dir=DIR to "
+  f"evaluate.py, compare.py, benchmark.py) or {data.DATA_DIR_ENV}=DIR"
+)
 
 
 class MnistIdx(tfds.core.GeneratorBasedBuilder):
@@ -65,16 +80,7 @@ class MnistIdx(tfds.core.GeneratorBasedBuilder):
       manual_dir = dl_manager.manual_dir
     except AssertionError:  # TFDS asserts when no manual dir was configured.
       return None
-    if manual_dir is None or not Path(manual_dir).is_dir():
-      return None
-    try:
-      return {
-        stem: data.find_idx_file(manual_dir, stem)
-        for stems in data.IDX_FILES.values()
-        for stem in stems
-      }
-    except DatasetError:
-      return None
+    return _manual_files(manual_dir)
 
   def _generate_examples(self, images_path, labels_path):
     split = data.make_split(
@@ -87,26 +93,102 @@ class MnistIdx(tfds.core.GeneratorBasedBuilder):
       yield index, {"image": split.images[index], "label": int(split.labels[index])}
 
 
+def _manual_files(manual_dir: str | os.PathLike | None) -> dict[str, Path] | None:
+  """The four IDX files in ``manual_dir``, or None if it is not given or lacks one."""
+  if manual_dir is None or not Path(manual_dir).is_dir():
+    return None
+  try:
+    return {
+      stem: data.find_idx_file(manual_dir, stem)
+      for stems in data.IDX_FILES.values()
+      for stem in stems
+    }
+  except DatasetError:
+    return None
+
+
+def probe_download(url: str | None = None, timeout: float = PROBE_TIMEOUT_S) -> None:
+  """Raises DatasetError, with ``DATA_HINT``, when the host of ``url`` (``DOWNLOAD_URL``) does not
+  answer within ``timeout`` seconds (no network, no DNS, a firewall); the environment's proxies
+  apply."""
+  url = url or DOWNLOAD_URL
+  host = urllib.parse.urlsplit(url).netloc
+  request = urllib.request.Request(url + data.IDX_FILES["test"][1] + ".gz", method="HEAD")
+  try:
+    with urllib.request.urlopen(request, timeout=timeout):
+      pass
+  except urllib.error.HTTPError:  # The host answered: the network is there; TFDS says the rest.
+    return
+  except (urllib.error.URLError, OSError) as error:
+    reason = getattr(error, "reason", None) or error
+    reason = getattr(reason, "strerror", None) or str(reason) or type(error).__name__
+    raise DatasetError(
+      f"no MNIST files given, and {host} cannot be reached to download them ({reason}); {DATA_HINT}"
+    ) from None
+
+
+def _entries(root: Path) -> set[Path]:
+  """What a preparation may add under the TFDS data dir ``root``: its downloads and mnist_idx
+  directories and their direct entries (not the rest of a shared TFDS dir)."""
+  found = set()
+  for directory in (
+    root,
+    root / "downloads",
+    root / "downloads" / MnistIdx.name,
+    root / MnistIdx.name,
+  ):
+    if directory.is_dir():
+      found.add(directory)
+      found.update(directory.iterdir())
+  return found
+
+
+def _remove_new(root: Path, before: set[Path]) -> None:
+  """Removes what a failed preparation added under ``root`` (partial downloads, incomplete
+  directories), deepest first, and ``root`` itself if it was made for it and is left empty."""
+  for entry in sorted(_entries(root) - before, key=lambda entry: -len(entry.parts)):
+    if entry == root:
+      continue
+    if entry.is_dir() and not entry.is_symlink():
+      shutil.rmtree(entry, ignore_errors=True)
+    else:
+      entry.unlink(missing_ok=True)
+  if root not in before and root.is_dir() and not any(root.iterdir()):
+    root.rmdir()
+
+
 def prepare(
   data_dir: str | os.PathLike | None = None, manual_dir: str | os.PathLike | None = None
 ) -> MnistIdx:
-  """Prepares (once) and returns the builder; from ``manual_dir`` if given, else by download."""
+  """Prepares (once) and returns the builder; from ``manual_dir`` if given, else by download.
+
+  Fails in seconds without a network (DatasetError naming ``--config.data_dir`` and
+  ``FLAX_MNIST_DATA_DIR``), and leaves no partial download behind on any failure.
+  """
   builder = MnistIdx(
     data_dir=None if data_dir is None else os.fspath(data_dir), file_format="array_record"
   )
+  if builder.data_path.exists() and builder.is_prepared():  # (is_prepared warns if not there.)
+    return builder
+  root = Path(os.fspath(builder.data_dir_root))
+  before = _entries(root)
   download_config = tfds.download.DownloadConfig(
-    manual_dir=None if manual_dir is None else os.fspath(manual_dir)
+    manual_dir=None if manual_dir is None else os.fspath(manual_dir),
+    try_download_gcs=False,  # mnist_idx is ours: no prepared copy on TFDS's bucket to look for.
   )
   try:
+    if _manual_files(manual_dir) is None:
+      probe_download()
     builder.download_and_prepare(download_config=download_config)
-  except DatasetError:
-    raise
-  except Exception as error:  # Network, disk and TFDS errors alike: one line that says what to do.
+  except BaseException as error:  # Ctrl-C included: nothing partial stays behind.
+    _remove_new(root, before)
+    if isinstance(error, DatasetError) or not isinstance(error, Exception):
+      raise
+    # Network, disk and TFDS errors alike: one line that says what to do.
     reason = (str(error).strip().splitlines() or [""])[0][:300]
     raise DatasetError(
       f"TFDS mnist_idx in {builder.data_dir}: could not download or prepare "
-      f"({type(error).__name__}: "
-      f"{reason}); set FLAX_MNIST_DATA_DIR or config.data_dir to a directory of the MNIST IDX files"
+      f"({type(error).__name__}: {reason}); {DATA_HINT}"
     ) from None
   return builder
 

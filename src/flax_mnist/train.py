@@ -7,6 +7,7 @@ config and its resolution in ``config``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -22,7 +23,7 @@ from flax import nnx
 
 from flax_mnist import checkpoint, data, history, log, models, optim, sharding, steps, workdir
 from flax_mnist.config import RunSpec, config_to_dict, resolve, result_fields, run_config_dict
-from flax_mnist.errors import ConfigError, RunError
+from flax_mnist.errors import CheckpointError, ConfigError, Interrupted, RunError, WorkdirError
 
 Say = Callable[[str], None]
 State = dict[str, Any]  # {"params", "model_state", "opt_state"}
@@ -52,26 +53,69 @@ class _SeedRun:
     self.config_dict = config_dict
     self.workdir = directory
     self.is_writer = is_writer
-    directory.mkdir(parents=True, exist_ok=True)
-    workdir.check_resumable(directory, config_dict, result_fields(config_dict))
-    self.checkpoints = checkpoint.Checkpoints(directory, best_metric=config_dict["best_metric"])
+    self.say = say
+    self._held = contextlib.ExitStack()
+    if is_writer:  # One process creates and locks; all of them save checkpoints into it.
+      workdir.prepare(directory)
+      self._held.enter_context(workdir.lock(directory))
     self.tensorboard: log.TensorBoard | None = None
     self.state = template
     self.start_epoch = 0
     self.history: list[dict[str, Any]] = []
     self.stopped = False  # Early stopping ended this seed's run.
     try:
-      if self.checkpoints.epoch("latest") is not None:
-        self.state, meta = self.checkpoints.restore("latest", template)
-        self.start_epoch = meta["epoch"]
-        self.history = workdir.read_history(directory, self.start_epoch)
-        self.stopped = any(record.get("stopped_early") for record in self.history)
-        say(f"resumed from {self.checkpoints.directory / 'latest'} at epoch {self.start_epoch}")
-      if is_writer:
-        workdir.write_json(directory / workdir.CONFIG_FILE, config_dict)
+      workdir.check_resumable(directory, config_dict, result_fields(config_dict))
+      self.checkpoints = checkpoint.Checkpoints(directory, best_metric=config_dict["best_metric"])
+      self._held.callback(self.checkpoints.close)
+      self._resume(template)
     except BaseException:
-      self.checkpoints.close()
+      self._held.close()
       raise
+
+  def _resume(self, template: State) -> None:
+    """Restores the latest checkpoint (the best one if there is no latest) with the history
+    saved inside it: the record of each epoch travels with its checkpoint, so a history.json
+    that missed a write (a kill, a full disk) is rebuilt, never left with a gap."""
+    kind = next((k for k in ("latest", "best") if self.checkpoints.epoch(k) is not None), None)
+    if kind is None:
+      return
+    try:
+      self.state, meta = self.checkpoints.restore(kind, template)
+    except CheckpointError as error:
+      intact = "best" if kind == "latest" and self.checkpoints.epoch("best") is not None else None
+      hint = (
+        (
+          f"; move {self.checkpoints.step_dir(kind)} away to resume from "
+          f"{self.checkpoints.step_dir(intact)}"
+        )
+        if intact
+        else "; use another workdir"
+      )
+      raise CheckpointError(f"{error}{hint}") from None
+    self.start_epoch = meta["epoch"]
+    self.history = meta.get("history") or workdir.read_history(self.workdir, self.start_epoch)
+    epochs = [record["epoch"] for record in self.history]
+    if epochs != list(range(1, self.start_epoch + 1)):
+      raise WorkdirError(
+        f"{self.workdir / workdir.HISTORY_FILE}: holds epochs {epochs}, expected "
+        f"1..{self.start_epoch} "
+        f"to resume {self.checkpoints.step_dir(kind)} (a checkpoint of an older version keeps no "
+        "history of its own): restore the file or use another workdir"
+      )
+    self.stopped = any(record.get("stopped_early") for record in self.history)
+    self.say(f"resumed from {self.checkpoints.step_dir(kind)} at epoch {self.start_epoch}")
+
+  def begin(self) -> None:
+    """Training starts: config.json is written now (not by a refused or no-op run), and a
+    history.json that disagrees with the checkpoint is rewritten from it."""
+    if not self.is_writer:
+      return
+    workdir.write_json(self.workdir / workdir.CONFIG_FILE, self.config_dict)
+    file = self.workdir / workdir.HISTORY_FILE
+    on_disk = workdir.read_history(self.workdir, self.start_epoch) if file.exists() else []
+    if self.history and [r["epoch"] for r in on_disk] != [r["epoch"] for r in self.history]:
+      workdir.write_json(file, self.history)
+      self.say(f"rebuilt {file} from the checkpoint (epochs 1..{self.start_epoch})")
 
   def finish_epoch(
     self,
@@ -113,10 +157,11 @@ class _SeedRun:
       "model": self.config_dict["model"],
       "config": self.config_dict,
       **{key: record[key] for key in history.AGGREGATED},
+      "history": self.history,
     }
     self.checkpoints.save_epoch(epoch, state, meta)
     if self.is_writer:
-      workdir.write_json(self.workdir / workdir.HISTORY_FILE, self.history)
+      self._write_history(epoch)
       if self.tensorboard is None:
         self.tensorboard = log.TensorBoard(self.workdir / workdir.TENSORBOARD_DIR)
       model = nnx.merge(train_graphdef, state["params"], state["model_state"])
@@ -124,13 +169,22 @@ class _SeedRun:
       self.tensorboard.write_epoch(epoch, record, sharding.to_host(arrays))
     return record
 
+  def _write_history(self, epoch: int) -> None:
+    try:
+      workdir.write_json(self.workdir / workdir.HISTORY_FILE, self.history)
+    except OSError as error:
+      raise RunError(
+        f"{self.workdir / workdir.HISTORY_FILE}: could not be written ({error.strerror or error}); "
+        f"epoch {epoch} is checkpointed with its history: rerun the same command to resume"
+      ) from None
+
   def close(self) -> None:
-    """Closes the TensorBoard writer and waits for pending checkpoint saves."""
+    """Closes the TensorBoard writer, waits for pending checkpoint saves, releases the lock."""
     try:
       if self.tensorboard is not None:
         self.tensorboard.close()
     finally:
-      self.checkpoints.close()
+      self._held.close()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -316,12 +370,31 @@ class _Trainer:
     new_state = {"params": params, "model_state": model_state, "opt_state": opt_state}
     return new_state, train_metrics, val_metrics, timings
 
+  def run(self) -> None:
+    """Trains every pending seed; on SIGINT/SIGTERM waits for what is being saved and raises
+    ``Interrupted`` saying which epoch is saved and how to resume."""
+    try:
+      self.run_vmapped() if self.over_seeds else self.run_looped()
+    except KeyboardInterrupt as interrupt:
+      exit_code = getattr(interrupt, "exit_code", 130)
+      run, epoch = self.current
+      step = f", step {self.progress.last_step} of {self.steps_per_epoch}"
+      where = f"epoch {epoch}{step if self.progress.last_step else ''}"
+      seed = f" (seed {run.seed})" if len(self.runs) > 1 else ""
+      saved = f"epoch {epoch - 1} is saved" if epoch > 1 else "no epoch is saved yet"
+      raise Interrupted(
+        f"interrupted at {where}{seed}: {saved}; rerun the same command to resume", exit_code
+      ) from None
+    finally:
+      self.progress.close()
+
   def run_looped(self) -> None:
     """Each pending seed after the other, through the same compiled epoch."""
     graphdef = self.programs.train_graphdef
     for run in self.pending:
       state = run.state
       for epoch in range(run.start_epoch + 1, self.num_epochs + 1):
+        self.current = (run, epoch)
         self.progress.start(epoch, self.num_epochs)
         key = jax.random.fold_in(self.keys[run.seed], epoch)
         state, train_metrics, val_metrics, timings = self.timed_epoch(state, key)
@@ -344,6 +417,7 @@ class _Trainer:
     pending, graphdef = self.pending, self.programs.train_graphdef
     states, keys = self._stacked_states()
     for epoch in range(pending[0].start_epoch + 1, self.num_epochs + 1):
+      self.current = (pending[0], epoch)
       epoch_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, epoch)
       states, train_metrics, val_metrics, timings = self.timed_epoch(states, epoch_keys)
       for index, run in enumerate(pending):
@@ -389,10 +463,12 @@ def _train(
       runs.append(_SeedRun(config_dict, directory, template, is_writer=is_writer, say=say))
     trainer = _Trainer(config, spec, runs, programs, arrays, mesh, say)
     if not trainer.pending:
+      _say_nothing_to_train(runs, config["num_epochs"], say)
       return [run.history for run in runs]
     compile_seconds = trainer.compile()
-    if is_writer:
-      for run in trainer.pending:
+    for run in trainer.pending:
+      run.begin()
+      if is_writer:
         workdir.write_json(
           run.workdir / workdir.RUN_FILE,
           {
@@ -405,14 +481,20 @@ def _train(
             **log.environment(),
           },
         )
-    try:
-      trainer.run_vmapped() if trainer.over_seeds else trainer.run_looped()
-    finally:
-      trainer.progress.close()
+    trainer.run()
   finally:
     for run in runs:
       run.close()
   return [run.history for run in runs]
+
+
+def _say_nothing_to_train(runs: list[_SeedRun], num_epochs: int, say: Say) -> None:
+  for run in runs:
+    done = "stopped early" if run.stopped else f"holds {run.start_epoch} epochs"
+    say(
+      f"nothing to train: {run.workdir} {done} (config.num_epochs is {num_epochs}); raise "
+      "--config.num_epochs to train further"
+    )
 
 
 def _sayer(print_fn: Say | None) -> Say:
@@ -422,10 +504,20 @@ def _sayer(print_fn: Say | None) -> Say:
   return print_fn
 
 
+CHANCE_ACCURACY = 0.1  # Ten balanced classes.
+
+
 def _say_best(records: list[dict[str, Any]], say: Say, prefix: str = "") -> None:
-  if records:
-    best = history.best_record(records)
-    say(f"{prefix}best val_accuracy {best['val_accuracy']:.4f} at epoch {best['epoch']}")
+  """The best epoch; a warning when it is no better than guessing (a finite divergence)."""
+  if not records:
+    return
+  best = history.best_record(records)
+  say(f"{prefix}best val_accuracy {best['val_accuracy']:.4f} at epoch {best['epoch']}")
+  if best["val_accuracy"] <= 2 * CHANCE_ACCURACY:
+    say(
+      f"{prefix}warning: best val_accuracy {best['val_accuracy']:.4f} is near chance "
+      f"({CHANCE_ACCURACY}): training failed (diverged?); try a lower config.learning_rate"
+    )
 
 
 def train_and_evaluate(

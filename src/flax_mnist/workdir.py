@@ -6,14 +6,17 @@ local folder named ``gs:`` (``pathlib.Path`` collapses the double slash).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
-from collections.abc import Mapping, Sequence
+import socket
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from etils import epath
 
-from flax_mnist.errors import ConfigError, FlaxMnistError
+from flax_mnist.errors import ConfigError, FlaxMnistError, WorkdirError
 
 CONFIG_FILE = "config.json"  # The config the run trained with, every "auto" resolved.
 HISTORY_FILE = "history.json"  # One record per epoch.
@@ -21,6 +24,7 @@ RUN_FILE = "run.json"  # The last invocation that trained: compile times, hardwa
 SEEDS_FILE = "seeds.json"  # A multi-seed workdir's aggregate over seeds.
 SEED_DIR = "seed_{}"  # Each seed's workdir inside a multi-seed workdir.
 TENSORBOARD_DIR = "tensorboard"
+LOCK_FILE = ".lock"  # Held (flock) by the run training in the workdir.
 CHECKPOINTS_DIR = "checkpoints"
 
 PathLike = str | os.PathLike
@@ -40,6 +44,57 @@ def absolute(workdir: PathLike) -> epath.Path:
 def seed_dir(workdir: PathLike, seed: int) -> epath.Path:
   """Seed ``seed``'s own workdir inside the multi-seed workdir ``workdir``."""
   return path(workdir) / SEED_DIR.format(seed)
+
+
+def prepare(workdir: PathLike) -> epath.Path:
+  """Creates ``workdir`` (and its parents) for writing; one line if it cannot be one."""
+  directory = path(workdir)
+  try:
+    directory.mkdir(parents=True, exist_ok=True)
+  except FileExistsError:
+    raise WorkdirError(f"{directory}: is a file, expected a directory for the run") from None
+  except NotADirectoryError:
+    raise WorkdirError(f"{directory}: a parent of it is a file, expected directories") from None
+  except PermissionError:
+    raise WorkdirError(f"{directory}: cannot be created (permission denied)") from None
+  if not directory.is_dir():
+    raise WorkdirError(f"{directory}: is a file, expected a directory for the run")
+  if _is_local(directory) and not os.access(directory, os.W_OK | os.X_OK):
+    raise WorkdirError(f"{directory}: not writable (permission denied)")
+  return directory
+
+
+def _is_local(directory: epath.Path) -> bool:
+  return "://" not in os.fspath(directory)
+
+
+@contextlib.contextmanager
+def lock(workdir: PathLike) -> Iterator[None]:
+  """Holds an exclusive lock on ``workdir`` (``flock`` on ``.lock``) for a whole run: a second
+  run on it is refused in one line. The kernel drops the lock when its process dies, so a killed
+  run leaves no stale lock. (Local paths only: a bucket has no locks.)"""
+  directory = path(workdir)
+  if not _is_local(directory):
+    yield
+    return
+  file = open(os.fspath(directory / LOCK_FILE), "a+")  # noqa: SIM115 (held for the run)
+  try:
+    try:
+      fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      file.seek(0)
+      holder = file.read().strip() or "another process"
+      raise WorkdirError(
+        f"{directory}: another run ({holder}) is training in it; wait for it to end or use "
+        "another workdir"
+      ) from None
+    file.seek(0)
+    file.truncate()
+    file.write(f"pid {os.getpid()} on {socket.gethostname()}")
+    file.flush()
+    yield
+  finally:
+    file.close()
 
 
 def write_json(file: PathLike, value: Any) -> None:

@@ -1,0 +1,191 @@
+"""Saved state stays consistent: history with its checkpoint, the workdir lock, damaged
+checkpoints detected (and the intact one used), refused resumes that touch nothing."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import REPO_ROOT
+from test_train import TIMING_KEYS, small_config
+
+from flax_mnist import checkpoint, train, workdir
+from flax_mnist.errors import CheckpointError, RunError, WorkdirError
+
+
+def _metrics(records):
+  return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
+
+
+def test_a_failed_history_write_leaves_no_gap_on_resume(idx_dir, tmp_path, monkeypatch):
+  straight = train.train_and_evaluate(
+    small_config(idx_dir, num_epochs=3), tmp_path / "a", print_fn=None
+  )
+  write_json = workdir.write_json
+
+  def disk_full_at_epoch_2(path, value):
+    if str(path).endswith(workdir.HISTORY_FILE) and len(value) == 2:
+      raise OSError(28, "No space left on device")
+    write_json(path, value)
+
+  monkeypatch.setattr(workdir, "write_json", disk_full_at_epoch_2)
+  run = tmp_path / "b"
+  with pytest.raises(
+    RunError,
+    match=r"history.json: could not be written \(No space left on "
+    r"device\); epoch 2 is checkpointed",
+  ):
+    train.train_and_evaluate(small_config(idx_dir, num_epochs=3), run, print_fn=None)
+  monkeypatch.setattr(workdir, "write_json", write_json)
+  assert [r["epoch"] for r in json.loads((run / "history.json").read_text())] == [1]
+  lines = []
+  resumed = train.train_and_evaluate(
+    small_config(idx_dir, num_epochs=3), run, print_fn=lines.append
+  )
+  assert any("rebuilt" in line and "history.json from the checkpoint" in line for line in lines)
+  assert _metrics(resumed) == _metrics(straight)  # Epochs 1, 2, 3: no hole.
+  assert _metrics(json.loads((run / "history.json").read_text())) == _metrics(straight)
+  # A deleted history.json (as a damaged one's error advises) is rebuilt the same way.
+  (run / "history.json").unlink()
+  again = train.train_and_evaluate(small_config(idx_dir, num_epochs=4), run, print_fn=None)
+  assert [r["epoch"] for r in again] == [1, 2, 3, 4]
+
+
+def test_a_second_run_on_a_workdir_is_refused_and_a_killed_run_leaves_no_stale_lock(tmp_path):
+  holder = subprocess.Popen(
+    [
+      sys.executable,
+      "-c",
+      "import sys, time; from flax_mnist import workdir\n"
+      f"with workdir.lock({str(tmp_path)!r}):\n  print('held', flush=True); time.sleep(60)",
+    ],
+    stdout=subprocess.PIPE,
+    text=True,
+  )
+  assert holder.stdout.readline().strip() == "held"
+  with pytest.raises(WorkdirError, match=rf"another run \(pid {holder.pid} on .*\) is training"):
+    with workdir.lock(tmp_path):
+      pass
+  holder.send_signal(signal.SIGKILL)
+  holder.wait()
+  with workdir.lock(tmp_path):  # The kernel dropped the dead process's lock.
+    pass
+
+
+def _trained(idx_dir, path, epochs=2, **overrides):
+  train.train_and_evaluate(
+    small_config(idx_dir, num_epochs=epochs, **overrides), path, print_fn=None
+  )
+  return path
+
+
+def _tamper_checksum(step_dir):
+  meta = step_dir / "meta" / "metadata"
+  record = json.loads(meta.read_text())
+  record["checksums"]["params"] ^= 1
+  meta.write_text(json.dumps(record))
+
+
+def test_a_damaged_checkpoint_is_named_and_the_intact_one_is_loaded(idx_dir, tmp_path):
+  run = _trained(idx_dir, tmp_path / "run", epochs=2, learning_rate=1e-12)  # Best stays 1.
+  best_dir = run / "checkpoints" / "best" / "1"
+  assert best_dir.is_dir() and (run / "checkpoints" / "latest" / "2").is_dir()
+  _tamper_checksum(best_dir)
+  with pytest.raises(CheckpointError, match=r"best/1: damaged: its params do not match"):
+    checkpoint.load_model(run, fallback=False)
+  model, info = checkpoint.load_model(run)
+  assert info["epoch"] == 2 and "loaded the latest checkpoint (epoch 2) instead" in info["fallback"]
+  # Bytes of an array file flipped: orbax cannot read it, or the checksum catches it.
+  latest_dir = run / "checkpoints" / "latest" / "2"
+  for data_file in (latest_dir / "state").rglob("*"):
+    if data_file.is_file() and data_file.stat().st_size > 1000:
+      raw = bytearray(data_file.read_bytes())
+      raw[200:264] = bytes(b ^ 0xFF for b in raw[200:264])
+      data_file.write_bytes(bytes(raw))
+  with pytest.raises(CheckpointError, match=r"latest/2.*(damaged|cannot be restored)"):
+    checkpoint.load_model(run, "latest", fallback=False)
+  with pytest.raises(CheckpointError, match=r"cannot be restored either: retrain"):
+    checkpoint.load_model(run, "latest")
+
+
+def _resume(idx_dir):
+  return small_config(idx_dir, num_epochs=3, learning_rate=1e-12)
+
+
+def test_a_damaged_latest_checkpoint_refuses_to_resume_until_moved_then_resumes_from_best(
+  idx_dir, tmp_path
+):
+  run = _trained(idx_dir, tmp_path / "run", epochs=2, learning_rate=1e-12)
+  before = (run / "history.json").read_bytes()
+  _tamper_checksum(run / "checkpoints" / "latest" / "2")
+  with pytest.raises(
+    CheckpointError,
+    match=r"latest/2: damaged.*; move .*latest/2 away to resume "
+    r"from .*best/1",
+  ):
+    train.train_and_evaluate(_resume(idx_dir), run, print_fn=None)
+  assert (run / "history.json").read_bytes() == before  # A refused resume touches nothing.
+  shutil.move(run / "checkpoints" / "latest" / "2", tmp_path / "damaged_latest_2")
+  lines = []
+  records = train.train_and_evaluate(_resume(idx_dir), run, print_fn=lines.append)
+  assert any("resumed from" in line and "best/1 at epoch 1" in line for line in lines)
+  assert [r["epoch"] for r in records] == [1, 2, 3]
+
+
+def test_nothing_to_train_says_so_and_writes_nothing(idx_dir, tmp_path):
+  run = _trained(idx_dir, tmp_path / "run", epochs=1)
+  files = {path: path.read_bytes() for path in run.glob("*.json")}
+  lines = []
+  train.train_and_evaluate(small_config(idx_dir, num_epochs=1), run, print_fn=lines.append)
+  assert any(
+    line.startswith("nothing to train:") and "raise --config.num_epochs" in line for line in lines
+  )
+  assert {path: path.read_bytes() for path in run.glob("*.json")} == files
+
+
+def test_a_finite_divergence_ends_with_a_warning(idx_dir, tmp_path):
+  lines = []
+  train.train_and_evaluate(
+    small_config(idx_dir, num_epochs=1, learning_rate=50.0), tmp_path, print_fn=lines.append
+  )
+  assert any("is near chance (0.1)" in line for line in lines), lines[-3:]
+
+
+def test_sigint_saves_the_finished_epochs_and_says_how_to_resume(idx_dir, tmp_path):
+  process = subprocess.Popen(
+    [
+      sys.executable,
+      str(REPO_ROOT / "scripts" / "train.py"),
+      "--config",
+      str(REPO_ROOT / "configs" / "cnn_pool.py"),
+      "--workdir",
+      str(tmp_path / "run"),
+      f"--config.data_dir={idx_dir}",
+      "--config.num_epochs=200",
+      "--config.batch_size=64",
+      "--config.eval_batch_size=50",
+      "--config.progress_bar=False",
+    ],
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+    cwd=REPO_ROOT,
+  )
+  for line in process.stdout:
+    if line.startswith("epoch   2/200"):
+      break
+  process.send_signal(signal.SIGINT)
+  started = time.monotonic()
+  _, stderr = process.communicate(timeout=120)
+  assert process.returncode == 130 and time.monotonic() - started < 60
+  assert "Traceback" not in stderr
+  last = stderr.strip().splitlines()[-1]
+  assert last.startswith("interrupted at epoch ") and "rerun the same command to resume" in last
+  history = json.loads((tmp_path / "run" / "history.json").read_text())
+  saved = int(last.split("epoch ")[2].split(" is saved")[0])
+  assert [r["epoch"] for r in history] == list(range(1, saved + 1))
