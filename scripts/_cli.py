@@ -19,6 +19,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import signal
 import sys
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
@@ -30,7 +31,7 @@ from ml_collections.config_flags import config_flags
 
 from flax_mnist import FlaxMnistError, models
 from flax_mnist.config import load_config_file
-from flax_mnist.errors import ConfigError
+from flax_mnist.errors import ConfigError, Interrupted
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIGS_DIR = REPO_ROOT / "configs"
@@ -94,6 +95,13 @@ def check_writable_dir(directory: str | os.PathLike, flag: str) -> Path:
   return directory
 
 
+def _terminated(signum: int, frame: object) -> None:
+  """SIGTERM (a scheduler's pre-emption, ``kill``) unwinds like Ctrl-C: the run saves what it
+  finished, says how to resume, and exits 143."""
+  del signum, frame
+  raise Interrupted("terminated", 143)
+
+
 def run(main: Callable[[], None]) -> None:
   """``app.run`` with the shared preamble: no positional arguments, WARNING-level logs (orbax
   logs every save at INFO), line-buffered stdout (epoch lines show at once through a pipe), flag
@@ -102,6 +110,7 @@ def run(main: Callable[[], None]) -> None:
   def wrapped(argv: list[str]) -> None:
     logging.set_verbosity(logging.WARNING)
     sys.stdout.reconfigure(line_buffering=True)
+    signal.signal(signal.SIGTERM, _terminated)
     if len(argv) > 1:
       fail(f"unexpected arguments: {' '.join(argv[1:])} (every option is a --flag)")
     try:
@@ -248,6 +257,10 @@ def _flag_error(error: flags.Error, configs: Mapping[str, Any]) -> str:
         expected = f"; expected {_kind(default)} (the config file has {default!r})"
       except (KeyError, TypeError):
         pass
+    elif name in flags.FLAGS:
+      kinds = {"int": "an integer", "float": "a number", "bool": "true or false"}
+      kind = kinds.get(flags.FLAGS[name].flag_type())
+      expected = f"; expected {kind}" if kind else ""
     return f"--{name}={value}: {reason}{expected}"
   return f"{message} (see --helpshort)"
 

@@ -13,6 +13,7 @@ classifies 255 - image instead (a dark digit drawn on white).
 """
 
 import json
+import sys
 from pathlib import Path
 
 import _cli
@@ -46,6 +47,8 @@ def main() -> None:
     _cli.fail("--invert applies to the --predict image; give --predict FILE")
   image = _user_image() if _PREDICT.value else None  # A bad image fails before any loading.
   model, info = checkpoint.load_model(_WORKDIR.value, _WHICH.value)
+  if "fallback" in info:  # The asked-for checkpoint is damaged; the other one is intact.
+    print(f"warning: {info['fallback']}", file=sys.stderr)
   config = info["config"]
   if image is not None:
     _predict(model, image)

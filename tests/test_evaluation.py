@@ -62,6 +62,16 @@ def test_load_user_image_png_and_npy(tmp_path):
     ("range.npy", np.full((28, 28), 2.0), r"float values in \[2, 2\], expected \[0, 1\]"),
     ("digit.jpg", None, "unsupported file type '.jpg', expected .png or .npy"),
     ("broken.png", b"not a png", "not a readable PNG"),
+    ("zero.npy", b"", "empty file, expected 28x28 grey levels"),
+    ("text.npy", b"1 2 3", r"not a .npy file \(no NUMPY header\)"),
+    ("empty.npy", np.zeros((0, 28)), r"an empty array, shape \(0, 28\)"),
+    ("scalar.npy", np.array(0.5), "image is a single value, expected 28x28"),
+    ("inf.npy", np.where(np.eye(28) > 0, np.inf, 0.0), "28 infinite values of 784"),
+    ("nan.npy", np.where(np.eye(28) > 0, np.nan, 0.0)[:1, :1], "1 NaN value of 1"),
+    ("bool.npy", np.ones((28, 28), bool), r"an array of booleans \(bool\)"),
+    ("complex.npy", np.zeros((28, 28), complex), "an array of complex numbers"),
+    ("bytes.npy", np.full((28, 28), b"x"), r"an array of bytes \(\|S1\)"),
+    ("ints.npy", np.full((28, 28), 256), r"integer values in \[256, 256\], expected 0..255"),
   ],
 )
 def test_bad_user_images_are_one_line_errors(tmp_path, name, content, message):
@@ -73,6 +83,16 @@ def test_bad_user_images_are_one_line_errors(tmp_path, name, content, message):
   with pytest.raises(DatasetError, match=message) as info:
     evaluation.load_user_image(path)
   assert str(info.value).startswith(str(path)) and "\n" not in str(info.value)
+
+
+def test_light_background_tells_a_dark_digit_on_white():
+  digit = np.zeros((28, 28), np.uint8)
+  digit[5:22, 12:16] = 255  # Light on dark, as MNIST: no warning.
+  assert evaluation.light_background(digit) is None
+  assert evaluation.light_background(255 - digit) == 255.0
+  touching = digit.copy()
+  touching[:, 13] = 255  # A stroke across the whole image: the frame stays mostly dark.
+  assert evaluation.light_background(touching[None, ..., None]) is None
 
 
 def test_evaluate_report_and_predict_from_the_command_line(idx_dir, tmp_path):

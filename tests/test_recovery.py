@@ -189,3 +189,34 @@ def test_sigint_saves_the_finished_epochs_and_says_how_to_resume(idx_dir, tmp_pa
   history = json.loads((tmp_path / "run" / "history.json").read_text())
   saved = int(last.split("epoch ")[2].split(" is saved")[0])
   assert [r["epoch"] for r in history] == list(range(1, saved + 1))
+
+
+def test_sigterm_exits_143_with_the_epochs_saved(idx_dir, tmp_path):
+  process = subprocess.Popen(
+    [
+      sys.executable,
+      str(REPO_ROOT / "scripts" / "train.py"),
+      "--config",
+      str(REPO_ROOT / "configs" / "mlp.py"),
+      "--workdir",
+      str(tmp_path / "run"),
+      f"--config.data_dir={idx_dir}",
+      "--config.num_epochs=500",
+      "--config.batch_size=64",
+      "--config.eval_batch_size=50",
+      "--config.progress_bar=False",
+    ],
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+    cwd=REPO_ROOT,
+  )
+  for line in process.stdout:
+    if line.startswith("epoch   3/500"):
+      break
+  process.send_signal(signal.SIGTERM)
+  _, stderr = process.communicate(timeout=120)
+  assert process.returncode == 143 and "Traceback" not in stderr
+  assert stderr.strip().splitlines()[-1].startswith("interrupted at epoch ")
+  history = json.loads((tmp_path / "run" / "history.json").read_text())
+  assert len(history) >= 3 and [r["epoch"] for r in history] == list(range(1, len(history) + 1))

@@ -135,3 +135,38 @@ def test_two_processes_train_like_one(idx_dir, tmp_path):
     small_config(idx_dir, num_epochs=1), tmp_path / "one", print_fn=None
   )
   _close(two, one, rel=1e-4)
+
+
+def test_vmapped_seeds_on_a_seed_by_data_mesh_equal_their_one_device_runs(idx_dir, tmp_path):
+  # 2 seeds x 2 data devices: each seed's batches split over 'data', the seeds over 'seed'.
+  workdir = tmp_path / "mesh"
+  result = subprocess.run(
+    _train_args(
+      idx_dir,
+      workdir,
+      "cnn_pool_bn",
+      "--config.num_epochs=2",
+      "--config.num_seeds=2",
+      "--config.seed_parallelism=vmap",
+      "--config.dropout_rng_impl=threefry2x32",
+      "--config.seed_devices=2",
+      "--config.data_devices=2",
+    ),
+    env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=4"),
+    capture_output=True,
+    text=True,
+    cwd=REPO_ROOT,
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  for seed in (0, 1):
+    run = json.loads((workdir / f"seed_{seed}" / "run.json").read_text())
+    assert run["mesh"] == {"seed": 2, "data": 2}
+    mesh = json.loads((workdir / f"seed_{seed}" / "history.json").read_text())
+    one = train.train_and_evaluate(
+      small_config(idx_dir, model="cnn_pool_bn", seed=seed, dropout_rng_impl="threefry2x32"),
+      tmp_path / f"one_{seed}",
+      print_fn=None,
+    )
+    for got, want in zip(mesh, one):
+      for key in ("train_loss", "val_loss"):
+        assert got[key] == pytest.approx(want[key], rel=1e-4), (seed, key)

@@ -343,6 +343,9 @@ def load_config_file(path: str | os.PathLike) -> ml_collections.ConfigDict:
     spec.loader.exec_module(module)
   except SyntaxError as error:
     raise ConfigError(f"{path}:{error.lineno}: syntax error ({error.msg})") from None
+  except Exception as error:  # noqa: BLE001 (a config file may raise anything on import)
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    raise ConfigError(f"{path}: loading it raised {type(error).__name__}: {reason}") from None
   if not callable(getattr(module, "get_config", None)):
     raise ConfigError(f"{path}: defines no get_config() (expected one returning a ConfigDict)")
   config = module.get_config()

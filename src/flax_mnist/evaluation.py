@@ -223,7 +223,8 @@ def _load_npy(path: Path) -> np.ndarray:
     counts = {"NaN": int(np.isnan(array).sum()), "infinite": int(np.isinf(array).sum())}
     if any(counts.values()):
       found = " and ".join(f"{count} {name}" for name, count in counts.items() if count)
-      raise DatasetError(f"{path}: {found} values of {array.size}; {_NPY_EXPECTED}")
+      plural = "s" if sum(counts.values()) > 1 else ""
+      raise DatasetError(f"{path}: {found} value{plural} of {array.size}; {_NPY_EXPECTED}")
     if array.min() < 0 or array.max() > 1:
       raise DatasetError(
         f"{path}: float values in [{array.min():.3g}, {array.max():.3g}], expected [0, 1]"

@@ -57,20 +57,21 @@ def lax_conv(images: jax.Array, kernel: jax.Array) -> jax.Array:
 
 
 def _pool_windows(images: jax.Array, window: int) -> jax.Array:
-  """(A, H, W, Z) to (A, H//w, w, W//w, w, Z): the non-overlapping windows, odd edges dropped."""
+  """(A, H, W, Z) to (A, H/w, w, W/w, w, Z): the windows of an (already cropped) image."""
   first, height, width, last = images.shape
-  out_h, out_w = height // window, width // window
-  cropped = images[:, : out_h * window, : out_w * window, :]
-  return cropped.reshape(first, out_h, window, out_w, window, last)
+  return images.reshape(first, height // window, window, width // window, window, last)
 
 
-_POOL_VARIANT = "index"  # EXPERIMENT
-_FIRST_MAX = "argmax"  # EXPERIMENT
+def _kept_apart(index: jax.Array) -> jax.Array:
+  """``index`` (int8, 0..126) unchanged, marked as worth storing rather than recomputing.
 
-
-def _window_positions(window: int) -> np.ndarray:
-  """Each position's row-major index in its window, shaped to broadcast against windows."""
-  return np.arange(window * window, dtype=np.int8).reshape(1, 1, window, 1, window, 1)
+  XLA fuses a cheap elementwise producer into each consumer, recomputing it there: a backward
+  pass that reads a first-max index would recompute the forward's compare chain from the
+  activations (and keep them alive) instead of reading one stored int8. A remainder is an
+  "expensive" op to XLA's fusion heuristics, so the index is computed once and stored.
+  ``lax.optimization_barrier`` does not do this on CPU: it is removed before fusion.
+  """
+  return jax.lax.rem(index, jnp.int8(127))
 
 
 def max_pool(images: jax.Array, window: int) -> jax.Array:
@@ -79,116 +80,91 @@ def max_pool(images: jax.Array, window: int) -> jax.Array:
 
   Its gradient is ``lax.reduce_window``'s (and TensorFlow's): each output gradient goes to one
   input, the first maximum of its window in row-major order, also where the window holds tied
-  maxima (a 4-way tie of zeros after a ReLU, equal saturated values).
+  maxima (all-zero windows after a ReLU, equal saturated values). The forward pass stores that
+  position (int8) and the backward is one elementwise pass over the windows; JAX's own
+  reduce-max gradient splits ties and costs 3-4 passes over the input.
   """
-  first, height, width, last = images.shape
-  cropped = images[:, : height // window * window, : width // window * window, :]
-  if _POOL_VARIANT == "index":
-    return _max_pool_index(cropped, window)
-  return _max_pool_even(cropped, window)
+  _, height, width, _ = images.shape
+  return _max_pool(images[:, : height // window * window, : width // window * window], window)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _max_pool_index(images, window):
-  return _max_pool_index_forward(images, window)[0]
-
-
-def _max_pool_index_forward(images, window):
-  windows = _pool_windows(images, window)
-  slices = [windows[:, :, i, :, j, :] for i in range(window) for j in range(window)]
-  if _FIRST_MAX == "index2":
-    best = windows.max(axis=(2, 4))
-    index = jnp.full(best.shape, window * window - 1, jnp.int8)
-    for position in reversed(range(window * window - 1)):
-      index = jnp.where(slices[position] == best, jnp.int8(position), index)
-    return best, jax.lax.rem(index, jnp.int8(127))
-  best, index = _first_max_and_index(jnp.stack(slices, axis=-2))
-  best, index = jax.lax.optimization_barrier((best, index))
-  return best, index
-
-
-def _max_pool_index_backward(window, index, pooled_grad):
-  expand = lambda array: array[:, :, None, :, None, :]
-  hit = _window_positions(window) == expand(index)
-  windows_grad = jnp.where(hit, expand(pooled_grad), jnp.zeros((), pooled_grad.dtype))
-  first, out_h, _, out_w, _, last = windows_grad.shape
-  return (windows_grad.reshape(first, out_h * window, out_w * window, last),)
-
-
-_max_pool_index.defvjp(_max_pool_index_forward, _max_pool_index_backward)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _max_pool_even(images, window):
+def _max_pool(images: jax.Array, window: int) -> jax.Array:
   return _pool_windows(images, window).max(axis=(2, 4))
 
 
 def _max_pool_forward(images, window):
-  pooled = _max_pool_even(images, window)
-  return pooled, (images, pooled)
-
-
-def _max_pool_backward(window, residuals, pooled_grad):
-  images, pooled = residuals
   windows = _pool_windows(images, window)
+  pooled = windows.max(axis=(2, 4))
+  # The first position equal to the max: from the last position back to the first.
+  positions = [(i, j) for i in range(window) for j in range(window)]
+  index = jnp.full(pooled.shape, len(positions) - 1, jnp.int8)
+  for position in reversed(range(len(positions) - 1)):
+    i, j = positions[position]
+    index = jnp.where(windows[:, :, i, :, j, :] == pooled, jnp.int8(position), index)
+  return pooled, _kept_apart(index)
+
+
+def _max_pool_backward(window, index, pooled_grad):
   expand = lambda array: array[:, :, None, :, None, :]
-  equal = windows == expand(pooled)
-  if _POOL_VARIANT == "old":
-    first_max = equal
-  elif _POOL_VARIANT == "e3":
-    slices = [windows[:, :, i, :, j, :] for i in range(window) for j in range(window)]
-    hits, none_before = [], None
-    for x in slices:
-      equal_here = x == pooled
-      hits.append(equal_here if none_before is None else equal_here & none_before)
-      none_before = ~equal_here if none_before is None else none_before & ~equal_here
-    stacked = jnp.stack(hits).reshape(window, window, *pooled_grad.shape)
-    first_max = jnp.transpose(stacked, (2, 3, 0, 4, 1, 5))
-  elif _POOL_VARIANT == "e2":
-    slices = [windows[:, :, i, :, j, :] for i in range(window) for j in range(window)]
-    outs, none_before = [], None
-    for x in slices:
-      equal_here = x == pooled
-      hit = equal_here if none_before is None else equal_here & none_before
-      none_before = ~equal_here if none_before is None else none_before & ~equal_here
-      outs.append(jnp.where(hit, pooled_grad, jnp.zeros((), pooled_grad.dtype)))
-    stacked = jnp.stack(outs).reshape(window, window, *pooled_grad.shape)
-    return (jnp.transpose(stacked, (2, 3, 0, 4, 1, 5)).reshape(images.shape),)
-  elif _POOL_VARIANT == "chain":
-    slices = [windows[:, :, i, :, j, :] for i in range(window) for j in range(window)]
-    best, index = slices[0], jnp.zeros(pooled.shape, jnp.int8)
-    for position in range(1, window * window):
-      above = slices[position] > best
-      best = jnp.where(above, slices[position], best)
-      index = jnp.where(above, jnp.int8(position), index)
-    first_max = _window_positions(window) == expand(index)
-  elif _POOL_VARIANT == "min":
-    positions = _window_positions(window)
-    first = jnp.min(jnp.where(equal, positions, np.int8(window * window)), axis=(2, 4))
-    first_max = positions == expand(first)
-  else:  # "stack"
-    taken = jnp.zeros(pooled.shape, bool)
-    rows = []
-    for i in range(window):
-      row = []
-      for j in range(window):
-        hit = equal[:, :, i, :, j, :] & ~taken
-        taken = taken | hit
-        row.append(hit)
-      rows.append(jnp.stack(row, axis=3))
-    first_max = jnp.stack(rows, axis=2)
-  windows_grad = jnp.where(first_max, expand(pooled_grad), jnp.zeros((), pooled_grad.dtype))
-  return (windows_grad.reshape(images.shape),)
+  positions = np.arange(window * window, dtype=np.int8).reshape(1, 1, window, 1, window, 1)
+  windows_grad = jnp.where(
+    positions == expand(index), expand(pooled_grad), jnp.zeros((), pooled_grad.dtype)
+  )
+  first, out_h, _, out_w, _, last = windows_grad.shape
+  return (windows_grad.reshape(first, out_h * window, out_w * window, last),)
 
 
-_max_pool_even.defvjp(_max_pool_forward, _max_pool_backward)
+_max_pool.defvjp(_max_pool_forward, _max_pool_backward)
 
 
-# The s2d block: a valid k x k convolution, a monotone activation and a w x w max-pool as one
-# matmul. Output block (p, q) of the pool reads input rows w*p .. w*p + w + k - 2 (likewise
-# columns): a (w + k - 1)^2 patch, gathered by strided slices (a space-to-depth view of the
-# input). One matmul with an expanded ((w + k - 1)^2 C, w^2 O) kernel gives all w^2 convolution
-# outputs of the window at once, on the channel axis; the pool is a max over those w^2 groups.
+# The s2d block: a valid k x k convolution, a non-decreasing activation and a w x w max-pool as
+# one matmul. Pooled output (p, q) reads input rows w*p .. w*p + w + k - 2 (likewise columns): a
+# (w + k - 1)^2 patch, gathered by strided slices (a space-to-depth view of the input). One
+# matmul with an expanded ((w + k - 1)^2 C, w^2 O) kernel gives all w^2 convolution outputs of
+# the window at once, on the channel axis; the pool is a max over those w^2 groups, and bias and
+# activation follow it. For conv1 of the family (28 x 28 x 1 -> 13 x 13 x 8) that is one
+# (86,528 x 16) @ (16 x 32) matmul instead of (346,112 x 9) @ (9 x 8) and a pool; for conv2
+# (13 x 13 x 8 -> 5 x 5 x 16, the odd 11th row and column never computed) (12,800 x 128) @
+# (128 x 64). The expanded kernel holds (k / (w + k - 1))^2 = 9/16 non-zeros: more multiply-adds
+# than the convolution, in far better matmul shapes.
+
+
+_S2D = True  # EXPERIMENT
+_S2D_T = True  # EXPERIMENT
+
+
+def _blocks_per_patch(kernel_size: int, window: int) -> int:
+  return -(-(window + kernel_size - 1) // window)
+
+
+@functools.cache
+def _expansion_s2d(kernel_size: int, window: int) -> np.ndarray:
+  """``T[bi, bj, si, sj, a, b, ki, kj]``: 1 where sub-position (si, sj) of block (bi, bj) of the
+  patch meets kernel tap (ki, kj) for the window's sub-position (a, b)."""
+  blocks = _blocks_per_patch(kernel_size, window)
+  shape = (blocks, blocks, window, window, window, window, kernel_size, kernel_size)
+  expansion = np.zeros(shape, np.float32)
+  for bi, bj, si, sj, a, b in np.ndindex(*shape[:6]):
+    ki, kj = bi * window + si - a, bj * window + sj - b
+    if 0 <= ki < kernel_size and 0 <= kj < kernel_size:
+      expansion[bi, bj, si, sj, a, b, ki, kj] = 1.0
+  return expansion
+
+
+def _s2d_patch_slices(images: jax.Array, kernel_size: int, window: int) -> list[jax.Array]:
+  out_h = (images.shape[1] - kernel_size + 1) // window
+  out_w = (images.shape[2] - kernel_size + 1) // window
+  blocks = _blocks_per_patch(kernel_size, window)
+  height, width = window * (out_h + blocks - 1), window * (out_w + blocks - 1)
+  n, _, _, channels = images.shape
+  images = images[:, :height, :width]
+  pad = ((0, 0), (0, height - images.shape[1]), (0, width - images.shape[2]), (0, 0))
+  if any(after for _, after in pad):
+    images = jnp.pad(images, pad)
+  s2d = images.reshape(n, height // window, window, width // window, window, channels)
+  s2d = s2d.transpose(0, 1, 3, 2, 4, 5).reshape(n, height // window, width // window, -1)
+  return [s2d[:, bi : bi + out_h, bj : bj + out_w] for bi in range(blocks) for bj in range(blocks)]
 
 
 @functools.cache
@@ -205,65 +181,98 @@ def _expansion(kernel_size: int, window: int) -> np.ndarray:
   return expansion
 
 
-def expand_kernel(kernel: jax.Array, window: int) -> jax.Array:
+def expand_kernel(kernel: jax.Array, window: int, s2d=None) -> jax.Array:
   """The (k, k, C, O) kernel as the ((w + k - 1)^2 C, w^2 O) matrix of the s2d block: rows in
   (patch row, patch column, channel) order, columns in (sub-row, sub-column, feature) order.
   A linear map of ``kernel`` (an einsum with a constant), so autodiff gives its gradient."""
   kernel_size, _, in_features, out_features = kernel.shape
+  if _S2D if s2d is None else s2d:
+    expansion = _expansion_s2d(kernel_size, window)
+    expanded = jnp.einsum("ijstabkl,klco->ijstcabo", expansion, kernel)
+    return expanded.reshape(-1, window * window * out_features)
   span = window + kernel_size - 1
   expanded = jnp.einsum("ijabkl,klco->ijcabo", _expansion(kernel_size, window), kernel)
   return expanded.reshape(span * span * in_features, window * window * out_features)
 
 
-def _strided_patches(images: jax.Array, kernel_size: int, window: int) -> jax.Array:
-  """(N, H, W, C) to (N, P, Q, (w + k - 1)^2 C): each pooled output's input patch, stacked on
-  the channel axis in (row, column, channel) order (P, Q: the pool's output size)."""
+def _patch_slices(images: jax.Array, kernel_size: int, window: int, s2d=None) -> list[jax.Array]:
+  """The (w + k - 1)^2 strided slices (N, P, Q, C) whose stack is every pooled output's input
+  patch, in (row, column) order (P, Q: the pool's output size)."""
+  if _S2D if s2d is None else s2d:
+    return _s2d_patch_slices(images, kernel_size, window)
   out_h = (images.shape[1] - kernel_size + 1) // window
   out_w = (images.shape[2] - kernel_size + 1) // window
+  rows, columns = window * (out_h - 1) + 1, window * (out_w - 1) + 1
   span = window + kernel_size - 1
-  slices = [
-    images[:, i : i + window * (out_h - 1) + 1 : window, j : j + window * (out_w - 1) + 1 : window]
+  return [
+    images[:, i : i + rows : window, j : j + columns : window]
     for i in range(span)
     for j in range(span)
   ]
-  return jnp.concatenate(slices, axis=-1)
 
 
-def _first_max_and_index(groups: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Max over axis -2 of (..., S, O) and the index of its first maximum (int8)."""
-  if _FIRST_MAX == "argmax":
-    return groups.max(axis=-2), jnp.argmax(groups, axis=-2).astype(jnp.int8)
-  if _FIRST_MAX == "chainrem":
-    best, index = groups[..., 0, :], jnp.zeros(groups.shape[:-2] + groups.shape[-1:], jnp.int8)
-    for position in range(1, groups.shape[-2]):
-      candidate = groups[..., position, :]
-      above = candidate > best
-      best = jnp.where(above, candidate, best)
-      index = jnp.where(above, jnp.int8(position), index)
-    return best, jax.lax.rem(index, jnp.int8(127))
-  best, index = groups[..., 0, :], jnp.zeros(groups.shape[:-2] + groups.shape[-1:], jnp.int8)
-  for position in range(1, groups.shape[-2]):
-    candidate = groups[..., position, :]
-    above = candidate > best
-    best = jnp.where(above, candidate, best)
-    index = jnp.where(above, jnp.int8(position), index)
-  return best, index
+def _patches(images: jax.Array, kernel_size: int, window: int, s2d=None) -> jax.Array:
+  """(N, P, Q, (w + k - 1)^2 C): the patches, (row, column, channel) on the channel axis."""
+  return jnp.concatenate(_patch_slices(images, kernel_size, window, s2d), axis=-1)
+
+
+def _transposed_patches(images: jax.Array, kernel_size: int, window: int) -> jax.Array:
+  """The patches as a ((w + k - 1)^2 C, N P Q) matrix, gathered in that layout."""
+  slices = _patch_slices(images, kernel_size, window, _S2D_T)
+  return jnp.concatenate([jnp.moveaxis(s, -1, 0).reshape(s.shape[-1], -1) for s in slices])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _patch_matmul(images, expanded, kernel_size, window):
+  """``patches(images) @ expanded`` from the patches gathered transposed, ``patches^T``, whose
+  kernel gradient ``patches^T @ g`` then reads the output gradient g in the layout it is
+  produced in. Left to itself, XLA writes g transposed for that dot (a slow strided write) and
+  runs the dot itself at a third of the speed. Used where patches^T is the smaller (4 C < O)."""
+  return _patch_matmul_forward(images, expanded, kernel_size, window)[0]
+
+
+def _patch_matmul_forward(images, expanded, kernel_size, window):
+  patches_t = _transposed_patches(images, kernel_size, window)
+  out_h = (images.shape[1] - kernel_size + 1) // window
+  out_w = (images.shape[2] - kernel_size + 1) // window
+  outputs = jnp.dot(patches_t.T, expanded).reshape(images.shape[0], out_h, out_w, -1)
+  return outputs, (images, expanded, patches_t)
+
+
+def _patch_matmul_backward(kernel_size, window, residuals, outputs_grad):
+  images, expanded, patches_t = residuals
+  expanded_grad = jnp.dot(patches_t, outputs_grad.reshape(-1, outputs_grad.shape[-1]))
+  _, patches_vjp = jax.vjp(lambda x: _patches(x, kernel_size, window, _S2D_T), images)
+  return patches_vjp(jnp.dot(outputs_grad, expanded.T))[0], expanded_grad
+
+
+_patch_matmul.defvjp(_patch_matmul_forward, _patch_matmul_backward)
+
+
+def window_outputs(images: jax.Array, kernel: jax.Array, window: int) -> jax.Array:
+  """The valid convolution's outputs (no bias) grouped by pooling window, as the s2d block
+  computes them: (N, P, Q, w^2, O), the window's outputs in row-major order on axis -2 (P, Q: the
+  pool's output size; the odd edge the pool drops is not computed)."""
+  kernel_size, _, in_features, out_features = kernel.shape
+  transposed = 4 * in_features < out_features
+  expanded = expand_kernel(kernel, window, _S2D_T if transposed else _S2D)
+  if transposed:
+    outputs = _patch_matmul(images, expanded, kernel_size, window)
+  else:
+    outputs = jnp.dot(_patches(images, kernel_size, window), expanded)
+  return outputs.reshape(*outputs.shape[:-1], window * window, out_features)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def first_max(groups: jax.Array, size: int) -> jax.Array:
-  """Max over axis -2 of (..., size, O); its gradient goes to the first maximum alone."""
-  if not groups.shape[-2] == size <= 127:
-    raise ValueError(f"first_max: {size} positions on axis -2 of {groups.shape}, at most 127")
-  return _first_max_and_index(groups)[0]
+  """Max over axis -2 of (..., size, O) (size <= 127); its gradient goes to the first maximum
+  alone."""
+  return groups.max(axis=-2)
 
 
 def _first_max_forward(groups, size):
-  best, index = _first_max_and_index(groups)
-  # Without the barrier XLA recomputes the compare chain inside the backward pass rather than
-  # keep the index, which costs more than storing one int8 per output.
-  best, index = jax.lax.optimization_barrier((best, index))
-  return best, index
+  # argmax is a reduction: XLA stores its int8 result rather than recompute it in the backward.
+  return groups.max(axis=-2), jnp.argmax(groups, axis=-2).astype(jnp.int8)
 
 
 def _first_max_backward(size, index, best_grad):
@@ -272,66 +281,6 @@ def _first_max_backward(size, index, best_grad):
 
 
 first_max.defvjp(_first_max_forward, _first_max_backward)
-
-
-def window_outputs(images: jax.Array, kernel: jax.Array, window: int) -> jax.Array:
-  """The valid convolution's outputs (no bias) grouped by pooling window, as the s2d block
-  computes them: (N, P, Q, w^2, O), the window's outputs in row-major order on axis -2 (P, Q: the
-  pool's output size; the odd edge the pool drops is not computed)."""
-  kernel_size, _, in_features, out_features = kernel.shape
-  expanded = expand_kernel(kernel, window)
-  if _TRANSPOSED == "always" or (_TRANSPOSED == "auto" and 4 * in_features < out_features):
-    outputs = _window_dot(images, expanded, kernel_size, window)
-  else:
-    outputs = jnp.dot(_strided_patches(images, kernel_size, window), expanded)
-  return outputs.reshape(*outputs.shape[:-1], window * window, out_features)
-
-
-_TRANSPOSED = "auto"  # EXPERIMENT
-
-
-def _transposed_patches(images: jax.Array, kernel_size: int, window: int) -> jax.Array:
-  """``_strided_patches`` as a ((w + k - 1)^2 C, N P Q) matrix, gathered in that layout."""
-  out_h = (images.shape[1] - kernel_size + 1) // window
-  out_w = (images.shape[2] - kernel_size + 1) // window
-  span = window + kernel_size - 1
-  rows = [
-    jnp.moveaxis(
-      images[
-        :, i : i + window * (out_h - 1) + 1 : window, j : j + window * (out_w - 1) + 1 : window
-      ],
-      -1,
-      0,
-    ).reshape(images.shape[-1], -1)
-    for i in range(span)
-    for j in range(span)
-  ]
-  return jnp.concatenate(rows, axis=0)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _window_dot(images, expanded, kernel_size, window):
-  """``_strided_patches(images) @ expanded``, whose kernel gradient reads the output gradient in
-  the layout it is produced in: ``patches^T @ g`` with ``patches^T`` gathered as such in the
-  forward pass (XLA otherwise writes g transposed for that dot: a slow strided write)."""
-  return jnp.dot(_strided_patches(images, kernel_size, window), expanded)
-
-
-def _window_dot_forward(images, expanded, kernel_size, window):
-  outputs = _window_dot(images, expanded, kernel_size, window)
-  return outputs, (images, expanded, _transposed_patches(images, kernel_size, window))
-
-
-def _window_dot_backward(kernel_size, window, residuals, outputs_grad):
-  images, expanded, patches_t = residuals
-  grad = outputs_grad.reshape(-1, outputs_grad.shape[-1])
-  expanded_grad = jnp.dot(patches_t, grad)
-  patches_grad = jnp.dot(outputs_grad, expanded.T)
-  _, patches_vjp = jax.vjp(lambda x: _strided_patches(x, kernel_size, window), images)
-  return patches_vjp(patches_grad)[0], expanded_grad
-
-
-_window_dot.defvjp(_window_dot_forward, _window_dot_backward)
 
 
 def conv_pool(

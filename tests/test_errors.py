@@ -1,0 +1,353 @@
+"""Every bad input, through the scripts as a user runs them: one line naming the culprit and what
+was expected, exit status 2, no traceback, and nothing saved before changed (``scripts/_cli``)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import REPO_ROOT, write_idx, write_mnist_dir
+from test_train import small_config
+
+from flax_mnist import train
+
+# Root writes through any file mode: drop that capability for the not-writable cases.
+_SETPRIV = shutil.which("setpriv")
+_AS_USER = [_SETPRIV, "--bounding-set=-dac_override"] if os.geteuid() == 0 and _SETPRIV else []
+_EXPECTED_NPY = "expected 28x28 grey levels: integers 0..255 or floats in [0, 1]"
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  """One command line. ``last``: the last stderr line, ``*`` matching anything, ``{name}`` a
+  path of ``made``. ``{run}`` is the module's trained workdir (a copy per case), which must come
+  out byte for byte the same; ``absent``: paths that must not exist afterwards."""
+
+  id: str
+  script: str
+  args: tuple[str, ...]
+  last: str
+  status: int = 2
+  read_only: bool = False  # {run} made read-only, and the script run as a non-root user.
+  absent: tuple[str, ...] = ()
+  env: tuple[tuple[str, str], ...] = ()
+  max_seconds: float = 60.0
+  offline: bool = False  # Where the download host answers, a dead proxy stands in for no network.
+
+
+MLP = str(REPO_ROOT / "configs" / "mlp.py")
+TRAIN = ("--workdir", "{run}", "--config", MLP)
+CASES = [
+  # Flags and config files, before anything is loaded: scripts/_cli's flag parser.
+  Case(
+    "override-unknown-field",
+    "train.py",
+    (*TRAIN, "--config.foo=1"),
+    f"error: --config.foo: {MLP} has no field config.foo; expected a field of *",
+  ),
+  Case(
+    "override-misspelt-field",
+    "train.py",
+    (*TRAIN, "--config.num_epoch=3"),
+    f"error: --config.num_epoch: {MLP} has no field config.num_epoch; *(did you mean num_epochs?)",
+  ),
+  Case(
+    "override-bad-value",
+    "train.py",
+    (*TRAIN, "--config.num_epochs=abc"),
+    "error: --config.num_epochs=abc: invalid literal for int() *; expected an integer (the config "
+    "file has 20)",
+  ),
+  Case(
+    "config-missing",
+    "train.py",
+    ("--workdir", "{run}", "--config", "{made}/nowhere.py"),
+    "error: {made}/nowhere.py: no such config file (expected a file like configs/cnn.py)",
+  ),
+  Case(
+    "config-syntax-error",
+    "train.py",
+    ("--workdir", "{run}", "--config={made}/syntax.py"),
+    "error: {made}/syntax.py:2: syntax error (*)",
+  ),
+  Case(
+    "config-without-get_config",
+    "train.py",
+    ("--workdir", "{run}", "--config", "{made}/no_get_config.py"),
+    "error: {made}/no_get_config.py: defines no get_config() (expected one returning a ConfigDict)",
+  ),
+  Case(
+    "config-misspelt-field-in-file",
+    "train.py",
+    ("--workdir", "{run}", "--config", "{made}/misspelt.py"),
+    "error: {made}/misspelt.py: unknown field config.num_epoch; did you mean 'num_epochs'?",
+  ),
+  Case("config-not-given", "train.py", ("--workdir", "{run}"), "error: --config: required, *"),
+  Case(
+    "unknown-flag",
+    "train.py",
+    (*TRAIN, "--workdirr=x"),
+    "error: --workdirr: unknown flag (did you mean --workdir?) *",
+  ),
+  Case("positional-argument", "train.py", (*TRAIN, "extra"), "error: unexpected arguments: extra*"),
+  # Workdirs (train.py: flax_mnist.workdir; evaluate.py --report: scripts/_cli).
+  Case(
+    "workdir-is-a-file",
+    "train.py",
+    ("--workdir", "{made}/a_file", "--config", MLP, "--config.data_dir={data}"),
+    "error: {made}/a_file: *file*",
+  ),
+  Case(
+    "workdir-under-a-file",
+    "train.py",
+    ("--workdir", "{made}/a_file/run", "--config", MLP, "--config.data_dir={data}"),
+    "error: {made}/a_file/run: *file*",
+  ),
+  Case(
+    "workdir-not-writable",
+    "train.py",
+    (*TRAIN, "--config.data_dir={data}"),
+    "error: {run}*: *not writable*",
+    read_only=True,
+  ),
+  Case(
+    "evaluate-workdir-is-a-file",
+    "evaluate.py",
+    ("--workdir", "{made}/a_file"),
+    "error: {made}/a_file: no checkpoints directory (expected a workdir written by train.py)",
+  ),
+  Case(
+    "evaluate-report-into-read-only-workdir",
+    "evaluate.py",
+    ("--workdir", "{run}", "--report", "--data_dir", "{data}"),
+    "error: {run}/report: cannot write there (Permission denied); pass --report_dir with a "
+    "writable directory",
+    read_only=True,
+  ),
+  # Data.
+  Case(
+    "zero-image-split",
+    "train.py",
+    ("--workdir", "{made}/new_run", "--config", MLP, "--config.data_dir={zero}"),
+    "error: {zero}/t10k-images-idx3-ubyte: 0 images, expected at least one *",
+    absent=("{made}/new_run",),
+  ),
+  Case(
+    "no-data-and-no-network",
+    "train.py",
+    ("--workdir", "{made}/new_run", "--config", MLP, "--config.tfds_data_dir={made}/tfds"),
+    "error: no MNIST files given, and storage.googleapis.com cannot be reached to download them "
+    "(*); give a directory of the four MNIST IDX files with --config.data_dir=DIR * or "
+    "FLAX_MNIST_DATA_DIR=DIR",
+    absent=("{made}/tfds", "{made}/new_run"),
+    max_seconds=30.0,
+    offline=True,
+  ),
+  # A run's config.json, as results_table.py reads it.
+  Case(
+    "results-table-empty-config-json",
+    "results_table.py",
+    ("--workdirs", "{made}/empty_config", "--out", "{made}/table"),
+    "error: {made}/empty_config/config.json: empty; expected the config.json that "
+    "scripts/train.py writes",
+    absent=("{made}/table",),
+  ),
+  Case(
+    "results-table-corrupt-config-json",
+    "results_table.py",
+    ("--workdirs", "{run},{made}/corrupt_config", "--out", "{made}/table"),
+    "error: {made}/corrupt_config/config.json: not valid JSON (*); expected the config.json that "
+    "scripts/train.py writes",
+    absent=("{made}/table",),
+  ),
+  # Models.
+  Case(
+    "compare-no-models",
+    "compare.py",
+    ("--models=", "--out", "{made}/report"),
+    "error: --models: empty, expected a comma-separated list of mlp, cnn, cnn_pool, cnn_pool_bn",
+    absent=("{made}/report",),
+  ),
+  Case(
+    "compare-unknown-model",
+    "compare.py",
+    ("--models=mlp,cnnn", "--out", "{made}/report"),
+    "error: --models: unknown 'cnnn' (did you mean cnn?); expected *",
+    absent=("{made}/report",),
+  ),
+  # Images for --predict.
+  *[
+    Case(
+      f"predict-{name}",
+      "evaluate.py",
+      ("--workdir", "{run}", "--predict", f"{{made}}/{file}"),
+      f"error: {{made}}/{file}: {reason}{_EXPECTED_NPY}",
+    )
+    for name, file, reason in [
+      ("empty-array", "empty.npy", "an empty array, *; "),
+      ("not-npy", "text.npy", "not a .npy file *, "),
+      ("nan-and-inf", "nan.npy", "1 NaN and 2 infinite values of 784; "),
+      ("booleans", "bool.npy", "an array of booleans (bool), "),
+      ("strings", "str.npy", "an array of strings (<U1), "),
+    ]
+  ],
+  Case(
+    "predict-dark-on-light-warns",
+    "evaluate.py",
+    ("--workdir", "{run}", "--predict", "{made}/white.png"),
+    "warning: {made}/white.png: light background (mean 255/255 at the border, MNIST's is 0): "
+    "MNIST digits are light on dark, invert it (255 - x) or pass --invert; *",
+    status=0,
+  ),
+  # For developers: the traceback.
+  Case(
+    "debug-shows-the-traceback",
+    "train.py",
+    (*TRAIN, "--config.foo=1", "--debug"),
+    "flax_mnist.errors.ConfigError: --config.foo: *",
+    status=1,
+  ),
+]
+
+
+def _online() -> bool:
+  """Whether MNIST's download host answers (not in the sandbox this was written in)."""
+  from flax_mnist import tfds_builder
+
+  try:
+    tfds_builder.probe_download()
+  except Exception:
+    return False
+  return True
+
+
+def _files(directory: Path) -> dict[str, bytes | None]:
+  """Every file's bytes (None for a directory) under ``directory``, by relative path."""
+  return {
+    str(path.relative_to(directory)): None if path.is_dir() else path.read_bytes()
+    for path in sorted(directory.rglob("*"))
+  }
+
+
+def _make_inputs(made: Path, data: Path, run: Path) -> None:
+  """The bad inputs: config files, images, a file where a directory belongs, damaged runs."""
+  made.mkdir()
+  (made / "syntax.py").write_text("def get_config():\n  return {\n")
+  (made / "no_get_config.py").write_text("config = None\n")
+  (made / "misspelt.py").write_text(
+    "from flax_mnist.config import default_config\n\n\ndef get_config():\n"
+    "  config = default_config()\n  config.num_epoch = 3\n  return config\n"
+  )
+  (made / "a_file").write_text("not a directory\n")
+  np.save(made / "empty.npy", np.zeros((0,)))
+  (made / "text.npy").write_text("0, 0, 0\n")
+  nan = np.zeros((28, 28))
+  nan[0, 0], nan[1, 1], nan[2, 2] = np.nan, np.inf, -np.inf
+  np.save(made / "nan.npy", nan)
+  np.save(made / "bool.npy", np.zeros((28, 28), bool))
+  np.save(made / "str.npy", np.full((28, 28), "a"))
+  from PIL import Image
+
+  white = np.full((28, 28), 255, np.uint8)
+  white[5:22, 12:16] = 0  # A dark "1" on white paper.
+  Image.fromarray(white).save(made / "white.png")
+  for name, text in (("empty_config", ""), ("corrupt_config", '{"model": "mlp", "seed"')):
+    shutil.copytree(run, made / name)
+    (made / name / "config.json").write_text(text)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory) -> dict[str, Path]:
+  """A trained tiny workdir (1 epoch of mlp) and the inputs of every case."""
+  root = tmp_path_factory.mktemp("errors")
+  data = write_mnist_dir(root / "idx")
+  zero = write_mnist_dir(root / "zero", num_train=10, num_test=4, compress=False)
+  write_idx(zero / "t10k-images-idx3-ubyte", np.zeros((0, 28, 28), np.uint8))
+  write_idx(zero / "t10k-labels-idx1-ubyte", np.zeros(0, np.uint8))
+  run = root / "run"
+  train.train_and_evaluate(small_config(data, num_epochs=1), run, print_fn=None)
+  _make_inputs(root / "made", data, run)
+  return {"root": root, "data": data, "zero": zero, "run": run, "made": root / "made"}
+
+
+def _run(case: Case, saved: dict[str, Path]) -> dict:
+  """Runs ``case`` on its own copy of the trained workdir; what came out, and what changed."""
+  case_dir = saved["root"] / "cases" / case.id
+  run = case_dir / "run"
+  shutil.copytree(saved["run"], run)
+  before = _files(run)
+  paths = {"run": str(run), "made": str(saved["made"]), "data": str(saved["data"])}
+  paths["zero"] = str(saved["zero"])
+  env = {key: value for key, value in os.environ.items() if not key.startswith("FLAX_MNIST_")}
+  env.update(case.env)
+  if case.offline and _online():
+    env.update({name: "http://127.0.0.1:9" for name in ("https_proxy", "HTTPS_PROXY")})
+  command = [sys.executable, str(REPO_ROOT / "scripts" / case.script)]
+  command += [arg.format(**paths) for arg in case.args]
+  if case.read_only:
+    for path in [run, *run.rglob("*")]:
+      path.chmod(path.stat().st_mode & ~0o222)
+    command = _AS_USER + command
+  start = time.monotonic()
+  try:
+    result = subprocess.run(
+      command, capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=120
+    )
+  finally:
+    for path in [run, *run.rglob("*")]:
+      path.chmod(path.stat().st_mode | 0o200)
+  seconds, after = time.monotonic() - start, _files(run)
+  changed = sorted(name for name in {*before, *after} if before.get(name) != after.get(name))
+  return {"result": result, "seconds": seconds, "changed": changed, "paths": paths}
+
+
+@pytest.fixture(scope="module")
+def outcomes(saved, request) -> dict[str, concurrent.futures.Future]:
+  """Every selected case, started at once two at a time (each pays ~2 s of imports)."""
+  selected = {
+    item.callspec.params["case"].id
+    for item in request.session.items
+    if getattr(item, "originalname", None) == "test_cli_case" and hasattr(item, "callspec")
+  }
+  pool = concurrent.futures.ThreadPoolExecutor(max_workers=2)
+  futures = {case.id: pool.submit(_run, case, saved) for case in CASES if case.id in selected}
+  yield futures
+  pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _pattern(template: str, paths: dict[str, str]) -> re.Pattern:
+  """``template`` with ``{name}`` paths filled in, literal but for ``*`` (anything)."""
+  text = template.format(**paths)
+  return re.compile(".*".join(re.escape(part) for part in text.split("*")))
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
+def test_cli_case(case, outcomes):
+  if case.read_only and os.geteuid() == 0 and not _AS_USER:
+    pytest.skip("running as root without setpriv: cannot make a directory unwritable")
+  outcome = outcomes[case.id].result()
+  result, paths = outcome["result"], outcome["paths"]
+  lines = result.stderr.strip().splitlines() or [""]
+  report = f"exit {result.returncode}, stderr:\n{result.stderr[-3000:]}"
+  assert result.returncode == case.status, report
+  assert _pattern(case.last, paths).fullmatch(lines[-1]), report
+  if case.status == 0:
+    assert "predicted" in result.stdout, report
+  if case.id.startswith("debug"):
+    assert "Traceback (most recent call last)" in result.stderr, report
+  else:
+    assert "Traceback" not in result.stderr, report
+    assert sum(line.startswith(("error:", "warning:")) for line in lines) == 1, report
+  assert outcome["changed"] == [], f"changed in the saved workdir: {outcome['changed']}"
+  for path in case.absent:
+    assert not Path(path.format(**paths)).exists(), f"{path.format(**paths)} was left behind"
+  assert outcome["seconds"] < case.max_seconds, f"took {outcome['seconds']:.0f} s"
