@@ -182,6 +182,24 @@ def _in_subprocess(function: str, payload: dict[str, Any], what: str) -> dict[st
   return _run_json_subprocess([sys.executable, "-c", code], payload, what)
 
 
+def _payload(
+  config: Mapping[str, Any],
+  epochs: int,
+  data_dir: str | None,
+  overrides: Mapping[str, Any] | None,
+  **more: Any,
+) -> dict[str, Any]:
+  """The JSON a benchmark subprocess gets: the config as a plain dict and the run's settings."""
+  config_dict = config_lib.config_to_dict(config)
+  return {
+    "config": config_dict,
+    "epochs": epochs,
+    "data_dir": data_dir,
+    "overrides": overrides,
+    **more,
+  }
+
+
 def run_project(
   config: Mapping[str, Any],
   epochs: int,
@@ -189,12 +207,7 @@ def run_project(
   overrides: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
   """``benchmark_model`` in a fresh Python process."""
-  payload = {
-    "config": config_lib.config_to_dict(config),
-    "epochs": epochs,
-    "data_dir": data_dir,
-    "overrides": overrides,
-  }
+  payload = _payload(config, epochs, data_dir, overrides)
   return _in_subprocess("benchmark_model", payload, f"benchmark of {config['model']}")
 
 
@@ -206,13 +219,7 @@ def run_seeds(
   overrides: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
   """``benchmark_seeds`` in a fresh Python process."""
-  payload = {
-    "config": config_lib.config_to_dict(config),
-    "epochs": epochs,
-    "num_seeds": num_seeds,
-    "data_dir": data_dir,
-    "overrides": overrides,
-  }
+  payload = _payload(config, epochs, data_dir, overrides, num_seeds=num_seeds)
   return _in_subprocess(
     "benchmark_seeds", payload, f"{num_seeds}-seed benchmark of {config['model']}"
   )
