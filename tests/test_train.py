@@ -169,3 +169,22 @@ def test_vmapped_seeds_resume_and_refuse_seeds_at_different_epochs(idx_dir, tmp_
     train.train_seeds(
       small_config(idx_dir, num_epochs=4, **settings), tmp_path / "b", print_fn=None
     )
+
+
+def test_a_measured_impl_is_recorded_and_reused_on_resume(idx_dir, tmp_path):
+  lines = []
+  config = small_config(idx_dir, model="cnn_pool", impl="measure", num_epochs=1)
+  train.train_and_evaluate(config, tmp_path, print_fn=lines.append)
+  run = json.loads((tmp_path / "run.json").read_text())
+  timings = run["impl_seconds_per_step"]
+  assert set(timings) == set(config_lib.impl_candidates()) and all(t > 0 for t in timings.values())
+  chosen = min(timings, key=timings.get)
+  assert json.loads((tmp_path / "config.json").read_text())["impl"] == chosen
+  assert run["resolved"]["impl"] == chosen
+  assert any(line.startswith("impl measured:") for line in lines)
+  lines.clear()
+  config.num_epochs = 2
+  train.train_and_evaluate(config, tmp_path, print_fn=lines.append)
+  assert any(f"impl {chosen} (recorded in" in line for line in lines)
+  assert not any(line.startswith("impl measured:") for line in lines)
+  assert "impl_seconds_per_step" not in json.loads((tmp_path / "run.json").read_text())

@@ -23,7 +23,9 @@ import ml_collections
 from flax_mnist import layers, models, optim
 from flax_mnist.errors import ConfigError
 
-IMPLS = ("auto", *layers.IMPLS)
+IMPLS = ("auto", "measure", *layers.IMPLS)
+# What "measure" times on CPU: XLA's convolution ("lax") is 5-10x slower there, not worth timing.
+MEASURED_ON_CPU = tuple(impl for impl in layers.IMPLS if impl != "lax")
 DROPOUT_RNG_IMPLS = ("auto", "rbg", "unsafe_rbg", "threefry2x32")
 SEED_PARALLELISMS = ("auto", "loop", "vmap")
 # The metric that picks the best checkpoint, and its direction. Val accuracy by default; the
@@ -108,9 +110,16 @@ def resolve_impl(name: str) -> str:
   fastest on an AMD Zen 4 VM, not on the Intel VM of the last measurement (1.6x slower for cnn).
   """
   _check_choice("impl", name, IMPLS)
+  if name == "measure":  # The trainer times the candidates for the model (impl_candidates).
+    return name
   if name == "auto":
     return "im2col" if jax.default_backend() == "cpu" else "lax"
   return name
+
+
+def impl_candidates() -> tuple[str, ...]:
+  """What ``impl="measure"`` times on this platform (off CPU only XLA's convolution is sane)."""
+  return MEASURED_ON_CPU if jax.default_backend() == "cpu" else ("lax",)
 
 
 def resolve_dropout_rng_impl(name: str) -> str:

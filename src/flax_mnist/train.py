@@ -21,8 +21,27 @@ import optax
 from etils import epath
 from flax import nnx
 
-from flax_mnist import checkpoint, data, history, log, models, optim, sharding, steps, workdir
-from flax_mnist.config import RunSpec, config_to_dict, resolve, result_fields, run_config_dict
+from flax_mnist import (
+  autotune,
+  checkpoint,
+  data,
+  history,
+  layers,
+  log,
+  models,
+  optim,
+  sharding,
+  steps,
+  workdir,
+)
+from flax_mnist.config import (
+  RunSpec,
+  config_to_dict,
+  impl_candidates,
+  resolve,
+  result_fields,
+  run_config_dict,
+)
 from flax_mnist.errors import CheckpointError, ConfigError, Interrupted, RunError, WorkdirError
 
 Say = Callable[[str], None]
@@ -455,6 +474,9 @@ def _train(
   mesh = _make_mesh(spec)
   arrays = _put_data(config, mesh, say)
   steps_per_epoch = math.ceil(arrays[0].shape[0] / config["batch_size"])
+  measured = {}
+  if spec.impl == "measure":
+    spec, measured = _measure_impl(config, spec, directories, arrays, say)
   programs = _Programs(config, spec, mesh, steps_per_epoch, custom, say)
   runs: list[_SeedRun] = []
   try:
@@ -477,6 +499,7 @@ def _train(
             "seed_parallelism": spec.seed_parallelism,
             "compiled_once_for_seeds": [other.seed for other in trainer.pending],
             "resolved": spec.to_dict(),
+            **({"impl_seconds_per_step": measured} if measured else {}),
             "mesh": sharding.mesh_shape(mesh) if mesh is not None else {"seed": 1, "data": 1},
             **log.environment(),
           },
@@ -486,6 +509,39 @@ def _train(
     for run in runs:
       run.close()
   return [run.history for run in runs]
+
+
+def _measure_impl(
+  config: Mapping[str, Any],
+  spec: RunSpec,
+  directories: list[epath.Path],
+  arrays: tuple[jax.Array, ...],
+  say: Say,
+) -> tuple[RunSpec, dict[str, float]]:
+  """``impl="measure"``: the implementation a workdir recorded when it started (a resumed run
+  never measures again: implementations differ in the last float bits), else the fastest of
+  this platform's candidates, timed on a few real training steps of the model."""
+  for directory in directories:
+    file = directory / workdir.CONFIG_FILE
+    recorded = workdir.read_json(file).get("impl") if file.exists() else None
+    if recorded in layers.IMPLS:
+      say(f"impl {recorded} (recorded in {file} when the run started; not measured again)")
+      return dataclasses.replace(spec, impl=recorded), {}
+  impl, timings = autotune.choose_impl(
+    spec.model,
+    impl_candidates(),
+    batch_size=config["batch_size"],
+    dropout_rng_impl=spec.dropout_rng_impl,
+    images=arrays[0],
+    labels=arrays[1],
+    model_kwargs=config_to_dict(config.get("model_kwargs") or {}),
+  )
+  say(
+    "impl measured: "
+    + ", ".join(f"{name} {1e3 * sec:.1f} ms/step" for name, sec in timings.items())
+    + f": {impl}"
+  )
+  return dataclasses.replace(spec, impl=impl), timings
 
 
 def _say_nothing_to_train(runs: list[_SeedRun], num_epochs: int, say: Say) -> None:
