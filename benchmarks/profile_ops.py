@@ -26,9 +26,16 @@ _MODEL = flags.DEFINE_enum("model", "cnn_pool", models.model_names(), "Model to 
 _IMPL = flags.DEFINE_enum(
   "impl", "auto", list(config_lib.IMPLS), "Implementation (config.resolve_impl)."
 )
+_DROPOUT_RNG_IMPL = flags.DEFINE_enum(
+  "dropout_rng_impl",
+  "auto",
+  list(config_lib.DROPOUT_RNG_IMPLS),
+  "PRNG of the dropout masks (config.resolve_dropout_rng_impl).",
+)
 _STEPS = flags.DEFINE_integer("steps", 10, "Batches of 512 in the profiled epoch.")
 _TOP = flags.DEFINE_integer("top", 15, "How many ops to list.")
 _SHOW = flags.DEFINE_integer("show", 0, "Print the fused HLO computation of this many top ops.")
+_BY_LAYER = flags.DEFINE_bool("by_layer", False, "Also sum the op times per layer.")
 _DATA_DIR = flags.DEFINE_string(
   "data_dir", None, "IDX directory (default: $FLAX_MNIST_DATA_DIR, then TFDS)."
 )
@@ -48,7 +55,7 @@ def main(argv: list[str]) -> None:
     _MODEL.value,
     config.seed,
     impl=impl,
-    dropout_rng_impl=config_lib.resolve_dropout_rng_impl(config.dropout_rng_impl),
+    dropout_rng_impl=config_lib.resolve_dropout_rng_impl(_DROPOUT_RNG_IMPL.value),
   )
   graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
   tx = optim.make_optimizer(config)
@@ -80,8 +87,29 @@ def main(argv: list[str]) -> None:
     origin = re.search(r'op_name="([^"]+)"', line)
     origin = origin.group(1).split("closed_call/")[-1][:60] if origin else ""
     print(f"{per_step(microseconds):7.2f} ms  {name[:28]:28s} {shape:36s} {origin}")
+  if _BY_LAYER.value:
+    layers = collections.Counter()
+    for name, microseconds in totals.items():
+      line = next((text for text in hlo if f"%{name} = " in text), "")
+      layers[_layer_of(line, models.layer_names(model))] += microseconds
+    print("\nper layer (forward and backward):")
+    for layer, microseconds in layers.most_common():
+      print(f"{per_step(microseconds):7.2f} ms  {layer}")
   for name, _ in totals.most_common(_SHOW.value):
     print(f"\n{name}:\n{_fused_computation(hlo, name)}")
+
+
+def _layer_of(line: str, layer_names: list[str]) -> str:
+  """The layer an HLO op comes from, by the named scope (``Classifier``) in its metadata."""
+  origin = re.search(r'op_name="([^"]+)"', line)
+  if not origin:
+    return "(no metadata: runtime, copies)"
+  scopes = [scope for scope in re.split(r"[/()]", origin.group(1)) if scope in layer_names]
+  if scopes:
+    return scopes[-1]
+  if "shuffle" in origin.group(1) or "gather" in origin.group(1):
+    return "(shuffle, batch gather)"
+  return "(loss, optimizer, metrics)"
 
 
 def _fused_computation(hlo: list[str], name: str) -> str:

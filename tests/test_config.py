@@ -17,7 +17,7 @@ from flax_mnist.errors import ConfigError
     ("batch_size", 0, "config.batch_size 0: expected a positive integer"),
     ("num_epochs", -1, "config.num_epochs -1: expected an integer >= 0"),
     ("learning_rate", float("nan"), "config.learning_rate nan: expected a positive number"),
-    ("impl", "winograd", "config.impl 'winograd': expected one of auto, lax"),
+    ("impl", "winograd", "config.impl 'winograd': expected one of auto, measure, lax"),
     ("dropout_rng_impl", "mt19937", "config.dropout_rng_impl 'mt19937': expected one of auto, rbg"),
     ("num_seeds", 0, "config.num_seeds 0: expected a positive integer"),
     ("seeds", (3, 3), r"config.seeds \(3, 3\): expected distinct seeds"),
@@ -73,7 +73,7 @@ def test_config_files_hold_the_notebook_settings(name):
 
 def test_resolve_records_every_auto_as_a_concrete_choice():
   spec = config_lib.resolve(config_lib.default_config())
-  assert (spec.impl, spec.dropout_rng_impl, spec.seed_parallelism) == ("im2col", "rbg", "loop")
+  assert (spec.impl, spec.dropout_rng_impl, spec.seed_parallelism) == ("s2d", "rbg", "loop")
   assert spec.seeds == (0,) and spec.to_dict()["seeds"] == [0]
   record = config_lib.run_config_dict(config_lib.default_config(), spec, seed=0)
   assert "auto" not in (record["impl"], record["dropout_rng_impl"], record["seed_parallelism"])

@@ -3,6 +3,8 @@ each layer alone, layouts."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -86,9 +88,9 @@ def test_max_pool_gradient_goes_to_the_first_maximum_of_each_window(kind, impl):
   np.testing.assert_array_equal(receivers, 1)
 
 
-def _reference_conv_pool(images, kernel, bias):
-  """Conv (XLA's), bias, ReLU, then a 2x2 max-pool by lax.reduce_window."""
-  return _reference_pool(jax.nn.relu(layers.lax_conv(images, kernel) + bias))
+def _reference_conv_pool(images, kernel, bias, window=2):
+  """Conv (XLA's), bias, ReLU, then a max-pool by lax.reduce_window."""
+  return _reference_pool(jax.nn.relu(layers.lax_conv(images, kernel) + bias), window)
 
 
 def _assert_close_to_the_array(got, want, relative=5e-7):
@@ -98,36 +100,48 @@ def _assert_close_to_the_array(got, want, relative=5e-7):
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=relative * scale)
 
 
-_block = jax.jit(lambda x, k, b: kernels.conv_pool(x, k, b, 2, jax.nn.relu))
+@functools.partial(jax.jit, static_argnums=3)
+def _block(images, kernel, bias, window=2):
+  return kernels.conv_pool(images, kernel, bias, window, jax.nn.relu)
 
 
-def _block_and_reference_grads(images, kernel, bias, reference=_reference_conv_pool):
-  shape = jax.eval_shape(reference, images, kernel, bias).shape
+def _block_and_reference_grads(images, kernel, bias, reference=_reference_conv_pool, window=2):
+  shape = jax.eval_shape(functools.partial(reference, window=window), images, kernel, bias).shape
   weights = jax.random.normal(jax.random.key(10), shape)
 
   def grads(function):
-    loss = lambda x, k, b: jnp.sum(function(x, k, b) * weights)
+    loss = lambda x, k, b: jnp.sum(function(x, k, b, window) * weights)
     return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(images, kernel, bias)
 
   return grads(_block), grads(reference)
 
 
 @pytest.mark.parametrize(
-  "shape, features", [((4, 28, 28, 1), 8), ((4, 13, 13, 8), 16), ((3, 12, 11, 2), 3)]
+  "shape, features, kernel_size, window",
+  [
+    ((4, 28, 28, 1), 8, 3, 2),  # conv1: 28 -> 26 -> 13 (the transposed-patches path).
+    ((4, 13, 13, 8), 16, 3, 2),  # conv2: 13 -> 11 -> 5, the odd edge dropped.
+    ((3, 12, 11, 2), 3, 3, 2),
+    ((2, 9, 10, 1), 4, 2, 2),  # The last block reaches past the image: zero-padded.
+    ((2, 14, 13, 3), 5, 3, 3),
+  ],
 )
-def test_s2d_block_equals_conv_relu_max_pool_exactly_ties_included(shape, features):
+def test_s2d_block_equals_conv_relu_max_pool_exactly_ties_included(
+  shape, features, kernel_size, window
+):
   # Inputs and weights on a coarse grid, so that every sum is exact whatever its order: tied
   # maxima (all-zero windows, repeated patches) tie in both, and the gradients must agree.
-  # 28 -> 26 -> 13 (conv1); 13 -> 11 -> 5, the odd edge dropped (conv2).
   keys = jax.random.split(jax.random.key(11), 3)
   images = jax.random.randint(keys[0], shape, -2, 3).clip(0) / 2  # Mostly zeros, some 0.5, 1.
-  kernel = jax.random.randint(keys[1], (3, 3, shape[-1], features), -4, 5) / 4
+  kernel_shape = (kernel_size, kernel_size, shape[-1], features)
+  kernel = jax.random.randint(keys[1], kernel_shape, -4, 5) / 4
   bias = jax.random.randint(keys[2], (features,), -1, 3) / 4
-  got = _block(images, kernel, bias)
-  want = jax.jit(_reference_conv_pool)(images, kernel, bias)
+  got = _block(images, kernel, bias, window)
+  want = jax.jit(_reference_conv_pool, static_argnums=3)(images, kernel, bias, window)
   assert got.shape == want.shape
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-  for got_grad, want_grad in zip(*_block_and_reference_grads(images, kernel, bias), strict=True):
+  grads = _block_and_reference_grads(images, kernel, bias, window=window)
+  for got_grad, want_grad in zip(*grads, strict=True):
     _assert_close_to_the_array(got_grad, want_grad)
 
 
@@ -148,7 +162,7 @@ def test_s2d_block_on_real_activations_routes_each_window_to_one_maximum(real_da
   first_maxima = jax.jit(lambda x, k: jnp.argmax(kernels.window_outputs(x, k, 2), axis=-2))
   chosen = first_maxima(activations, kernel2)
 
-  def reference_with_the_blocks_choice(x, k, b):
+  def reference_with_the_blocks_choice(x, k, b, window=2):
     outputs = layers.lax_conv(x, k)[:, :10, :10]  # 11 x 11, the odd edge dropped.
     windows = (
       outputs.reshape(-1, 5, 2, 5, 2, 16).transpose(0, 1, 3, 2, 4, 5).reshape(-1, 5, 5, 4, 16)

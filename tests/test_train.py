@@ -141,7 +141,11 @@ def test_vmapped_seeds_equal_their_single_seed_runs(idx_dir, tmp_path):
     for got, want in zip(_metrics_only(histories[seed]), _metrics_only(single)):
       assert got.keys() == want.keys()
       for key in got:
-        assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), (seed, key)
+        # Float reassociation under vmap: the train losses agree to ~1e-7; the val loss of the
+        # first epochs (eval-mode BatchNorm on young moving statistics, 100 images) to ~1e-4,
+        # and that can move one image across the decision boundary.
+        tolerance = {"abs": 0.011} if key.endswith("accuracy") else {"rel": 1e-3, "abs": 1e-6}
+        assert got[key] == pytest.approx(want[key], **tolerance), (seed, key)
 
 
 def test_vmapped_seeds_resume_and_refuse_seeds_at_different_epochs(idx_dir, tmp_path):

@@ -62,7 +62,7 @@ def default_config() -> ml_collections.ConfigDict:
   config.data_dir = ml_collections.config_dict.placeholder(str)
   config.tfds_data_dir = ml_collections.config_dict.placeholder(str)  # Unset: TFDS's default.
   # How it is executed: none of these changes what a seed computes beyond the last float bits.
-  config.impl = "auto"  # "im2col" on CPU, "lax" elsewhere (resolve_impl).
+  config.impl = "auto"  # "s2d" on CPU, "lax" elsewhere (resolve_impl).
   # PRNG of the dropout masks. "auto": XLA's RngBitGenerator ("rbg") on CPU, where it draws them
   # ~10 ms/step faster than threefry for cnn_pool_bn; "threefry2x32" (JAX's default) elsewhere,
   # because rbg draws other bits under vmap, and seeds are vmapped there (seed_parallelism).
@@ -104,16 +104,19 @@ class RunSpec:
 def resolve_impl(name: str) -> str:
   """The layer implementation ``config.impl`` stands for on this platform.
 
-  ``lax``: NHWC, XLA's convolution (GPU, TPU). ``im2col`` (CPU): NHWC, each convolution one
-  matmul over stacked shifted slices, because XLA:CPU's convolution gradients inside a compiled
-  loop are 5-10x slower. ``batch_minor``: the whole network on (C, H, W, N) activations; it was
-  fastest on an AMD Zen 4 VM, not on the Intel VM of the last measurement (1.6x slower for cnn).
+  ``lax``: NHWC, XLA's convolution (GPU, TPU). ``s2d`` (CPU): NHWC, each convolution one matmul
+  over stacked shifted slices (im2col), and each conv + ReLU + 2x2 max-pool as one
+  space-to-depth matmul block (measured per step: cnn_pool 28 -> 12.5 ms, cnn_pool_bn 40 -> 25
+  ms; mlp and cnn have no such pair and run exactly the im2col ops); XLA:CPU's convolution
+  gradients inside a compiled loop are 5-10x slower. ``im2col``: without the block.
+  ``batch_minor``: the whole network on (C, H, W, N) activations (fastest on one AMD VM, not on
+  the Intel VM here). ``measure``: timed per model by the trainer (``impl_candidates``).
   """
   _check_choice("impl", name, IMPLS)
   if name == "measure":  # The trainer times the candidates for the model (impl_candidates).
     return name
   if name == "auto":
-    return "im2col" if jax.default_backend() == "cpu" else "lax"
+    return "s2d" if jax.default_backend() == "cpu" else "lax"
   return name
 
 

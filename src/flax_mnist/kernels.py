@@ -82,8 +82,10 @@ def max_pool(images: jax.Array, window: int) -> jax.Array:
   input, the first maximum of its window in row-major order, also where the window holds tied
   maxima (all-zero windows after a ReLU, equal saturated values). The forward pass stores that
   position (int8) and the backward is one elementwise pass over the windows; JAX's own
-  reduce-max gradient splits ties and costs 3-4 passes over the input.
+  reduce-max gradient splits ties and costs 3-4 passes over the input. Windows up to 11 x 11.
   """
+  if not 1 <= window <= 11:
+    raise ValueError(f"max_pool: window {window}, expected 1 to 11 (an int8 indexes it)")
   _, height, width, _ = images.shape
   return _max_pool(images[:, : height // window * window, : width // window * window], window)
 
@@ -119,19 +121,15 @@ _max_pool.defvjp(_max_pool_forward, _max_pool_backward)
 
 
 # The s2d block: a valid k x k convolution, a non-decreasing activation and a w x w max-pool as
-# one matmul. Pooled output (p, q) reads input rows w*p .. w*p + w + k - 2 (likewise columns): a
-# (w + k - 1)^2 patch, gathered by strided slices (a space-to-depth view of the input). One
-# matmul with an expanded ((w + k - 1)^2 C, w^2 O) kernel gives all w^2 convolution outputs of
-# the window at once, on the channel axis; the pool is a max over those w^2 groups, and bias and
-# activation follow it. For conv1 of the family (28 x 28 x 1 -> 13 x 13 x 8) that is one
-# (86,528 x 16) @ (16 x 32) matmul instead of (346,112 x 9) @ (9 x 8) and a pool; for conv2
-# (13 x 13 x 8 -> 5 x 5 x 16, the odd 11th row and column never computed) (12,800 x 128) @
-# (128 x 64). The expanded kernel holds (k / (w + k - 1))^2 = 9/16 non-zeros: more multiply-adds
-# than the convolution, in far better matmul shapes.
-
-
-_S2D = True  # EXPERIMENT
-_S2D_T = True  # EXPERIMENT
+# one matmul. Pooled output (p, q) reads input rows w*p .. w*p + w + k - 2 (likewise columns):
+# with the input rearranged into w x w blocks (space-to-depth: (H/w, W/w, w*w*C)), the blocks
+# (p .. p + B - 1, q .. q + B - 1), B = ceil((w + k - 1) / w). One matmul of those patches with
+# an expanded (B^2 w^2 C, w^2 O) kernel gives all w^2 convolution outputs of the window at once,
+# on the channel axis; the pool is a max over those w^2 groups, and bias and activation follow.
+# For conv1 of the family (28 x 28 x 1 -> 13 x 13 x 8) that is one (86,528 x 16) @ (16 x 32)
+# matmul instead of (346,112 x 9) @ (9 x 8) and a pool; for conv2 (13 x 13 x 8 -> 5 x 5 x 16,
+# the odd 11th row and column never computed) (12,800 x 128) @ (128 x 64). The expanded kernel
+# holds 9/16 non-zeros: more multiply-adds than the convolution, in far better matmul shapes.
 
 
 def _blocks_per_patch(kernel_size: int, window: int) -> int:
@@ -139,9 +137,10 @@ def _blocks_per_patch(kernel_size: int, window: int) -> int:
 
 
 @functools.cache
-def _expansion_s2d(kernel_size: int, window: int) -> np.ndarray:
-  """``T[bi, bj, si, sj, a, b, ki, kj]``: 1 where sub-position (si, sj) of block (bi, bj) of the
-  patch meets kernel tap (ki, kj) for the window's sub-position (a, b)."""
+def _expansion(kernel_size: int, window: int) -> np.ndarray:
+  """The 0/1 map from a (k, k) kernel to the expanded one: ``T[bi, bj, si, sj, a, b, ki, kj]``
+  is 1 where sub-position (si, sj) of the patch's block (bi, bj) meets kernel tap (ki, kj) for
+  the window's output (a, b)."""
   blocks = _blocks_per_patch(kernel_size, window)
   shape = (blocks, blocks, window, window, window, window, kernel_size, kernel_size)
   expansion = np.zeros(shape, np.float32)
@@ -152,74 +151,60 @@ def _expansion_s2d(kernel_size: int, window: int) -> np.ndarray:
   return expansion
 
 
-def _s2d_patch_slices(images: jax.Array, kernel_size: int, window: int) -> list[jax.Array]:
-  out_h = (images.shape[1] - kernel_size + 1) // window
-  out_w = (images.shape[2] - kernel_size + 1) // window
+def expand_kernel(kernel: jax.Array, window: int) -> jax.Array:
+  """The (k, k, C, O) kernel as the (B^2 w^2 C, w^2 O) matrix of the s2d block: rows in (block
+  row, block column, sub-row, sub-column, channel) order, columns in (output row, output column,
+  feature) order. A linear map of ``kernel`` (an einsum with a constant): autodiff gives the
+  gradient of the k x k kernel."""
+  kernel_size, _, _, out_features = kernel.shape
+  expansion = _expansion(kernel_size, window)
+  expanded = jnp.einsum("ijstabkl,klco->ijstcabo", expansion, kernel)
+  return expanded.reshape(-1, window * window * out_features)
+
+
+def _pooled_size(images: jax.Array, kernel_size: int, window: int) -> tuple[int, int]:
+  """(P, Q): the size of the pooled output."""
+  return tuple((size - kernel_size + 1) // window for size in images.shape[1:3])
+
+
+def _fit(images: jax.Array, kernel_size: int, window: int) -> jax.Array:
+  """The rows and columns the patches read: cropped (the pool's odd edge), or zero-padded where
+  the last block reaches past the image (it meets zeros of the expanded kernel there)."""
   blocks = _blocks_per_patch(kernel_size, window)
-  height, width = window * (out_h + blocks - 1), window * (out_w + blocks - 1)
-  n, _, _, channels = images.shape
+  height, width = (
+    window * (size + blocks - 1) for size in _pooled_size(images, kernel_size, window)
+  )
   images = images[:, :height, :width]
   pad = ((0, 0), (0, height - images.shape[1]), (0, width - images.shape[2]), (0, 0))
-  if any(after for _, after in pad):
-    images = jnp.pad(images, pad)
-  s2d = images.reshape(n, height // window, window, width // window, window, channels)
-  s2d = s2d.transpose(0, 1, 3, 2, 4, 5).reshape(n, height // window, width // window, -1)
-  return [s2d[:, bi : bi + out_h, bj : bj + out_w] for bi in range(blocks) for bj in range(blocks)]
+  return jnp.pad(images, pad) if pad[1][1] or pad[2][1] else images
 
 
-@functools.cache
-def _expansion(kernel_size: int, window: int) -> np.ndarray:
-  """The 0/1 map from a (k, k) kernel to the expanded one: ``T[i, j, a, b, ki, kj]`` is 1 where
-  patch position (i, j) meets kernel tap (ki, kj) for the window's sub-position (a, b)."""
-  span = window + kernel_size - 1
-  expansion = np.zeros((span, span, window, window, kernel_size, kernel_size), np.float32)
-  for a in range(window):
-    for b in range(window):
-      for ki in range(kernel_size):
-        for kj in range(kernel_size):
-          expansion[a + ki, b + kj, a, b, ki, kj] = 1.0
-  return expansion
-
-
-def expand_kernel(kernel: jax.Array, window: int, s2d=None) -> jax.Array:
-  """The (k, k, C, O) kernel as the ((w + k - 1)^2 C, w^2 O) matrix of the s2d block: rows in
-  (patch row, patch column, channel) order, columns in (sub-row, sub-column, feature) order.
-  A linear map of ``kernel`` (an einsum with a constant), so autodiff gives its gradient."""
-  kernel_size, _, in_features, out_features = kernel.shape
-  if _S2D if s2d is None else s2d:
-    expansion = _expansion_s2d(kernel_size, window)
-    expanded = jnp.einsum("ijstabkl,klco->ijstcabo", expansion, kernel)
-    return expanded.reshape(-1, window * window * out_features)
-  span = window + kernel_size - 1
-  expanded = jnp.einsum("ijabkl,klco->ijcabo", _expansion(kernel_size, window), kernel)
-  return expanded.reshape(span * span * in_features, window * window * out_features)
-
-
-def _patch_slices(images: jax.Array, kernel_size: int, window: int, s2d=None) -> list[jax.Array]:
-  """The (w + k - 1)^2 strided slices (N, P, Q, C) whose stack is every pooled output's input
-  patch, in (row, column) order (P, Q: the pool's output size)."""
-  if _S2D if s2d is None else s2d:
-    return _s2d_patch_slices(images, kernel_size, window)
-  out_h = (images.shape[1] - kernel_size + 1) // window
-  out_w = (images.shape[2] - kernel_size + 1) // window
-  rows, columns = window * (out_h - 1) + 1, window * (out_w - 1) + 1
-  span = window + kernel_size - 1
-  return [
-    images[:, i : i + rows : window, j : j + columns : window]
-    for i in range(span)
-    for j in range(span)
-  ]
-
-
-def _patches(images: jax.Array, kernel_size: int, window: int, s2d=None) -> jax.Array:
-  """(N, P, Q, (w + k - 1)^2 C): the patches, (row, column, channel) on the channel axis."""
-  return jnp.concatenate(_patch_slices(images, kernel_size, window, s2d), axis=-1)
+def _patches(images: jax.Array, kernel_size: int, window: int) -> jax.Array:
+  """(N, P, Q, B^2 w^2 C): each pooled output's input patch, from the space-to-depth blocks, in
+  the expanded kernel's row order. Its gradient (col2im) is B^2 shifted adds of blocks."""
+  out_h, out_w = _pooled_size(images, kernel_size, window)
+  images = _fit(images, kernel_size, window)
+  n, height, width, channels = images.shape
+  blocks = images.reshape(n, height // window, window, width // window, window, channels)
+  blocks = blocks.transpose(0, 1, 3, 2, 4, 5).reshape(n, height // window, width // window, -1)
+  count = _blocks_per_patch(kernel_size, window)
+  slices = [blocks[:, i : i + out_h, j : j + out_w] for i in range(count) for j in range(count)]
+  return jnp.concatenate(slices, axis=-1)
 
 
 def _transposed_patches(images: jax.Array, kernel_size: int, window: int) -> jax.Array:
-  """The patches as a ((w + k - 1)^2 C, N P Q) matrix, gathered in that layout."""
-  slices = _patch_slices(images, kernel_size, window, _S2D_T)
-  return jnp.concatenate([jnp.moveaxis(s, -1, 0).reshape(s.shape[-1], -1) for s in slices])
+  """The patches as a (B^2 w^2 C, N P Q) matrix, gathered in that layout by strided slices of
+  the image (measured faster than transposing the blocks for conv1's one channel)."""
+  out_h, out_w = _pooled_size(images, kernel_size, window)
+  images = _fit(images, kernel_size, window)
+  count, channels = _blocks_per_patch(kernel_size, window), images.shape[-1]
+  rows, columns = window * (out_h - 1) + 1, window * (out_w - 1) + 1
+  slices = [
+    images[:, i : i + rows : window, j : j + columns : window]
+    for bi, bj, si, sj in np.ndindex(count, count, window, window)
+    for i, j in [(bi * window + si, bj * window + sj)]
+  ]
+  return jnp.concatenate([jnp.moveaxis(s, -1, 0).reshape(channels, -1) for s in slices])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -233,8 +218,7 @@ def _patch_matmul(images, expanded, kernel_size, window):
 
 def _patch_matmul_forward(images, expanded, kernel_size, window):
   patches_t = _transposed_patches(images, kernel_size, window)
-  out_h = (images.shape[1] - kernel_size + 1) // window
-  out_w = (images.shape[2] - kernel_size + 1) // window
+  out_h, out_w = _pooled_size(images, kernel_size, window)
   outputs = jnp.dot(patches_t.T, expanded).reshape(images.shape[0], out_h, out_w, -1)
   return outputs, (images, expanded, patches_t)
 
@@ -242,7 +226,7 @@ def _patch_matmul_forward(images, expanded, kernel_size, window):
 def _patch_matmul_backward(kernel_size, window, residuals, outputs_grad):
   images, expanded, patches_t = residuals
   expanded_grad = jnp.dot(patches_t, outputs_grad.reshape(-1, outputs_grad.shape[-1]))
-  _, patches_vjp = jax.vjp(lambda x: _patches(x, kernel_size, window, _S2D_T), images)
+  _, patches_vjp = jax.vjp(lambda x: _patches(x, kernel_size, window), images)
   return patches_vjp(jnp.dot(outputs_grad, expanded.T))[0], expanded_grad
 
 
@@ -254,9 +238,8 @@ def window_outputs(images: jax.Array, kernel: jax.Array, window: int) -> jax.Arr
   computes them: (N, P, Q, w^2, O), the window's outputs in row-major order on axis -2 (P, Q: the
   pool's output size; the odd edge the pool drops is not computed)."""
   kernel_size, _, in_features, out_features = kernel.shape
-  transposed = 4 * in_features < out_features
-  expanded = expand_kernel(kernel, window, _S2D_T if transposed else _S2D)
-  if transposed:
+  expanded = expand_kernel(kernel, window)
+  if 4 * in_features < out_features:
     outputs = _patch_matmul(images, expanded, kernel_size, window)
   else:
     outputs = jnp.dot(_patches(images, kernel_size, window), expanded)

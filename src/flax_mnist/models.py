@@ -71,13 +71,17 @@ class Classifier(nnx.Module):
     which alone enter BatchNorm's batch statistics (padded rows' outputs are to be ignored).
     """
     outputs = self.layout.enter(images)
+    names = layer_names(self)
     for index, layer in enumerate(self.layers):
       if index - 1 in self.fused:  # This MaxPool ran with the Conv before it.
         continue
-      if index in self.fused:
-        outputs = layer.pooled(outputs, self.layers[index + 1].window)
-      else:
-        outputs = layer(outputs, mask) if isinstance(layer, BatchNorm) else layer(outputs)
+      # The layer's name in the metadata of every op it (and its gradient) compiles to, for
+      # per-layer profiles (benchmarks/profile_ops.py --by_layer); it changes no computation.
+      with jax.named_scope(names[index]):
+        if index in self.fused:
+          outputs = layer.pooled(outputs, self.layers[index + 1].window)
+        else:
+          outputs = layer(outputs, mask) if isinstance(layer, BatchNorm) else layer(outputs)
     return self.layout.leave(outputs)
 
 
