@@ -31,6 +31,9 @@ _IMPL = flags.DEFINE_enum(
   list(config.IMPLS),
   "Override config.impl (config.resolve_impl), to compare implementations.",
 )
+_COMPUTE_DTYPE = flags.DEFINE_enum(
+  "compute_dtype", None, ["float32", "bfloat16"], "Override config.compute_dtype."
+)
 _SEEDS = flags.DEFINE_integer(
   "seeds", 1, "Also time this many seeds trained together (train_seeds).", lower_bound=1
 )
@@ -61,7 +64,12 @@ def main() -> None:
     data_dir=_DATA_DIR.value,
     baseline=_BASELINE.value,
     baseline_python=_BASELINE_PYTHON.value,
-    overrides={"impl": _IMPL.value} if _IMPL.value else None,
+    overrides={
+      field: flag.value
+      for field, flag in (("impl", _IMPL), ("compute_dtype", _COMPUTE_DTYPE))
+      if flag.value
+    }
+    or None,
     num_seeds=_SEEDS.value,
     seed_parallelism=_SEED_PARALLELISM.value,
   )

@@ -282,3 +282,25 @@ def test_layer_flops_of_the_family_and_of_stock_flax_layers():
   ]
   with pytest.raises(ConfigError, match="impl 'batch_minor': layers Conv, Linear take NHWC only"):
     models.Classifier("stock", list(stock.layers), impl="batch_minor")
+
+
+@pytest.mark.parametrize("impl", ["lax", "s2d", "batch_minor"])
+def test_bfloat16_compute_keeps_float32_params_and_logits_close_to_float32(impl):
+  images = jax.random.uniform(jax.random.key(1), (8, 28, 28, 1))
+  full = models.create_model("cnn_pool_bn", rngs=nnx.Rngs(0), impl=impl)
+  half = models.create_model("cnn_pool_bn", rngs=nnx.Rngs(0), impl=impl, compute_dtype="bfloat16")
+  full.eval()
+  half.eval()
+  want, got = full(images), half(images)
+  assert got.dtype == jnp.float32  # Logits leave in float32, for the loss.
+  assert {leaf.dtype for leaf in jax.tree.leaves(nnx.state(half, nnx.Param))} == {jnp.float32}
+  scale = float(jnp.max(jnp.abs(want)))
+  assert float(jnp.max(jnp.abs(got - want))) < 0.05 * scale  # bfloat16 keeps ~3 digits.
+  assert float(jnp.max(jnp.abs(got - want))) > 0  # It did compute in bfloat16.
+
+  def loss(params, model):
+    graphdef, _, rest = nnx.split(model, nnx.Param, ...)
+    return nnx.merge(graphdef, params, rest)(images).sum()
+
+  grads = jax.grad(loss)(nnx.state(half, nnx.Param), half)
+  assert {leaf.dtype for leaf in jax.tree.leaves(grads)} == {jnp.float32}

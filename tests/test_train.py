@@ -192,3 +192,13 @@ def test_a_measured_impl_is_recorded_and_reused_on_resume(idx_dir, tmp_path):
   assert any(f"impl {chosen} (recorded in" in line for line in lines)
   assert not any(line.startswith("impl measured:") for line in lines)
   assert "impl_seconds_per_step" not in json.loads((tmp_path / "run.json").read_text())
+
+
+def test_a_bfloat16_run_trains_and_records_its_compute_dtype(idx_dir, tmp_path):
+  config = small_config(idx_dir, model="cnn_pool_bn", compute_dtype="bfloat16", num_epochs=3)
+  history = train.train_and_evaluate(config, tmp_path, print_fn=None)
+  assert all(np.isfinite(record["train_loss"]) for record in history)
+  assert history[-1]["train_loss"] < history[0]["train_loss"]
+  assert json.loads((tmp_path / "config.json").read_text())["compute_dtype"] == "bfloat16"
+  with pytest.raises(ConfigError, match="config.compute_dtype 'float16': expected one of"):
+    config_lib.resolve(small_config(idx_dir, compute_dtype="float16"))

@@ -100,6 +100,8 @@ def benchmark_model(
   return {
     "model": model,
     "epochs": epochs,
+    "impl": run["resolved"]["impl"],
+    "compute_dtype": config.compute_dtype,
     "compile_seconds": sum(run["compile_seconds"].values()),
     "compile_breakdown": run["compile_seconds"],
     "epoch_seconds": epoch_seconds,
@@ -285,8 +287,8 @@ def run(
   return result
 
 
-def to_markdown(result: dict[str, Any]) -> str:
-  """The benchmark's tables: per-model timing, and the per-layer FLOP counts."""
+def _timing_table(result: dict[str, Any]) -> list[str]:
+  """One row per model: compile, epoch, throughput, FLOP rate, memory, accuracy, Keras's."""
   has_keras = "baseline" in result
   header = [
     "model",
@@ -320,42 +322,66 @@ def to_markdown(result: dict[str, Any]) -> str:
       keras = result["baseline"]["models"][name]
       cells += [f"{keras['epoch_seconds']:.2f}", f"{row['ratio_to_keras']:.2f}x"]
     lines.append("| " + " | ".join(cells) + " |")
+  return lines
+
+
+def _footer(result: dict[str, Any]) -> list[str]:
+  """What was run, where, with what: impl, dtype, hardware, versions, the matmul peak."""
   environment = result["environment"]
-  lines += [
+  settings = sorted(
+    {
+      f"{row.get('impl', '?')}, {row.get('compute_dtype', 'float32')}"
+      for row in result["models"].values()
+    }
+  )
+  lines = [
     "",
+    f"impl and compute dtype: {'; '.join(settings)}.",
     f"{result['epochs']} epochs per model; epoch = train 60,000 + evaluate 10,000 images "
     "at batch 512, "
     f"median of epochs 2..N, compilation excluded; {log.describe_hardware(environment)}; "
     f"jax {environment['versions']['jax']}, flax {environment['versions']['flax']}; "
     f"f32 matmul peak measured in this run: {result['matmul_peak_gflops']:.0f} GFLOP/s.",
   ]
-  if has_keras:
+  if "baseline" in result:
     keras_env = result["baseline"]["environment"]
     lines.append(
       f"Keras baseline: keras {keras_env['keras']}, tensorflow {keras_env['tensorflow']}, "
       f"{keras_env['intra_op_threads']} intra-op threads, same data, batch and epochs, same run."
     )
+  return lines
+
+
+def _seeds_table(result: dict[str, Any]) -> list[str]:
+  """What training several seeds together cost against one (``--seeds``), if it was run."""
   seeded = {name: row["seeds"] for name, row in result["models"].items() if "seeds" in row}
-  if seeded:
-    lines += [
-      "",
-      "| model | seeds | trained by | dropout PRNG | compile s (once) "
-      "| epoch s, all seeds (median) "
-      "| x one seed's epoch |",
-      "| --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for name, seeds in seeded.items():
-      lines.append(
-        f"| {name} | {seeds['num_seeds']} | {seeds['seed_parallelism']} "
-        f"| {seeds['dropout_rng_impl']} "
-        f"| {seeds['compile_seconds']:.1f} | {seeds['seeds_epoch_seconds']:.2f} "
-        f"| {seeds['ratio_to_one_seed']:.2f}x |"
-      )
+  if not seeded:
+    return []
+  lines = [
+    "",
+    "| model | seeds | trained by | dropout PRNG | compile s (once) "
+    "| epoch s, all seeds (median) "
+    "| x one seed's epoch |",
+    "| --- | --- | --- | --- | --- | --- | --- |",
+  ]
+  for name, seeds in seeded.items():
     lines.append(
-      "x one seed's epoch: the seeds' epoch over the single-seed epoch above "
-      "(1x: the extra seeds are "
-      "free; the number of seeds: no gain over running them one after the other)."
+      f"| {name} | {seeds['num_seeds']} | {seeds['seed_parallelism']} "
+      f"| {seeds['dropout_rng_impl']} "
+      f"| {seeds['compile_seconds']:.1f} | {seeds['seeds_epoch_seconds']:.2f} "
+      f"| {seeds['ratio_to_one_seed']:.2f}x |"
     )
+  lines.append(
+    "x one seed's epoch: the seeds' epoch over the single-seed epoch above "
+    "(1x: the extra seeds are "
+    "free; the number of seeds: no gain over running them one after the other)."
+  )
+  return lines
+
+
+def to_markdown(result: dict[str, Any]) -> str:
+  """The benchmark's tables: per-model timing, seeds, and the per-layer FLOP counts."""
+  lines = _timing_table(result) + _footer(result) + _seeds_table(result)
   lines += ["", "| model | layer | forward MFLOP / image |", "| --- | --- | ---: |"]
   for name in result["models"]:
     for layer, flops in models.layer_flops(models.create_model(name, rngs=nnx.Rngs(0))):

@@ -234,6 +234,7 @@ def _load(checkpoints: Checkpoints, which: str) -> tuple[nnx.Module, dict[str, A
     impl=resolve_impl("auto"),
     dropout_rng_impl=config["dropout_rng_impl"],
     model_kwargs=config.get("model_kwargs") or {},
+    compute_dtype=config.get("compute_dtype", "float32"),
   )
   graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
   state, _ = checkpoints.restore_model(which, {"params": params, "model_state": model_state})

@@ -62,14 +62,21 @@ class Layout:
   convolve: Callable[[jax.Array, jax.Array], jax.Array] = lax_conv
   # Whether a Conv and the MaxPool right after it run as one block (``fused_conv_pools``).
   fuses_conv_pool: bool = False
+  # Mixed precision: activations and matmul operands in this dtype (e.g. bfloat16); params stay
+  # float32, BatchNorm computes in float32, logits leave in float32. None: the inputs' (float32).
+  dtype: jnp.dtype | None = None
+
+  def cast(self, *arrays: jax.Array) -> tuple[jax.Array, ...]:
+    """``arrays`` in the compute dtype (unchanged without one: the float32 path is untouched)."""
+    return arrays if self.dtype is None else tuple(array.astype(self.dtype) for array in arrays)
 
   def enter(self, array: jax.Array) -> jax.Array:
     """An NHWC (or (N, F)) array in this layout."""
-    return array
+    return self.cast(array)[0]
 
   def leave(self, array: jax.Array) -> jax.Array:
     """An array of this layout back in NHWC (or (N, F)): the inverse of ``enter``."""
-    return array
+    return array if self.dtype is None else array.astype(jnp.float32)
 
   def batch_axis(self, ndim: int) -> int:
     """The batch axis of an ``ndim``-dimensional activation."""
@@ -81,6 +88,7 @@ class Layout:
 
   def conv(self, images: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
     """Valid, stride-1 convolution plus bias (HWIO kernel)."""
+    images, kernel, bias = self.cast(images, kernel, bias)
     return self.convolve(images, kernel) + bias
 
   def fused_conv_pools(self, layers: Sequence[nnx.Module]) -> tuple[int, ...]:
@@ -107,12 +115,14 @@ class Layout:
     """``max_pool(activation(conv(images, kernel, bias)), window)``: a Conv and a MaxPool, as
     one s2d block (``kernels.conv_pool``, NHWC) where the layout fuses them."""
     if self.fuses_conv_pool:
+      images, kernel, bias = self.cast(images, kernel, bias)
       return kernels.conv_pool(images, kernel, bias, window, activation)
     outputs = self.conv(images, kernel, bias)
     return max_pool(outputs if activation is None else activation(outputs), window)
 
   def dense(self, inputs: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
     """``inputs @ kernel + bias``, as ``nnx.Linear`` computes it."""
+    inputs, kernel, bias = self.cast(inputs, kernel, bias)
     outputs = jax.lax.dot_general(inputs, kernel, (((inputs.ndim - 1,), (0,)), ((), ())))
     return outputs + jnp.reshape(bias, (1,) * (outputs.ndim - 1) + (-1,))
 
@@ -129,10 +139,10 @@ class BatchMinorLayout(Layout):
   convolve: Callable[[jax.Array, jax.Array], jax.Array] = batch_minor_conv
 
   def enter(self, array: jax.Array) -> jax.Array:
-    return _swap_batch_axis(array)
+    return _swap_batch_axis(super().enter(array))
 
   def leave(self, array: jax.Array) -> jax.Array:
-    return _swap_batch_axis(array)
+    return super().leave(_swap_batch_axis(array))
 
   def batch_axis(self, ndim: int) -> int:
     return ndim - 1
@@ -141,9 +151,11 @@ class BatchMinorLayout(Layout):
     return 0
 
   def conv(self, images: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+    images, kernel, bias = self.cast(images, kernel, bias)
     return self.convolve(images, kernel) + bias[:, None, None, None]
 
   def dense(self, inputs: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+    inputs, kernel, bias = self.cast(inputs, kernel, bias)
     return jnp.tensordot(kernel, inputs, axes=((0,), (0,))) + bias[:, None]
 
   def flatten(self, inputs: jax.Array) -> jax.Array:
@@ -163,12 +175,22 @@ IMPLS = tuple(LAYOUTS)
 NHWC = LAYOUTS["lax"]
 
 
-def get_layout(impl: str) -> Layout:
-  """The layout named ``impl``, one of ``IMPLS``; a ValueError names the valid ones."""
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+def get_layout(impl: str, compute_dtype: str = "float32") -> Layout:
+  """The layout named ``impl``, one of ``IMPLS``, computing in ``compute_dtype`` (one of
+  ``COMPUTE_DTYPES``); a ValueError names the valid ones."""
   if impl not in LAYOUTS:
     hint = ' ("auto" is resolved per platform by the config first)' if impl == "auto" else ""
     raise ValueError(f"impl {impl!r}: unknown, expected one of {', '.join(IMPLS)}{hint}")
-  return LAYOUTS[impl]
+  if compute_dtype not in COMPUTE_DTYPES:
+    raise ValueError(
+      f"compute_dtype {compute_dtype!r}: unknown, expected one of {', '.join(COMPUTE_DTYPES)}"
+    )
+  if compute_dtype == "float32":
+    return LAYOUTS[impl]
+  return dataclasses.replace(LAYOUTS[impl], dtype=jnp.dtype(compute_dtype))
 
 
 class Conv(nnx.Module):
@@ -297,7 +319,10 @@ class BatchNorm(nnx.BatchNorm):
 
   def __call__(self, inputs: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     """Normalises ``inputs``; ``mask`` (one bool per example) leaves padding out of the batch
-    statistics in train mode."""
+    statistics in train mode. Low-precision inputs are normalised in float32 (the statistics
+    of a batch in bfloat16 lose most of their digits) and returned in their dtype."""
+    if inputs.dtype != jnp.float32:
+      return self(inputs.astype(jnp.float32), mask).astype(inputs.dtype)
     ndim = inputs.ndim
     if mask is not None:
       batch_axis = self.layout.batch_axis(ndim)

@@ -36,9 +36,9 @@ from flax_mnist.registry import (  # noqa: F401  (re-exported: models.register e
 )
 
 
-def _check_impl(impl: str) -> Layout:
+def _check_impl(impl: str, compute_dtype: str = "float32") -> Layout:
   try:
-    return get_layout(impl)
+    return get_layout(impl, compute_dtype)
   except ValueError as error:
     raise ConfigError(str(error)) from None
 
@@ -51,8 +51,14 @@ class Classifier(nnx.Module):
   a ``layout`` attribute (e.g. a stock ``nnx.Linear``) take NHWC, so only NHWC impls allow them.
   """
 
-  def __init__(self, name: str, layers: Sequence[nnx.Module], impl: str = "lax"):
-    layout = _check_impl(impl)
+  def __init__(
+    self,
+    name: str,
+    layers: Sequence[nnx.Module],
+    impl: str = "lax",
+    compute_dtype: str = "float32",
+  ):
+    layout = _check_impl(impl, compute_dtype)
     foreign = [type(layer).__name__ for layer in layers if not hasattr(layer, "layout")]
     if foreign and not layout.nhwc:
       raise ConfigError(f"impl {impl!r}: layers {', '.join(foreign)} take NHWC only")
@@ -61,6 +67,7 @@ class Classifier(nnx.Module):
         layer.layout = layout
     self.name = name
     self.impl = impl
+    self.compute_dtype = compute_dtype
     self.layout = layout
     # Convs that run as one block with the MaxPool after them (layout s2d): static indices.
     self.fused = layout.fused_conv_pools(layers)
@@ -100,14 +107,14 @@ def _dense_head(
 
 
 @register("mlp")
-def mlp(*, rngs: nnx.Rngs, impl: str = "lax") -> Classifier:
+def mlp(*, rngs: nnx.Rngs, impl: str = "lax", compute_dtype: str = "float32") -> Classifier:
   """Flatten, Dense 128, Drop 0.2, Dense 32, Drop 0.2, Dense 10: 104,938 params."""
   head = _dense_head(28 * 28, dropout=0.2, batch_norm=False, rngs=rngs)
-  return Classifier("mlp", [Flatten(), *head], impl)
+  return Classifier("mlp", [Flatten(), *head], impl, compute_dtype)
 
 
 @register("cnn")
-def cnn(*, rngs: nnx.Rngs, impl: str = "lax") -> Classifier:
+def cnn(*, rngs: nnx.Rngs, impl: str = "lax", compute_dtype: str = "float32") -> Classifier:
   """Conv 8, Conv 16, then the mlp head on 24*24*16 features: 1,185,482 params."""
   return Classifier(
     "cnn",
@@ -118,11 +125,12 @@ def cnn(*, rngs: nnx.Rngs, impl: str = "lax") -> Classifier:
       *_dense_head(24 * 24 * 16, dropout=0.2, batch_norm=False, rngs=rngs),
     ],
     impl,
+    compute_dtype,
   )
 
 
 @register("cnn_pool")
-def cnn_pool(*, rngs: nnx.Rngs, impl: str = "lax") -> Classifier:
+def cnn_pool(*, rngs: nnx.Rngs, impl: str = "lax", compute_dtype: str = "float32") -> Classifier:
   """Conv 8, MaxPool, Conv 16, MaxPool, then the mlp head on 5*5*16: 57,034 params."""
   return Classifier(
     "cnn_pool",
@@ -135,11 +143,12 @@ def cnn_pool(*, rngs: nnx.Rngs, impl: str = "lax") -> Classifier:
       *_dense_head(5 * 5 * 16, dropout=0.2, batch_norm=False, rngs=rngs),
     ],
     impl,
+    compute_dtype,
   )
 
 
 @register("cnn_pool_bn")
-def cnn_pool_bn(*, rngs: nnx.Rngs, impl: str = "lax") -> Classifier:
+def cnn_pool_bn(*, rngs: nnx.Rngs, impl: str = "lax", compute_dtype: str = "float32") -> Classifier:
   """cnn_pool with BatchNorm + Dropout 0.2 after each pool, BatchNorm + Dropout 0.5 in the head.
 
   57,402 trainable params and 368 BatchNorm statistics.
@@ -159,6 +168,7 @@ def cnn_pool_bn(*, rngs: nnx.Rngs, impl: str = "lax") -> Classifier:
       *_dense_head(5 * 5 * 16, dropout=0.5, batch_norm=True, rngs=rngs),
     ],
     impl,
+    compute_dtype,
   )
 
 

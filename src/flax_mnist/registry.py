@@ -67,16 +67,27 @@ def resolve_model(name: str) -> Factory:
   return factory
 
 
-def create_model(name: str, *, rngs: nnx.Rngs, impl: str = "lax", **kwargs: Any) -> nnx.Module:
+def create_model(
+  name: str,
+  *,
+  rngs: nnx.Rngs,
+  impl: str = "lax",
+  compute_dtype: str = "float32",
+  **kwargs: Any,
+) -> nnx.Module:
   """Builds model ``name`` (registered or an import path) with parameters drawn from ``rngs``.
 
-  ``impl`` (one of ``layers.IMPLS``, not "auto") is passed only to factories that take it (the
-  built-in family's layouts; all compute the same function). ``kwargs`` go to the factory.
+  ``impl`` (one of ``layers.IMPLS``, not "auto") and ``compute_dtype`` (float32 or bfloat16)
+  are passed only to factories that take them (the built-in family's layouts; all compute the
+  same function). ``kwargs`` go to the factory.
   ``rngs`` needs a ``params`` stream and, for models with dropout, a ``dropout`` stream.
   """
   factory = resolve_model(name)
-  if "impl" in inspect.signature(factory).parameters:
+  parameters = inspect.signature(factory).parameters
+  if "impl" in parameters:
     kwargs["impl"] = impl
+  if "compute_dtype" in parameters:
+    kwargs["compute_dtype"] = compute_dtype
   return factory(rngs=rngs, **kwargs)
 
 
@@ -87,6 +98,7 @@ def init_model(
   impl: str,
   dropout_rng_impl: str,
   model_kwargs: Mapping[str, Any] | None = None,
+  compute_dtype: str = "float32",
 ) -> nnx.Module:
   """Model ``name`` initialised from ``seed``, in train mode: the parameters from
   ``fold_in(key(seed), 0)``, dropout masks from ``fold_in(key(seed, impl=dropout_rng_impl), 1)``.
@@ -96,7 +108,9 @@ def init_model(
   seed_key = jax.random.key(seed)
   dropout_key = jax.random.fold_in(jax.random.key(seed, impl=dropout_rng_impl), 1)
   rngs = nnx.Rngs(params=jax.random.fold_in(seed_key, 0), dropout=dropout_key)
-  model = create_model(name, impl=impl, rngs=rngs, **dict(model_kwargs or {}))
+  model = create_model(
+    name, impl=impl, rngs=rngs, compute_dtype=compute_dtype, **dict(model_kwargs or {})
+  )
   model.train()
   return model
 

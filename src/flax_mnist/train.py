@@ -1,14 +1,12 @@
 """The training loop: ``train_and_evaluate`` (one seed) and ``train_seeds`` (several, compiled
-once), with each seed's bookkeeping: resume, history, checkpoints, TensorBoard.
+once): compile once, run the epochs (looped or vmapped seeds), stop cleanly on a signal.
 
-The compiled parts (step, epoch, evaluation) are in ``steps``; the files in ``workdir``; the
-config and its resolution in ``config``.
+The compiled parts (step, epoch, evaluation) are in ``steps``; what they start from in
+``programs``; each seed's workdir bookkeeping in ``seed_run``; the config in ``config``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import math
 import os
 import time
@@ -19,30 +17,12 @@ import jax
 import jax.numpy as jnp
 import optax
 from etils import epath
-from flax import nnx
 
-from flax_mnist import (
-  autotune,
-  checkpoint,
-  data,
-  history,
-  layers,
-  log,
-  models,
-  optim,
-  sharding,
-  steps,
-  workdir,
-)
-from flax_mnist.config import (
-  RunSpec,
-  config_to_dict,
-  impl_candidates,
-  resolve,
-  result_fields,
-  run_config_dict,
-)
-from flax_mnist.errors import CheckpointError, ConfigError, Interrupted, RunError, WorkdirError
+from flax_mnist import history, log, sharding, steps, workdir
+from flax_mnist.config import RunSpec, resolve, run_config_dict
+from flax_mnist.errors import ConfigError, Interrupted
+from flax_mnist.programs import Custom, Programs, make_mesh, measure_impl, put_data
+from flax_mnist.seed_run import SeedRun
 
 Say = Callable[[str], None]
 State = dict[str, Any]  # {"params", "model_state", "opt_state"}
@@ -56,237 +36,6 @@ def _unstack(tree: Any, index: int) -> Any:
   return jax.tree.map(lambda leaf: leaf[index], tree)
 
 
-class _SeedRun:
-  """One seed's workdir: its state, checkpoints, history and TensorBoard log."""
-
-  def __init__(
-    self,
-    config_dict: dict[str, Any],
-    directory: epath.Path,
-    template: State,
-    *,
-    is_writer: bool,
-    say: Say,
-  ):
-    self.seed = config_dict["seed"]
-    self.config_dict = config_dict
-    self.workdir = directory
-    self.is_writer = is_writer
-    self.say = say
-    self._held = contextlib.ExitStack()
-    if is_writer:  # One process creates and locks; all of them save checkpoints into it.
-      workdir.prepare(directory)
-      self._held.enter_context(workdir.lock(directory))
-    self.tensorboard: log.TensorBoard | None = None
-    self.state = template
-    self.start_epoch = 0
-    self.history: list[dict[str, Any]] = []
-    self.stopped = False  # Early stopping ended this seed's run.
-    try:
-      workdir.check_resumable(directory, config_dict, result_fields(config_dict))
-      self.checkpoints = checkpoint.Checkpoints(directory, best_metric=config_dict["best_metric"])
-      self._held.callback(self.checkpoints.close)
-      self._resume(template)
-    except BaseException:
-      self._held.close()
-      raise
-
-  def _resume(self, template: State) -> None:
-    """Restores the latest checkpoint (the best one if there is no latest) with the history
-    saved inside it: the record of each epoch travels with its checkpoint, so a history.json
-    that missed a write (a kill, a full disk) is rebuilt, never left with a gap."""
-    kind = next((k for k in ("latest", "best") if self.checkpoints.epoch(k) is not None), None)
-    if kind is None:
-      return
-    try:
-      self.state, meta = self.checkpoints.restore(kind, template)
-    except CheckpointError as error:
-      intact = "best" if kind == "latest" and self.checkpoints.epoch("best") is not None else None
-      hint = (
-        (
-          f"; move {self.checkpoints.step_dir(kind)} away to resume from "
-          f"{self.checkpoints.step_dir(intact)}"
-        )
-        if intact
-        else "; use another workdir"
-      )
-      raise CheckpointError(f"{error}{hint}") from None
-    self.start_epoch = meta["epoch"]
-    self.history = meta.get("history") or workdir.read_history(self.workdir, self.start_epoch)
-    epochs = [record["epoch"] for record in self.history]
-    if epochs != list(range(1, self.start_epoch + 1)):
-      raise WorkdirError(
-        f"{self.workdir / workdir.HISTORY_FILE}: holds epochs {epochs}, expected "
-        f"1..{self.start_epoch} "
-        f"to resume {self.checkpoints.step_dir(kind)} (a checkpoint of an older version keeps no "
-        "history of its own): restore the file or use another workdir"
-      )
-    self.stopped = any(record.get("stopped_early") for record in self.history)
-    self.say(f"resumed from {self.checkpoints.step_dir(kind)} at epoch {self.start_epoch}")
-
-  def begin(self) -> None:
-    """Training starts: config.json is written now (not by a refused or no-op run), and a
-    history.json that disagrees with the checkpoint is rewritten from it."""
-    if not self.is_writer:
-      return
-    workdir.write_json(self.workdir / workdir.CONFIG_FILE, self.config_dict)
-    file = self.workdir / workdir.HISTORY_FILE
-    on_disk = workdir.read_history(self.workdir, self.start_epoch) if file.exists() else []
-    if self.history and [r["epoch"] for r in on_disk] != [r["epoch"] for r in self.history]:
-      workdir.write_json(file, self.history)
-      self.say(f"rebuilt {file} from the checkpoint (epochs 1..{self.start_epoch})")
-
-  def finish_epoch(
-    self,
-    epoch: int,
-    state: State,
-    train_metrics: steps.Metrics,
-    val_metrics: steps.Metrics,
-    timings: dict[str, float],
-    train_graphdef: nnx.GraphDef,
-  ) -> dict[str, Any]:
-    """Records an epoch: history, checkpoints, TensorBoard. Returns its history record."""
-    train_summary, val_summary = steps.summarize(train_metrics), steps.summarize(val_metrics)
-    if not math.isfinite(train_summary["loss"]):
-      raise RunError(
-        f"training diverged at epoch {epoch} (seed {self.seed}): train_loss is "
-        f"{train_summary['loss']}; lower config.learning_rate"
-      )
-    images_per_second = (
-      timings["parallel_seeds"] * train_summary["count"] / timings["train_seconds"]
-    )
-    record = {
-      "epoch": epoch,
-      "train_loss": train_summary["loss"],
-      "train_accuracy": train_summary["accuracy"],
-      "val_loss": val_summary["loss"],
-      "val_accuracy": val_summary["accuracy"],
-      **timings,
-      "images_per_second": images_per_second,
-    }
-    patience = self.config_dict.get("early_stopping_patience", 0)
-    if patience:
-      best = history.best_record([*self.history, record], self.config_dict["best_metric"])
-      if epoch - best["epoch"] >= patience:
-        record["stopped_early"] = self.stopped = True
-    self.history.append(record)
-    self.state = state
-    meta = {
-      "epoch": epoch,
-      "model": self.config_dict["model"],
-      "config": self.config_dict,
-      **{key: record[key] for key in history.AGGREGATED},
-      "history": self.history,
-    }
-    self.checkpoints.save_epoch(epoch, state, meta)
-    if self.is_writer:
-      self._write_history(epoch)
-      if self.tensorboard is None:
-        self.tensorboard = log.TensorBoard(self.workdir / workdir.TENSORBOARD_DIR)
-      model = nnx.merge(train_graphdef, state["params"], state["model_state"])
-      arrays = {**models.named_params(model), **models.named_batch_stats(model)}
-      self.tensorboard.write_epoch(epoch, record, sharding.to_host(arrays))
-    return record
-
-  def _write_history(self, epoch: int) -> None:
-    try:
-      workdir.write_json(self.workdir / workdir.HISTORY_FILE, self.history)
-    except OSError as error:
-      raise RunError(
-        f"{self.workdir / workdir.HISTORY_FILE}: could not be written ({error.strerror or error}); "
-        f"epoch {epoch} is checkpointed with its history: rerun the same command to resume"
-      ) from None
-
-  def close(self) -> None:
-    """Closes the TensorBoard writer, waits for pending checkpoint saves, releases the lock."""
-    try:
-      if self.tensorboard is not None:
-        self.tensorboard.close()
-    finally:
-      self._held.close()
-
-
-@dataclasses.dataclass(frozen=True)
-class Custom:
-  """What a caller passes from Python instead of the config: an optax optimizer, a loss."""
-
-  optimizer: optax.GradientTransformation | None = None
-  loss_fn: steps.LossFn | None = None
-
-  def record(self, config_dict: dict[str, Any]) -> dict[str, Any]:
-    """config.json says where the config was overridden (a resume then checks these too)."""
-    if self.optimizer is not None:
-      config_dict["optimizer"] = "custom"
-    if self.loss_fn is not None:
-      config_dict["loss"] = f"custom: {getattr(self.loss_fn, '__name__', repr(self.loss_fn))}"
-    return config_dict
-
-
-def _describe(model: nnx.Module) -> str:
-  """The Keras-like summary of a stack of layers; the parameter count of any other module."""
-  if hasattr(model, "layers"):
-    return models.summary(model)
-  trainable, non_trainable = models.count_params(model)
-  return f"Model {type(model).__name__}: {trainable:,} trainable, {non_trainable:,} other params"
-
-
-class _Programs:
-  """The model's graphdefs, the optimizer, each seed's initial state and shuffle key."""
-
-  def __init__(
-    self,
-    config: Mapping[str, Any],
-    spec: RunSpec,
-    mesh: jax.sharding.Mesh | None,
-    steps_per_epoch: int,
-    custom: Custom,
-    say: Say,
-  ):
-    self.tx = custom.optimizer or optim.make_optimizer(config, steps_per_epoch)
-    self.loss_fn = custom.loss_fn or steps.smoothed_cross_entropy(config["label_smoothing"])
-    self.templates: list[State] = []
-    self.shuffle_keys: list[jax.Array] = []
-    kwargs = config_to_dict(config.get("model_kwargs") or {})
-    for seed in spec.seeds:
-      model = models.init_model(
-        spec.model,
-        seed,
-        impl=spec.impl,
-        dropout_rng_impl=spec.dropout_rng_impl,
-        model_kwargs=kwargs,
-      )
-      self.train_graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
-      state = {"params": params, "model_state": model_state, "opt_state": self.tx.init(params)}
-      self.templates.append(sharding.replicate(state, mesh))
-      self.shuffle_keys.append(
-        sharding.replicate(jax.random.fold_in(jax.random.key(seed), 2), mesh)
-      )
-    say(_describe(model))
-    model.eval()
-    self.eval_graphdef = nnx.graphdef(model)
-
-
-def _put_data(
-  config: Mapping[str, Any], mesh: jax.sharding.Mesh | None, say: Say
-) -> tuple[jax.Array, ...]:
-  """MNIST on device (replicated over the mesh): train images, train labels, test images, test
-  labels."""
-  mnist = data.load_mnist(config["data_dir"] or None, tfds_data_dir=config["tfds_data_dir"] or None)
-  say(f"data: {mnist.source}: {len(mnist.train):,} train, {len(mnist.test):,} test images")
-  arrays = (mnist.train.images, mnist.train.labels, mnist.test.images, mnist.test.labels)
-  if mesh is None:
-    return tuple(jax.device_put(array) for array in arrays)
-  return tuple(sharding.replicate(arrays, mesh))
-
-
-def _make_mesh(spec: RunSpec) -> jax.sharding.Mesh | None:
-  """The (seed, data) mesh, or None for one device in one process: then nothing is annotated
-  and the program is exactly the single-device one."""
-  if spec.seed_devices * spec.data_devices == 1 and spec.process_count == 1:
-    return None
-  return sharding.make_mesh(spec.seed_devices, spec.data_devices)
-
-
 class _Trainer:
   """Compiles the epoch once for every pending seed, then trains them (looped or vmapped)."""
 
@@ -294,8 +43,8 @@ class _Trainer:
     self,
     config: Mapping[str, Any],
     spec: RunSpec,
-    runs: list[_SeedRun],
-    programs: _Programs,
+    runs: list[SeedRun],
+    programs: Programs,
     arrays: tuple[jax.Array, ...],
     mesh: jax.sharding.Mesh | None,
     say: Say,
@@ -454,7 +203,7 @@ class _Trainer:
       if all(run.stopped for run in pending):
         break
 
-  def _report(self, run: _SeedRun, record: dict[str, Any]) -> None:
+  def _report(self, run: SeedRun, record: dict[str, Any]) -> None:
     prefix = f"seed {run.seed}: " if len(self.runs) > 1 else ""
     self.say(prefix + log.format_epoch(record, self.num_epochs))
     if record.get("stopped_early"):
@@ -471,18 +220,18 @@ def _train(
 ) -> list[list[dict[str, Any]]]:
   """Trains one copy of ``spec.model`` per seed, each into its directory; returns the histories."""
   is_writer = jax.process_index() == 0
-  mesh = _make_mesh(spec)
-  arrays = _put_data(config, mesh, say)
+  mesh = make_mesh(spec)
+  arrays = put_data(config, mesh, say)
   steps_per_epoch = math.ceil(arrays[0].shape[0] / config["batch_size"])
   measured = {}
   if spec.impl == "measure":
-    spec, measured = _measure_impl(config, spec, directories, arrays, say)
-  programs = _Programs(config, spec, mesh, steps_per_epoch, custom, say)
-  runs: list[_SeedRun] = []
+    spec, measured = measure_impl(config, spec, directories, arrays, say)
+  programs = Programs(config, spec, mesh, steps_per_epoch, custom, say)
+  runs: list[SeedRun] = []
   try:
     for seed, directory, template in zip(spec.seeds, directories, programs.templates):
       config_dict = custom.record(run_config_dict(config, spec, seed))
-      runs.append(_SeedRun(config_dict, directory, template, is_writer=is_writer, say=say))
+      runs.append(SeedRun(config_dict, directory, template, is_writer=is_writer, say=say))
     trainer = _Trainer(config, spec, runs, programs, arrays, mesh, say)
     if not trainer.pending:
       _say_nothing_to_train(runs, config["num_epochs"], say)
@@ -511,40 +260,7 @@ def _train(
   return [run.history for run in runs]
 
 
-def _measure_impl(
-  config: Mapping[str, Any],
-  spec: RunSpec,
-  directories: list[epath.Path],
-  arrays: tuple[jax.Array, ...],
-  say: Say,
-) -> tuple[RunSpec, dict[str, float]]:
-  """``impl="measure"``: the implementation a workdir recorded when it started (a resumed run
-  never measures again: implementations differ in the last float bits), else the fastest of
-  this platform's candidates, timed on a few real training steps of the model."""
-  for directory in directories:
-    file = directory / workdir.CONFIG_FILE
-    recorded = workdir.read_json(file).get("impl") if file.exists() else None
-    if recorded in layers.IMPLS:
-      say(f"impl {recorded} (recorded in {file} when the run started; not measured again)")
-      return dataclasses.replace(spec, impl=recorded), {}
-  impl, timings = autotune.choose_impl(
-    spec.model,
-    impl_candidates(),
-    batch_size=config["batch_size"],
-    dropout_rng_impl=spec.dropout_rng_impl,
-    images=arrays[0],
-    labels=arrays[1],
-    model_kwargs=config_to_dict(config.get("model_kwargs") or {}),
-  )
-  say(
-    "impl measured: "
-    + ", ".join(f"{name} {1e3 * sec:.1f} ms/step" for name, sec in timings.items())
-    + f": {impl}"
-  )
-  return dataclasses.replace(spec, impl=impl), timings
-
-
-def _say_nothing_to_train(runs: list[_SeedRun], num_epochs: int, say: Say) -> None:
+def _say_nothing_to_train(runs: list[SeedRun], num_epochs: int, say: Say) -> None:
   for run in runs:
     done = "stopped early" if run.stopped else f"holds {run.start_epoch} epochs"
     say(

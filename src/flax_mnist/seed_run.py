@@ -1,0 +1,169 @@
+"""One seed's run in its workdir: resume from a checkpoint (with the history saved inside it),
+record each epoch (history, best and latest checkpoints, TensorBoard), hold the workdir's lock."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable
+from typing import Any
+
+from etils import epath
+from flax import nnx
+
+from flax_mnist import checkpoint, history, log, models, sharding, steps, workdir
+from flax_mnist.config import result_fields
+from flax_mnist.errors import CheckpointError, RunError, WorkdirError
+
+Say = Callable[[str], None]
+State = dict[str, Any]  # {"params", "model_state", "opt_state"}
+
+
+class SeedRun:
+  """One seed's workdir: its state, checkpoints, history and TensorBoard log."""
+
+  def __init__(
+    self,
+    config_dict: dict[str, Any],
+    directory: epath.Path,
+    template: State,
+    *,
+    is_writer: bool,
+    say: Say,
+  ):
+    self.seed = config_dict["seed"]
+    self.config_dict = config_dict
+    self.workdir = directory
+    self.is_writer = is_writer
+    self.say = say
+    self._held = contextlib.ExitStack()
+    if is_writer:  # One process creates and locks; all of them save checkpoints into it.
+      workdir.prepare(directory)
+      self._held.enter_context(workdir.lock(directory))
+    self.tensorboard: log.TensorBoard | None = None
+    self.state = template
+    self.start_epoch = 0
+    self.history: list[dict[str, Any]] = []
+    self.stopped = False  # Early stopping ended this seed's run.
+    try:
+      workdir.check_resumable(directory, config_dict, result_fields(config_dict))
+      self.checkpoints = checkpoint.Checkpoints(directory, best_metric=config_dict["best_metric"])
+      self._held.callback(self.checkpoints.close)
+      self._resume(template)
+    except BaseException:
+      self._held.close()
+      raise
+
+  def _resume(self, template: State) -> None:
+    """Restores the latest checkpoint (the best one if there is no latest) with the history
+    saved inside it: the record of each epoch travels with its checkpoint, so a history.json
+    that missed a write (a kill, a full disk) is rebuilt, never left with a gap."""
+    kind = next((k for k in ("latest", "best") if self.checkpoints.epoch(k) is not None), None)
+    if kind is None:
+      return
+    try:
+      self.state, meta = self.checkpoints.restore(kind, template)
+    except CheckpointError as error:
+      intact = "best" if kind == "latest" and self.checkpoints.epoch("best") is not None else None
+      hint = (
+        (
+          f"; move {self.checkpoints.step_dir(kind)} away to resume from "
+          f"{self.checkpoints.step_dir(intact)}"
+        )
+        if intact
+        else "; use another workdir"
+      )
+      raise CheckpointError(f"{error}{hint}") from None
+    self.start_epoch = meta["epoch"]
+    self.history = meta.get("history") or workdir.read_history(self.workdir, self.start_epoch)
+    epochs = [record["epoch"] for record in self.history]
+    if epochs != list(range(1, self.start_epoch + 1)):
+      raise WorkdirError(
+        f"{self.workdir / workdir.HISTORY_FILE}: holds epochs {epochs}, expected "
+        f"1..{self.start_epoch} "
+        f"to resume {self.checkpoints.step_dir(kind)} (a checkpoint of an older version keeps no "
+        "history of its own): restore the file or use another workdir"
+      )
+    self.stopped = any(record.get("stopped_early") for record in self.history)
+    self.say(f"resumed from {self.checkpoints.step_dir(kind)} at epoch {self.start_epoch}")
+
+  def begin(self) -> None:
+    """Training starts: config.json is written now (not by a refused or no-op run), and a
+    history.json that disagrees with the checkpoint is rewritten from it."""
+    if not self.is_writer:
+      return
+    workdir.write_json(self.workdir / workdir.CONFIG_FILE, self.config_dict)
+    file = self.workdir / workdir.HISTORY_FILE
+    on_disk = workdir.read_history(self.workdir, self.start_epoch) if file.exists() else []
+    if self.history and [r["epoch"] for r in on_disk] != [r["epoch"] for r in self.history]:
+      workdir.write_json(file, self.history)
+      self.say(f"rebuilt {file} from the checkpoint (epochs 1..{self.start_epoch})")
+
+  def finish_epoch(
+    self,
+    epoch: int,
+    state: State,
+    train_metrics: steps.Metrics,
+    val_metrics: steps.Metrics,
+    timings: dict[str, float],
+    train_graphdef: nnx.GraphDef,
+  ) -> dict[str, Any]:
+    """Records an epoch: history, checkpoints, TensorBoard. Returns its history record."""
+    train_summary, val_summary = steps.summarize(train_metrics), steps.summarize(val_metrics)
+    if not math.isfinite(train_summary["loss"]):
+      raise RunError(
+        f"training diverged at epoch {epoch} (seed {self.seed}): train_loss is "
+        f"{train_summary['loss']}; lower config.learning_rate"
+      )
+    images_per_second = (
+      timings["parallel_seeds"] * train_summary["count"] / timings["train_seconds"]
+    )
+    record = {
+      "epoch": epoch,
+      "train_loss": train_summary["loss"],
+      "train_accuracy": train_summary["accuracy"],
+      "val_loss": val_summary["loss"],
+      "val_accuracy": val_summary["accuracy"],
+      **timings,
+      "images_per_second": images_per_second,
+    }
+    patience = self.config_dict.get("early_stopping_patience", 0)
+    if patience:
+      best = history.best_record([*self.history, record], self.config_dict["best_metric"])
+      if epoch - best["epoch"] >= patience:
+        record["stopped_early"] = self.stopped = True
+    self.history.append(record)
+    self.state = state
+    meta = {
+      "epoch": epoch,
+      "model": self.config_dict["model"],
+      "config": self.config_dict,
+      **{key: record[key] for key in history.AGGREGATED},
+      "history": self.history,
+    }
+    self.checkpoints.save_epoch(epoch, state, meta)
+    if self.is_writer:
+      self._write_history(epoch)
+      if self.tensorboard is None:
+        self.tensorboard = log.TensorBoard(self.workdir / workdir.TENSORBOARD_DIR)
+      model = nnx.merge(train_graphdef, state["params"], state["model_state"])
+      arrays = {**models.named_params(model), **models.named_batch_stats(model)}
+      self.tensorboard.write_epoch(epoch, record, sharding.to_host(arrays))
+    return record
+
+  def _write_history(self, epoch: int) -> None:
+    try:
+      workdir.write_json(self.workdir / workdir.HISTORY_FILE, self.history)
+    except OSError as error:
+      raise RunError(
+        f"{self.workdir / workdir.HISTORY_FILE}: could not be written ({error.strerror or error}); "
+        f"epoch {epoch} is checkpointed with its history: rerun the same command to resume"
+      ) from None
+
+  def close(self) -> None:
+    """Closes the TensorBoard writer, waits for pending checkpoint saves, releases the lock."""
+    try:
+      if self.tensorboard is not None:
+        self.tensorboard.close()
+    finally:
+      self._held.close()
