@@ -111,14 +111,15 @@ def to_markdown(rows: list[dict]) -> str:
 def _settings(rows: list[dict]) -> str:
   """The shared settings, read from the runs' config.json (one value, or each run's)."""
 
-  def values(field: str) -> str:
-    found = sorted({str(row["config"][field]) for row in rows})
+  def values(field: str, default: str = "adam") -> str:
+    # config.json of runs before the optimizer field existed: they trained with optax's adam.
+    found = sorted({str(row["config"].get(field, default)) for row in rows})
     return ", ".join(found)
 
   epochs = sorted({str(row["epochs"]) for row in rows})
   return (
     f"{', '.join(epochs)} epochs, batch {values('batch_size')}, "
-    f"Adam {values('learning_rate')}, seed {values('seed')}"
+    f"{values('optimizer')} {values('learning_rate')}, seed {values('seed')}"
   )
 
 

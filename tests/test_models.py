@@ -292,8 +292,10 @@ def test_bfloat16_compute_keeps_float32_params_and_logits_close_to_float32(impl)
   full.eval()
   half.eval()
   want, got = full(images), half(images)
-  assert got.dtype == jnp.float32  # Logits leave in float32, for the loss.
-  assert {leaf.dtype for leaf in jax.tree.leaves(nnx.state(half, nnx.Param))} == {jnp.float32}
+  assert got.dtype == jnp.dtype(jnp.float32)  # Logits leave in float32, for the loss.
+  assert {leaf.dtype for leaf in jax.tree.leaves(nnx.state(half, nnx.Param))} == {
+    jnp.dtype(jnp.float32)
+  }
   scale = float(jnp.max(jnp.abs(want)))
   assert float(jnp.max(jnp.abs(got - want))) < 0.05 * scale  # bfloat16 keeps ~3 digits.
   assert float(jnp.max(jnp.abs(got - want))) > 0  # It did compute in bfloat16.
@@ -303,4 +305,4 @@ def test_bfloat16_compute_keeps_float32_params_and_logits_close_to_float32(impl)
     return nnx.merge(graphdef, params, rest)(images).sum()
 
   grads = jax.grad(loss)(nnx.state(half, nnx.Param), half)
-  assert {leaf.dtype for leaf in jax.tree.leaves(grads)} == {jnp.float32}
+  assert {leaf.dtype for leaf in jax.tree.leaves(grads)} == {jnp.dtype(jnp.float32)}

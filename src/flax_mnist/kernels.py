@@ -238,7 +238,7 @@ def window_outputs(images: jax.Array, kernel: jax.Array, window: int) -> jax.Arr
   computes them: (N, P, Q, w^2, O), the window's outputs in row-major order on axis -2 (P, Q: the
   pool's output size; the odd edge the pool drops is not computed)."""
   kernel_size, _, in_features, out_features = kernel.shape
-  expanded = expand_kernel(kernel, window)
+  expanded = expand_kernel(kernel, window).astype(kernel.dtype)  # The 0/1 map is float32.
   if 4 * in_features < out_features:
     outputs = _patch_matmul(images, expanded, kernel_size, window)
   else:

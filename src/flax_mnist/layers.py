@@ -70,12 +70,17 @@ class Layout:
     """``arrays`` in the compute dtype (unchanged without one: the float32 path is untouched)."""
     return arrays if self.dtype is None else tuple(array.astype(self.dtype) for array in arrays)
 
+  def arrange(self, array: jax.Array) -> jax.Array:
+    """An NHWC (or (N, F)) array's axes in this layout (its own inverse), dtype unchanged."""
+    return array
+
   def enter(self, array: jax.Array) -> jax.Array:
-    """An NHWC (or (N, F)) array in this layout."""
-    return self.cast(array)[0]
+    """An NHWC (or (N, F)) array in this layout and compute dtype."""
+    return self.arrange(self.cast(array)[0])
 
   def leave(self, array: jax.Array) -> jax.Array:
-    """An array of this layout back in NHWC (or (N, F)): the inverse of ``enter``."""
+    """An array of this layout back in NHWC (or (N, F)) and float32: the inverse of ``enter``."""
+    array = self.arrange(array)
     return array if self.dtype is None else array.astype(jnp.float32)
 
   def batch_axis(self, ndim: int) -> int:
@@ -138,11 +143,8 @@ class BatchMinorLayout(Layout):
   nhwc: ClassVar[bool] = False
   convolve: Callable[[jax.Array, jax.Array], jax.Array] = batch_minor_conv
 
-  def enter(self, array: jax.Array) -> jax.Array:
-    return _swap_batch_axis(super().enter(array))
-
-  def leave(self, array: jax.Array) -> jax.Array:
-    return super().leave(_swap_batch_axis(array))
+  def arrange(self, array: jax.Array) -> jax.Array:
+    return _swap_batch_axis(array)
 
   def batch_axis(self, ndim: int) -> int:
     return ndim - 1
@@ -294,11 +296,11 @@ class Dropout(nnx.Dropout):
       return inputs
     threshold = round((1.0 - self.rate) * 2**16)
     keep = threshold / 2**16
-    shape = self.layout.leave(inputs).shape
+    shape = self.layout.arrange(inputs).shape
     size = math.prod(shape)
     words = jax.random.bits(self.rngs(), ((size + 1) // 2,), jnp.uint32)
     halves = jnp.concatenate([words >> 16, words & 0xFFFF])[:size].reshape(shape)
-    mask = self.layout.enter(halves < threshold)
+    mask = self.layout.arrange(halves < threshold)
     return jax.lax.select(mask, inputs / keep, jnp.zeros_like(inputs))
 
 

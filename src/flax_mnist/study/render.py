@@ -59,13 +59,18 @@ def _pair_sentence(row: Mapping[str, Any] | None) -> str:
 # The sections: (results, figures) -> paragraphs.
 
 
+# config.optimizer as the report names it (results of runs before the field: optax's adam).
+OPTIMIZER_NAMES = {"adam": "Adam", "keras_adam": "Adam as Keras computes it (keras_adam)"}
+
+
 def _settings(results: Results, figures: Figures) -> list[str]:
   settings, environment = results["settings"], results["environment"]
   config = next(iter(results["models"].values()))["config"]
   versions = environment["versions"]
   return [
     f"Models {', '.join(results['models'])}; seeds {', '.join(map(str, settings['seeds']))}; "
-    f"{settings['num_epochs']} epochs; batch {config['batch_size']}, Adam lr "
+    f"{settings['num_epochs']} epochs; batch {config['batch_size']}, "
+    f"{OPTIMIZER_NAMES.get(config.get('optimizer', 'adam'), config.get('optimizer'))} lr "
     f"{config['learning_rate']}, validation on the 10,000 test images after every epoch (as the "
     f"notebook). {log.describe_hardware(environment)}; platform {environment['platform']}; jax "
     f"{versions['jax']}, flax {versions['flax']}, optax {versions['optax']}. Seeds trained by "
