@@ -192,3 +192,40 @@ def test_a_signal_saves_the_finished_epochs_and_says_how_to_resume(
   history = json.loads((tmp_path / "run" / "history.json").read_text())
   saved = int(last.split("epoch ")[2].split(" is saved")[0])
   assert saved >= 2 and [r["epoch"] for r in history] == list(range(1, saved + 1))
+
+
+def _script(name, *args):
+  return subprocess.run(
+    [sys.executable, str(REPO_ROOT / "scripts" / name), *map(str, args)],
+    capture_output=True,
+    text=True,
+    cwd=REPO_ROOT,
+  )
+
+
+def test_the_cli_refuses_a_locked_workdir_and_evaluates_around_a_damaged_checkpoint(
+  idx_dir, tmp_path
+):
+  run = _trained(idx_dir, tmp_path / "run", epochs=2, learning_rate=1e-12)
+  saved = {path: path.read_bytes() for path in run.rglob("*") if path.is_file()}
+  with workdir.lock(run):
+    result = _script(
+      "train.py",
+      "--config",
+      REPO_ROOT / "configs" / "mlp.py",
+      "--workdir",
+      run,
+      f"--config.data_dir={idx_dir}",
+      "--config.num_epochs=3",
+      "--config.batch_size=64",
+      "--config.eval_batch_size=32",
+      "--config.learning_rate=1e-12",
+    )
+  assert result.returncode == 2 and "Traceback" not in result.stderr
+  assert "another run (pid" in result.stderr.strip().splitlines()[-1]
+  assert {path: path.read_bytes() for path in run.rglob("*") if path.is_file()} == saved
+  _tamper_checksum(run / "checkpoints" / "best" / "1")
+  result = _script("evaluate.py", "--workdir", run, "--data_dir", idx_dir, "--json")
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "warning:" in result.stderr and "loaded the latest checkpoint (epoch 2)" in result.stderr
+  assert json.loads(result.stdout.strip().splitlines()[-1])["epoch"] == 2

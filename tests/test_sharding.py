@@ -41,11 +41,16 @@ def _train_args(idx_dir, workdir, model: str, *more: str) -> list[str]:
 
 
 def _close(got: list[dict], want: list[dict], rel: float) -> None:
+  """Equal to float tolerance: losses within ``rel``; an accuracy within one image of 100 (the
+  sharded sums reassociate, and early in cnn_pool_bn, with young BatchNorm moving statistics,
+  that can move one test image across the decision boundary)."""
   assert len(got) == len(want)
   for got_record, want_record in zip(got, want):
     for key in want_record:
-      if key not in TIMING_KEYS:
-        assert got_record[key] == pytest.approx(want_record[key], rel=rel, abs=1e-6), key
+      if key in TIMING_KEYS:
+        continue
+      tolerance = {"abs": 0.011} if key.endswith("accuracy") else {"rel": rel, "abs": 1e-6}
+      assert got_record[key] == pytest.approx(want_record[key], **tolerance), key
 
 
 def test_four_devices_train_like_one_and_their_checkpoint_loads_on_one(idx_dir, tmp_path):
