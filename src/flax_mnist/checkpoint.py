@@ -46,6 +46,11 @@ def checksum(tree: Any) -> int:
   return value
 
 
+def _checksums(state: Any) -> dict[str, int]:
+  """``checksum`` of each part of a checkpointed state ({"params", "model_state", ...})."""
+  return {part: checksum(value) for part, value in state.items()}
+
+
 def _abstract(tree: Any) -> Any:
   return jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, tree)
 
@@ -109,7 +114,8 @@ class Checkpoints:
   def save(self, kind: str, epoch: int, state: Any, meta: dict[str, Any]) -> None:
     """Saves ``state`` (a pytree) and ``meta`` (JSON-able) as ``kind`` checkpoint of ``epoch``;
     ``meta`` also gets a CRC-32 of each part of ``state``, checked on restore."""
-    meta = {**meta, "checksums": {part: checksum(value) for part, value in state.items()}}
+    if "checksums" not in meta:  # save_epoch computes them once for both checkpoints.
+      meta = {**meta, "checksums": _checksums(state)}
     self._manager(kind).save(
       epoch,
       args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
@@ -130,6 +136,7 @@ class Checkpoints:
     """
     value = meta[self.best_metric]
     is_best = value > self.best_value() if self._maximize else value < self.best_value()
+    meta = {**meta, "checksums": _checksums(state)}  # One host read of the state, not two.
     # Best before latest: a crash between the two re-runs this epoch on resume, never loses a best.
     if is_best:
       self.save("best", epoch, state, meta)
