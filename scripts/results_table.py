@@ -8,7 +8,6 @@ the run was logged there, ``train.log`` beside it (``<out>/<model>/``), so the c
 can be checked against the raw per-epoch data.
 """
 
-import json
 import shutil
 import statistics
 import sys
@@ -47,12 +46,7 @@ def _read(file: Path, kind: type, fields: tuple[str, ...]):
     raise FlaxMnistError(
       f"{file}: missing (is {file.parent} a finished training workdir?); {expected}"
     )
-  try:
-    value = json.loads(file.read_text())
-  except (json.JSONDecodeError, UnicodeDecodeError) as error:
-    reason = error.msg if isinstance(error, json.JSONDecodeError) else "not UTF-8 text"
-    what = "empty" if not file.read_bytes().strip() else f"not valid JSON ({reason})"
-    raise FlaxMnistError(f"{file}: {what}; {expected}") from None
+  value = workdir_lib.read_json(file, hint=expected)
   items = value if kind is list else [value]
   if not isinstance(value, kind) or not items or not all(isinstance(i, dict) for i in items):
     shape = "an empty list" if value == [] else f"a JSON {type(value).__name__}"

@@ -105,14 +105,19 @@ def write_json(file: PathLike, value: Any) -> None:
   temporary.replace(file)  # Atomic on a local filesystem; a copy + delete on GCS.
 
 
-def read_json(file: PathLike) -> Any:
-  """Parses a JSON file; a damaged one is a one-line error naming it."""
+def read_json(file: PathLike, hint: str = "move it away to resume") -> Any:
+  """Parses a JSON file; an empty, damaged or non-text one is a one-line error naming it and
+  ending with ``hint`` (what to do)."""
   file = path(file)
   try:
     return json.loads(file.read_text())
+  except UnicodeDecodeError:
+    raise FlaxMnistError(f"{file}: not valid JSON (not UTF-8 text); {hint}") from None
   except json.JSONDecodeError as error:
+    if not error.doc.strip():
+      raise FlaxMnistError(f"{file}: empty; {hint}") from None
     raise FlaxMnistError(
-      f"{file}: not valid JSON ({error.msg} at line {error.lineno}); move it away to resume"
+      f"{file}: not valid JSON ({error.msg} at line {error.lineno}); {hint}"
     ) from None
 
 
