@@ -10,6 +10,8 @@ or one JSON object with --json. --report adds per-class accuracy and the confusi
 one 28x28 grey image (light digit on dark, as MNIST; other sizes are refused, not resized). An
 image with a light background gets a warning on stderr and is predicted as it is; --invert
 classifies 255 - image instead (a dark digit drawn on white).
+
+A workdir is data: a model it names by import path is imported only with --trust_model_code.
 """
 
 import json
@@ -39,6 +41,12 @@ _PREDICT = flags.DEFINE_string("predict", None, "A 28x28 .png or .npy image to c
 _INVERT = flags.DEFINE_bool(
   "invert", False, "--predict: classify 255 - image (for a dark digit on a light background)."
 )
+_TRUST = flags.DEFINE_bool(
+  "trust_model_code",
+  False,
+  "Import the model the workdir names by import path ('package.module:factory'): that runs its "
+  "code, so only for a workdir you trust. Registered models need no opt-in.",
+)
 flags.mark_flag_as_required("workdir")
 
 
@@ -46,7 +54,7 @@ def main() -> None:
   if _INVERT.value and not _PREDICT.value:
     _cli.fail("--invert applies to the --predict image; give --predict FILE")
   image = _user_image() if _PREDICT.value else None  # A bad image fails before any loading.
-  model, info = checkpoint.load_model(_WORKDIR.value, _WHICH.value)
+  model, info = checkpoint.load_model(_WORKDIR.value, _WHICH.value, trust_model_code=_TRUST.value)
   if "fallback" in info:  # The asked-for checkpoint is damaged; the other one is intact.
     print(f"warning: {info['fallback']}", file=sys.stderr)
   config = info["config"]

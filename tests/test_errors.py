@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +20,7 @@ import pytest
 from conftest import REPO_ROOT, write_idx, write_mnist_dir
 from test_train import small_config
 
-from flax_mnist import train
+from flax_mnist import checkpoint, train, workdir
 
 # Root writes through any file mode: drop that capability for the not-writable cases.
 _SETPRIV = shutil.which("setpriv")
@@ -42,10 +44,13 @@ class Case:
   env: tuple[tuple[str, str], ...] = ()
   max_seconds: float = 60.0
   offline: bool = False  # Where the download host answers, a dead proxy stands in for no network.
+  # Run on the case's paths ({run}, {case}: its own directory) before anything is compared.
+  setup: Callable[[dict[str, Path]], None] | None = None
 
 
 MLP = str(REPO_ROOT / "configs" / "mlp.py")
 TRAIN = ("--workdir", "{run}", "--config", MLP)
+_SMALL = ("--config.batch_size=64", "--config.eval_batch_size=32")  # As the saved run trained.
 CASES = [
   # Flags and config files, before anything is loaded: scripts/_cli's flag parser.
   Case(
@@ -208,6 +213,165 @@ CASES = [
     "MNIST digits are light on dark, invert it (255 - x) or pass --invert; *",
     status=0,
   ),
+  # A workdir is data (issue 16): a model named by import path runs nothing without
+  # --trust_model_code; model_kwargs fit the factory before any call; no link leads out.
+  Case(
+    "evaluate-refuses-an-import-path-in-a-checkpoint",
+    "evaluate.py",
+    ("--workdir", "{case}/crafted"),
+    "error: {case}/crafted/checkpoints/best/1: model 'IPython:start_ipython': an import path; "
+    "importing it runs its code, so a model named in a workdir is imported only if you trust "
+    "it: pass --trust_model_code *",
+    setup=lambda paths: _craft(paths, "IPython:start_ipython", _SHELL_ARGV),
+    absent=("{case}/pwned",),
+  ),
+  Case(
+    "results-table-refuses-an-import-path-in-config-json",
+    "results_table.py",
+    ("--workdirs", "{case}/crafted", "--out", "{case}/table"),
+    "error: {case}/crafted/config.json: model 'logging:basicConfig': an import path; *"
+    "--trust_model_code *",
+    setup=lambda paths: _craft(paths, "logging:basicConfig", _TRUNCATE),
+    absent=("{case}/table",),
+  ),
+  Case(
+    "trusted-model-kwargs-are-checked-before-the-factory-is-called",
+    "evaluate.py",
+    ("--workdir", "{case}/crafted", "--trust_model_code"),
+    "error: {case}/crafted/checkpoints/best/1: config.model_kwargs of model "
+    "'my_models:wide_cnn': width 'abc' is a str, expected an integer like its default 32",
+    setup=lambda paths: _craft(paths, "my_models:wide_cnn", {"width": "abc"}),
+    env=(("PYTHONPATH", str(REPO_ROOT / "examples")),),
+  ),
+  Case(
+    "resume-refuses-a-checkpoint-linked-from-another-run",
+    "train.py",
+    (
+      "--workdir",
+      "{case}/linked",
+      "--config",
+      MLP,
+      "--config.data_dir={data}",
+      "--config.num_epochs=3",
+    ),
+    "error: {case}/linked/checkpoints/latest: a link to {run}/checkpoints/latest, outside the "
+    "workdir; *",
+    setup=lambda paths: _link_from_run(paths, "checkpoints/latest"),
+  ),
+  Case(
+    "results-table-refuses-a-linked-run-json",
+    "results_table.py",
+    ("--workdirs", "{case}/linked", "--out", "{case}/table"),
+    "error: {case}/linked/run.json: a link to {run}/run.json, outside the workdir; *",
+    setup=lambda paths: _link_from_run(paths, "run.json"),
+    absent=("{case}/table",),
+  ),
+  Case(
+    "results-table-config-json-of-the-wrong-shape",
+    "results_table.py",
+    ("--workdirs", "{case}/shaped", "--out", "{case}/table"),
+    "error: {case}/shaped/config.json: a JSON list, expected an object; expected the config.json "
+    "that scripts/train.py writes",
+    setup=lambda paths: _reshape(paths, "config.json", "[1, 2]"),
+    absent=("{case}/table",),
+  ),
+  Case(
+    "results-table-history-json-of-the-wrong-shape",
+    "results_table.py",
+    ("--workdirs", "{case}/shaped", "--out", "{case}/table"),
+    "error: {case}/shaped/history.json: a JSON dict, expected a list of objects; *",
+    setup=lambda paths: _reshape(paths, "history.json", '{"epoch": 1}'),
+    absent=("{case}/table",),
+  ),
+  Case(
+    "train-config-json-of-the-wrong-shape-before-any-checkpoint",
+    "train.py",
+    ("--workdir", "{case}/shaped", "--config", MLP, "--config.data_dir={data}"),
+    "error: {case}/shaped/config.json: a JSON list, expected an object; move it away to resume",
+    setup=lambda paths: _reshape(paths, "config.json", "[]", checkpoints=False),
+  ),
+  # Nothing mixes on resume.
+  Case(
+    "resume-refuses-other-data",
+    "train.py",
+    (*TRAIN, *_SMALL, "--config.data_dir={case}/other_data", "--config.num_epochs=2"),
+    "error: {run}: holds a run with data '300 train + 100 test images, blake2b *', this run's "
+    "data (from IDX files in {case}/other_data) is '200 train + 100 test images, blake2b *'; "
+    "use another workdir",
+    setup=lambda paths: write_mnist_dir(paths["case"] / "other_data", num_train=200),
+  ),
+  Case(
+    "resume-without-config-json-compares-the-checkpoint",
+    "train.py",
+    (
+      *TRAIN,
+      *_SMALL,
+      "--config.data_dir={data}",
+      "--config.num_epochs=2",
+      "--config.learning_rate=0.01",
+    ),
+    "error: {run}: holds a run with learning_rate 0.001, config.learning_rate is 0.01; use "
+    "another workdir",
+    setup=lambda paths: (paths["run"] / "config.json").unlink(),
+  ),
+  # The model's output and factory, checked before anything compiles.
+  *[
+    Case(
+      f"custom-model-{name}",
+      "train.py",
+      ("--workdir", "{case}/new", "--config", MLP, "--config.data_dir={data}", *more),
+      f"error: {last}",
+      env=(("PYTHONPATH", "{made}"),),
+      absent=("{case}/new",),
+    )
+    for name, more, last in [
+      (
+        "flat-logits",
+        ("--config.model=bad_models:flat",),
+        "model 'bad_models:flat': returns logits of shape (2,) for images of shape (2, 28, 28, 1)"
+        ", expected (2, 10) (one logit per class of 10)",
+      ),
+      (
+        "five-logits",
+        ("--config.model=bad_models:five",),
+        "model 'bad_models:five': returns logits of shape (2, 5) *, expected (2, 10) *",
+      ),
+      (
+        "eleven-logits",
+        ("--config.model=bad_models:eleven",),
+        "model 'bad_models:eleven': returns logits of shape (2, 11) *, expected (2, 10) *",
+      ),
+      (
+        "factory-returns-none",
+        ("--config.model=bad_models:nothing",),
+        "model 'bad_models:nothing': its factory returned NoneType, expected an nnx.Module",
+      ),
+      (
+        "module-raises-on-import",
+        ("--config.model=raising_models:anything",),
+        "config.model 'raising_models:anything': importing 'raising_models' raised "
+        "RuntimeError: no GPU here",
+      ),
+      (
+        "unknown-model-kwarg",
+        ("--config.model=bad_models:eleven", "--config.model_kwargs={{'widht': 3}}"),
+        "config.model_kwargs of model 'bad_models:eleven': 'widht' is not an argument of its "
+        "factory; expected one of width",
+      ),
+      (
+        "model-kwarg-of-another-type",
+        ("--config.model=bad_models:eleven", "--config.model_kwargs={{'width': 'abc'}}"),
+        "config.model_kwargs of model 'bad_models:eleven': width 'abc' is a str, expected an "
+        "integer like its default 11",
+      ),
+      (
+        "family-model-takes-no-kwargs",
+        ("--config.model_kwargs={{'width': 2}}",),
+        "config.model_kwargs of model 'mlp': 'width' is not an argument of its factory; it takes "
+        "none",
+      ),
+    ]
+  ],
   # For developers: the traceback.
   Case(
     "debug-shows-the-traceback",
@@ -217,6 +381,84 @@ CASES = [
     status=1,
   ),
 ]
+
+
+# What a crafted workdir's model would do if it were imported and called.
+_SHELL_ARGV = {"argv": ["-c", "open('{case}/pwned', 'w').write('ran')"]}
+_TRUNCATE = {"filename": "{run}/history.json", "filemode": "w"}
+
+_BAD_MODELS = """
+from flax import nnx
+
+
+class Head(nnx.Module):
+  def __init__(self, shape, rngs):
+    self.shape = shape
+    self.dense = nnx.Linear(784, 11, rngs=rngs)
+
+  def __call__(self, images):
+    logits = self.dense(images.reshape(images.shape[0], -1))
+    return logits[:, 0] if self.shape is None else logits[:, : self.shape]
+
+
+def flat(*, rngs):
+  return Head(None, rngs)
+
+
+def five(*, rngs):
+  return Head(5, rngs)
+
+
+def eleven(*, rngs, width: int = 11):
+  return Head(width, rngs)
+
+
+def nothing(*, rngs):
+  return None
+"""
+
+
+def _fill(value, paths: dict[str, Path]):
+  """``value`` with ``{name}`` paths filled into its strings."""
+  if isinstance(value, str):
+    return value.format(**paths)
+  if isinstance(value, list):
+    return [_fill(item, paths) for item in value]
+  return {key: _fill(item, paths) for key, item in value.items()}
+
+
+def _craft(paths: dict[str, Path], model: str, kwargs: dict) -> None:
+  """``{case}/crafted``: the trained run, its config.json and checkpoints naming ``model`` with
+  ``kwargs``, every checksum resealed (a CRC is no signature: anyone can recompute it)."""
+  crafted = paths["case"] / "crafted"
+  shutil.copytree(paths["run"], crafted)
+  kwargs = _fill(kwargs, paths)
+  config = json.loads((crafted / "config.json").read_text())
+  config.update(model=model, model_kwargs=kwargs)
+  (crafted / "config.json").write_text(json.dumps(config))
+  for meta_file in crafted.glob("checkpoints/*/*/meta/metadata"):
+    meta = json.loads(meta_file.read_text())
+    meta["config"].update(model=model, model_kwargs=kwargs)
+    meta["model"] = model
+    meta[checkpoint.META_CHECKSUM] = checkpoint.meta_checksum(meta)
+    meta_file.write_text(json.dumps(meta))
+
+
+def _link_from_run(paths: dict[str, Path], name: str) -> None:
+  """``{case}/linked``: a copy of the run whose ``name`` is a link into the run itself."""
+  linked = paths["case"] / "linked"
+  shutil.copytree(paths["run"], linked)
+  shutil.rmtree(linked / name) if (linked / name).is_dir() else (linked / name).unlink()
+  (linked / name).symlink_to(paths["run"] / name)
+
+
+def _reshape(paths: dict[str, Path], name: str, text: str, *, checkpoints: bool = True) -> None:
+  """``{case}/shaped``: a copy of the run with ``name`` holding valid JSON of another shape."""
+  shaped = paths["case"] / "shaped"
+  shutil.copytree(paths["run"], shaped)
+  (shaped / name).write_text(text)
+  if not checkpoints:
+    shutil.rmtree(shaped / "checkpoints")
 
 
 def _online() -> bool:
@@ -231,10 +473,13 @@ def _online() -> bool:
 
 
 def _files(directory: Path) -> dict[str, bytes | None]:
-  """Every file's bytes (None for a directory) under ``directory``, by relative path."""
+  """Every file's bytes (None for a directory) under ``directory``, by relative path; ``.lock``
+  apart: a refused resume holds the lock while it compares, and the lock file names its last
+  holder (it holds no result)."""
   return {
     str(path.relative_to(directory)): None if path.is_dir() else path.read_bytes()
     for path in sorted(directory.rglob("*"))
+    if path.name != workdir.LOCK_FILE
   }
 
 
@@ -260,6 +505,8 @@ def _make_inputs(made: Path, data: Path, run: Path) -> None:
   white = np.full((28, 28), 255, np.uint8)
   white[5:22, 12:16] = 0  # A dark "1" on white paper.
   Image.fromarray(white).save(made / "white.png")
+  (made / "bad_models.py").write_text(_BAD_MODELS)
+  (made / "raising_models.py").write_text("raise RuntimeError('no GPU here')\n")
   for name, text in (("empty_config", ""), ("corrupt_config", '{"model": "mlp", "seed"')):
     shutil.copytree(run, made / name)
     (made / name / "config.json").write_text(text)
@@ -284,11 +531,13 @@ def _run(case: Case, saved: dict[str, Path]) -> dict:
   case_dir = saved["root"] / "cases" / case.id
   run = case_dir / "run"
   shutil.copytree(saved["run"], run)
+  if case.setup is not None:
+    case.setup({"run": run, "case": case_dir, "made": saved["made"]})
   before = _files(run)
   paths = {"run": str(run), "made": str(saved["made"]), "data": str(saved["data"])}
-  paths["zero"] = str(saved["zero"])
+  paths.update(zero=str(saved["zero"]), case=str(case_dir))
   env = {key: value for key, value in os.environ.items() if not key.startswith("FLAX_MNIST_")}
-  env.update(case.env)
+  env.update({name: value.format(**paths) for name, value in case.env})
   if case.offline and _online():
     env.update({name: "http://127.0.0.1:9" for name in ("https_proxy", "HTTPS_PROXY")})
   command = [sys.executable, str(REPO_ROOT / "scripts" / case.script)]

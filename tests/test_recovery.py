@@ -4,6 +4,7 @@ checkpoints detected (and the intact one used), refused resumes that touch nothi
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -85,10 +86,39 @@ def _trained(idx_dir, path, epochs=2, **overrides):
 
 
 def _tamper_checksum(step_dir):
+  """Damaged params, as a flipped bit would leave them: their checksum no longer matches (the
+  meta stays sealed, so only the arrays' check can catch it)."""
   meta = step_dir / "meta" / "metadata"
   record = json.loads(meta.read_text())
   record["checksums"]["params"] ^= 1
+  record[checkpoint.META_CHECKSUM] = checkpoint.meta_checksum(record)
   meta.write_text(json.dumps(record))
+
+
+def test_one_changed_digit_of_a_recorded_metric_is_named_and_never_picks_the_best(
+  idx_dir, tmp_path
+):
+  run = _trained(idx_dir, tmp_path / "run", epochs=2, learning_rate=1e-12)  # Best stays 1.
+  meta = run / "checkpoints" / "best" / "1" / "meta" / "metadata"
+  text = meta.read_text()
+  value = json.loads(text)["val_accuracy"]
+  forged = text.replace(f'"val_accuracy": {value}', f'"val_accuracy": {value + 0.5}', 1)
+  assert forged != text
+  meta.write_text(forged)
+  damaged = r"best/1: damaged: its meta does not match the checksum saved with it"
+  with pytest.raises(CheckpointError, match=damaged):
+    checkpoint.load_model(run, fallback=False)
+  with pytest.raises(CheckpointError, match=damaged):  # A resume reads the best value first.
+    _trained(idx_dir, run, epochs=3, learning_rate=1e-12)
+  without_config = {key: v for key, v in json.loads(text).items() if key != "config"}
+  for shape, problem in (
+    ("[]", "its meta is a JSON list, expected an object"),
+    ('{"epoch": 1}', "its meta's val_accuracy is None, expected a number"),
+    (json.dumps(without_config), "its meta has no config (an object)"),
+  ):
+    meta.write_text(shape)
+    with pytest.raises(CheckpointError, match=re.escape(f"best/1: damaged: {problem}")):
+      checkpoint.load_model(run, fallback=False)
 
 
 def test_a_damaged_checkpoint_is_named_and_the_intact_one_is_loaded(idx_dir, tmp_path):

@@ -9,14 +9,18 @@ with ``max_to_keep`` would delete the latest checkpoint whenever validation wors
   ``checkpoints/latest/<epoch>``  written every epoch, to resume an interrupted run.
 
 Each checkpoint holds ``state`` (model params, BatchNorm statistics and dropout RNG,
-optimizer state) and ``meta`` (JSON: epoch, metrics, model name, config). Orbax writes
-to a temporary directory and renames it, so an interrupted save never corrupts the
-previous checkpoint. This is the only module that imports orbax.
+optimizer state) and ``meta`` (JSON: epoch, metrics, model name, config, the history up to the
+epoch). A CRC-32 of each part of the state and one of the meta itself are saved in the meta and
+checked on every restore: one changed digit of a recorded val_accuracy would otherwise pick the
+wrong best epoch silently. Orbax writes to a temporary directory and renames it, so an
+interrupted save never corrupts the previous checkpoint. This is the only module that imports
+orbax.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -28,12 +32,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from flax_mnist import models, sharding
+from flax_mnist import layers, models, sharding
 from flax_mnist import workdir as workdir_module
-from flax_mnist.config import BEST_METRICS, resolve_impl
-from flax_mnist.errors import CheckpointError
+from flax_mnist.config import BEST_METRICS, DROPOUT_RNG_IMPLS, resolve_impl
+from flax_mnist.errors import CheckpointError, FlaxMnistError, RunError
 
 KINDS = ("best", "latest")
+META_CHECKSUM = "meta_checksum"  # The CRC-32 of the rest of the meta, saved inside it.
 
 
 def checksum(tree: Any) -> int:
@@ -51,6 +56,55 @@ def _checksums(state: Any) -> dict[str, int]:
   return {part: checksum(value) for part, value in state.items()}
 
 
+def meta_checksum(meta: dict[str, Any]) -> int:
+  """CRC-32 of ``meta`` (but its own checksum) as canonical JSON: keys sorted, no spaces. JSON
+  numbers round-trip exactly, so the restored meta gives the saved value."""
+  rest = {key: value for key, value in meta.items() if key != META_CHECKSUM}
+  return zlib.crc32(json.dumps(rest, sort_keys=True, separators=(",", ":")).encode())
+
+
+def _is_int(value: Any) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# What the meta's config must hold for a checkpoint to be loaded: field -> (check, expected).
+_META_CONFIG_FIELDS = {
+  "model": (lambda v: isinstance(v, str), "a model name"),
+  "seed": (_is_int, "an integer"),
+  "dropout_rng_impl": (lambda v: v in DROPOUT_RNG_IMPLS[1:], "a PRNG implementation"),
+  "model_kwargs": (lambda v: isinstance(v, dict), "an object"),
+  "compute_dtype": (lambda v: v in layers.COMPUTE_DTYPES, "float32 or bfloat16"),
+  "eval_batch_size": (lambda v: _is_int(v) and v > 0, "a positive integer"),
+  "best_metric": (lambda v: v in BEST_METRICS, "val_accuracy or val_loss"),
+}
+
+
+def _meta_problem(meta: Any) -> str | None:
+  """What is wrong with a restored meta's shape, or None (its checksum is checked apart)."""
+  if not isinstance(meta, dict):
+    return f"its meta is a JSON {type(meta).__name__}, expected an object"
+  for field, check, expected in (
+    ("epoch", _is_int, "an integer"),
+    ("val_accuracy", _is_number, "a number"),
+    ("val_loss", _is_number, "a number"),
+    ("history", lambda v: isinstance(v, list), "a list"),
+  ):
+    if not check(meta.get(field)):
+      return f"its meta's {field} is {meta.get(field)!r:.40}, expected {expected}"
+  if not isinstance(meta.get("config"), dict):
+    return "its meta has no config (an object)"
+  for field, (check, expected) in _META_CONFIG_FIELDS.items():
+    if not check(meta["config"].get(field)):
+      return f"its meta's config.{field} is {meta['config'].get(field)!r:.40}, expected {expected}"
+  if not isinstance(meta.get("checksums"), dict) or not _is_int(meta.get(META_CHECKSUM)):
+    return "its meta holds no checksums"
+  return None
+
+
 def _abstract(tree: Any) -> Any:
   return jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, tree)
 
@@ -66,6 +120,35 @@ def _quiet(active: bool):
     yield
   finally:
     logger.setLevel(level)
+
+
+class _OrbaxErrors(logging.Filter):
+  """Drops orbax's ERROR records (a traceback each, from its background save threads: 21 of them
+  for one full disk) while a workdir is being written: every such failure is raised again in the
+  main thread by the next save, wait or close, where ``Checkpoints`` makes it one line."""
+
+  writers = 0
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    orbax = f"{os.sep}orbax{os.sep}" in record.pathname
+    return not (self.writers and orbax and record.levelno >= logging.ERROR)
+
+
+_ORBAX_ERRORS = _OrbaxErrors()
+
+
+def _write_failure(error: BaseException) -> str:
+  """What failed under a save, in a few words: the OS's reason if one is named anywhere in the
+  chain (orbax wraps it in a ValueError of its storage layer), else the first line."""
+  text = ""
+  while error is not None:
+    text += f"{error}\n"
+    error = error.__cause__ or error.__context__
+  for reason in ("No space left on device", "Disk quota exceeded", "Read-only file system"):
+    if reason in text:
+      return reason
+  lines = text.strip().splitlines()
+  return lines[0][:200] if lines else "unknown error"
 
 
 class Checkpoints:
@@ -106,6 +189,35 @@ class Checkpoints:
         for kind in KINDS
       }
     self._best_value: float | None = None
+    self._failed = False  # A save failed: close() then raises nothing more.
+    self._writing = not read_only
+    if self._writing:
+      logging.getLogger("absl").addFilter(_ORBAX_ERRORS)
+      _OrbaxErrors.writers += 1
+
+  @contextlib.contextmanager
+  def _write_errors(self):
+    """Whatever orbax raises while writing (a full disk, a lost mount) becomes one RunError
+    saying which epoch is saved and how to go on."""
+    try:
+      yield
+    except Exception as error:  # noqa: BLE001 (orbax raises many types for one cause)
+      self._failed = True
+      reason = _write_failure(error)
+      latest = self._saved_epoch()
+      saved = f"epoch {latest} is saved" if latest else "no epoch is saved"
+      raise RunError(
+        f"{self.directory}: a checkpoint could not be written ({reason}); {saved}: free space "
+        "and rerun the same command to resume"
+      ) from error
+
+  def _saved_epoch(self) -> int | None:
+    """The newest complete latest checkpoint on disk (orbax's own count may include the one
+    that failed)."""
+    try:
+      return self._manager("latest").reload() or self.epoch("latest")
+    except Exception:  # noqa: BLE001 (the storage itself may be what failed)
+      return None
 
   def epoch(self, kind: str) -> int | None:
     """The epoch of the ``kind`` checkpoint, or None if there is none."""
@@ -116,10 +228,12 @@ class Checkpoints:
     ``meta`` also gets a CRC-32 of each part of ``state``, checked on restore."""
     if "checksums" not in meta:  # save_epoch computes them once for both checkpoints.
       meta = {**meta, "checksums": _checksums(state)}
-    self._manager(kind).save(
-      epoch,
-      args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-    )
+    meta = {**meta, META_CHECKSUM: meta_checksum(meta)}
+    with self._write_errors():
+      self._manager(kind).save(
+        epoch,
+        args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+      )
 
   def best_value(self) -> float:
     """The best checkpoint's value of the best metric; -inf (+inf for a loss) if there is none."""
@@ -149,23 +263,31 @@ class Checkpoints:
     return f"{self.directory / kind / str(self.epoch(kind))}"
 
   def restore_meta(self, kind: str) -> dict[str, Any]:
-    """The JSON metadata of the ``kind`` checkpoint."""
+    """The JSON metadata of the ``kind`` checkpoint, its shape and checksum checked: a damaged
+    one is a CheckpointError, as damaged arrays are."""
     epoch = self._require(kind)
     args = ocp.args.Composite(meta=ocp.args.JsonRestore())
     with self._damage_as_error(kind):
-      return self._manager(kind).restore(epoch, args=args)["meta"]
+      meta = self._manager(kind).restore(epoch, args=args)["meta"]
+    problem = _meta_problem(meta)
+    if problem is None and meta[META_CHECKSUM] != meta_checksum(meta):
+      problem = "its meta does not match the checksum saved with it"
+    if problem is None and meta["epoch"] != epoch:
+      problem = f"its meta records epoch {meta['epoch']}"
+    if problem is not None:
+      raise CheckpointError(f"{self.step_dir(kind)}: damaged: {problem}")
+    return meta
 
   def restore(self, kind: str, template: Any) -> tuple[Any, dict[str, Any]]:
     """Restores the ``kind`` checkpoint into a pytree shaped like ``template``: (state, meta).
-    A checkpoint whose arrays do not match their saved checksums is a CheckpointError."""
+    A checkpoint whose arrays or meta do not match their saved checksums is a CheckpointError."""
     epoch = self._require(kind)
-    args = ocp.args.Composite(
-      state=ocp.args.StandardRestore(_abstract(template)), meta=ocp.args.JsonRestore()
-    )
+    meta = self.restore_meta(kind)
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(_abstract(template)))
     with self._damage_as_error(kind):
-      restored = self._manager(kind).restore(epoch, args=args)
-    self._verify(kind, restored["state"], restored["meta"])
-    return restored["state"], restored["meta"]
+      state = self._manager(kind).restore(epoch, args=args)["state"]
+    self._verify(kind, state, meta)
+    return state, meta
 
   def restore_model(self, kind: str, template: Any) -> tuple[Any, dict[str, Any]]:
     """Restores only the model (``template``: {"params", "model_state"}) of the ``kind``
@@ -199,11 +321,10 @@ class Checkpoints:
       ) from None
 
   def _verify(self, kind: str, state: Any, meta: dict[str, Any]) -> None:
-    """Compares each restored part's CRC-32 with the one saved beside it (older checkpoints
-    have none: nothing to compare)."""
-    saved = meta.get("checksums", {})
+    """Compares each restored part's CRC-32 with the one saved beside it."""
+    saved = meta["checksums"]
     for part, value in state.items():
-      if part in saved and checksum(value) != saved[part]:
+      if checksum(value) != saved.get(part):
         raise CheckpointError(
           f"{self.step_dir(kind)}: damaged: its {part} do not match the checksum saved with them"
         )
@@ -214,9 +335,25 @@ class Checkpoints:
       manager.wait_until_finished()
 
   def close(self) -> None:
-    """Waits for pending saves and releases the managers."""
-    for manager in self._managers.values():
-      manager.close()
+    """Waits for pending saves and releases the managers (each, even if one fails); a failed
+    save is a RunError, unless one was raised for it already."""
+    reported = self._failed
+    failure: RunError | None = None
+    try:
+      for manager in self._managers.values():
+        try:
+          with self._write_errors():
+            manager.close()
+        except RunError as error:
+          failure = failure or error
+    finally:
+      if self._writing:
+        self._writing = False
+        _OrbaxErrors.writers -= 1
+        if not _OrbaxErrors.writers:
+          logging.getLogger("absl").removeFilter(_ORBAX_ERRORS)
+    if failure is not None and not reported:
+      raise failure
 
   def _manager(self, kind: str) -> ocp.CheckpointManager:
     if kind not in self._managers:
@@ -232,17 +369,23 @@ class Checkpoints:
     return epoch
 
 
-def _load(checkpoints: Checkpoints, which: str) -> tuple[nnx.Module, dict[str, Any]]:
+def _load(
+  checkpoints: Checkpoints, which: str, trust_model_code: bool
+) -> tuple[nnx.Module, dict[str, Any]]:
   meta = checkpoints.restore_meta(which)
   config = meta["config"]
-  model = models.init_model(
-    config["model"],
-    config["seed"],
-    impl=resolve_impl("auto"),
-    dropout_rng_impl=config["dropout_rng_impl"],
-    model_kwargs=config.get("model_kwargs") or {},
-    compute_dtype=config.get("compute_dtype", "float32"),
-  )
+  try:
+    model = models.init_model(
+      config["model"],
+      config["seed"],
+      impl=resolve_impl("auto"),
+      dropout_rng_impl=config["dropout_rng_impl"],
+      model_kwargs=config["model_kwargs"],
+      compute_dtype=config["compute_dtype"],
+      trust_code=trust_model_code,
+    )
+  except FlaxMnistError as error:  # Named for the checkpoint that recorded the model.
+    raise type(error)(f"{checkpoints.step_dir(which)}: {error}") from None
   graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
   state, _ = checkpoints.restore_model(which, {"params": params, "model_state": model_state})
   model = nnx.merge(graphdef, state["params"], state["model_state"])
@@ -251,7 +394,11 @@ def _load(checkpoints: Checkpoints, which: str) -> tuple[nnx.Module, dict[str, A
 
 
 def load_model(
-  workdir: str | os.PathLike, which: str = "best", *, fallback: bool = True
+  workdir: str | os.PathLike,
+  which: str = "best",
+  *,
+  fallback: bool = True,
+  trust_model_code: bool = False,
 ) -> tuple[nnx.Module, dict[str, Any]]:
   """Loads the ``which`` ("best" or "latest") checkpoint of a training workdir.
 
@@ -261,7 +408,13 @@ def load_model(
   recorded one, since its key is part of the checkpoint. Only the model is restored (params,
   BatchNorm statistics), whatever the optimizer was. If that checkpoint is damaged and the other
   one is intact (and ``fallback``), the other is loaded and ``info["fallback"]`` says so.
+
+  A workdir is data: a model it names by import path (``"package.module:factory"``) is imported
+  only with ``trust_model_code=True`` (else ``UntrustedCodeError``, nothing imported), and its
+  ``model_kwargs`` are checked against the factory's signature before the call. A workdir with
+  a link leading out of it is refused.
   """
+  workdir_module.check_contained(workdir)
   if not (workdir_module.path(workdir) / workdir_module.CHECKPOINTS_DIR).is_dir():
     raise CheckpointError(
       f"{workdir}: no checkpoints directory (expected a workdir written by train.py)"
@@ -271,13 +424,13 @@ def load_model(
   checkpoints = Checkpoints(workdir, read_only=True)
   try:
     try:
-      return _load(checkpoints, which)
+      return _load(checkpoints, which, trust_model_code)
     except CheckpointError as damaged:
       other = next(kind for kind in KINDS if kind != which)
       if not fallback or checkpoints.epoch(other) is None or checkpoints.epoch(which) is None:
         raise
       try:
-        model, meta = _load(checkpoints, other)
+        model, meta = _load(checkpoints, other, trust_model_code)
       except CheckpointError:
         raise CheckpointError(
           f"{damaged}; {checkpoints.step_dir(other)} cannot be restored either: retrain "

@@ -146,11 +146,22 @@ def resolve_seed_parallelism(name: str) -> str:
 
 
 def seed_list(config: Mapping[str, Any]) -> list[int]:
-  """The seeds a config trains: ``config.seeds`` if set, else ``num_seeds`` from ``seed`` on."""
-  seeds = config.get("seeds") or ()
+  """The seeds a config trains: ``config.seeds`` if set, else ``num_seeds`` from ``seed`` on.
+  Raises ConfigError for a seed that is not a non-negative integer (``int(1.9)`` would train
+  seed 1 and record 1.9)."""
+  seeds = config["seeds"]
+  if not isinstance(seeds, (tuple, list)):
+    raise ConfigError(f"config.seeds {seeds!r}: expected a tuple of integers such as (0, 1)")
+  for seed in seeds or [config["seed"]]:
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**32:
+      field = "seeds" if seeds else "seed"
+      raise ConfigError(
+        f"config.{field} {tuple(seeds) if seeds else seed!r}: {seed!r} is not a seed, expected "
+        "integers in 0..2**32-1"
+      )
   if seeds:
-    return [int(seed) for seed in seeds]
-  return list(range(config["seed"], config["seed"] + config.get("num_seeds", 1)))
+    return list(seeds)
+  return list(range(config["seed"], config["seed"] + config["num_seeds"]))
 
 
 def resolve(config: Mapping[str, Any]) -> RunSpec:
@@ -311,6 +322,7 @@ def result_fields(config: Mapping[str, Any]) -> tuple[str, ...]:
     "shuffle",
     "label_smoothing",
     "loss",
+    "data",  # Not a config field: the data's identity, recorded by the trainer.
     *optim.OPTIMIZER_FIELDS,
   )
   if config.get("lr_schedule", "constant") != "constant":

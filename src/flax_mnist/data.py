@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import hashlib
 import os
 import zlib
 from pathlib import Path
@@ -55,6 +56,19 @@ class Mnist:
   train: Split
   test: Split
   source: str
+
+  def identity(self) -> str:
+    """What the data is, whatever its path: split sizes and a content fingerprint (BLAKE2b of
+    the shapes, images and labels of both splits; ~0.1 s for MNIST's 55 MB). A resume on other
+    data is refused by it."""
+    digest = hashlib.blake2b(digest_size=12)
+    for split in (self.train, self.test):
+      for array in (split.images, split.labels):
+        digest.update(repr((array.shape, array.dtype.str)).encode())
+        digest.update(np.ascontiguousarray(array).data)
+    return (
+      f"{len(self.train):,} train + {len(self.test):,} test images, blake2b {digest.hexdigest()}"
+    )
 
 
 def _read_bytes(path: Path) -> bytes:

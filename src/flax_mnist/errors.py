@@ -27,6 +27,11 @@ class WorkdirError(FlaxMnistError):
   """A workdir cannot be used: a file, not writable, or held by another run."""
 
 
+class UntrustedCodeError(FlaxMnistError):
+  """A file (a workdir's config.json, a checkpoint) names a model by import path, and the caller
+  did not opt in to importing it (``trust_model_code``): nothing was imported."""
+
+
 class RunError(FlaxMnistError):
   """Training failed at run time (it diverged, a device or file system failed)."""
 

@@ -27,6 +27,7 @@ from flax_mnist.layers import (
   get_layout,
 )
 from flax_mnist.registry import (  # noqa: F401  (re-exported: models.register etc.)
+  build_model,
   create_model,
   init_model,
   model_names,

@@ -15,6 +15,7 @@ from flax import nnx
 
 from flax_mnist import autotune, data, layers, models, optim, sharding, steps, workdir
 from flax_mnist.config import RunSpec, config_to_dict, impl_candidates
+from flax_mnist.errors import ConfigError
 
 Say = Callable[[str], None]
 State = dict[str, Any]  # {"params", "model_state", "opt_state"}
@@ -55,6 +56,7 @@ class Programs:
     steps_per_epoch: int,
     custom: Custom,
     say: Say,
+    image_shape: tuple[int, ...] = data.IMAGE_SHAPE,
   ):
     self.tx = custom.optimizer or optim.make_optimizer(config, steps_per_epoch)
     self.loss_fn = custom.loss_fn or steps.smoothed_cross_entropy(config["label_smoothing"])
@@ -79,19 +81,47 @@ class Programs:
     say(describe(model))
     model.eval()
     self.eval_graphdef = nnx.graphdef(model)
+    check_logits(spec.model, self.eval_graphdef, self.templates[0], image_shape)
+
+
+def check_logits(
+  name: str, eval_graphdef: nnx.GraphDef, state: State, image_shape: tuple[int, ...]
+) -> None:
+  """The model maps a batch of images to one logit per class, checked on shapes alone before
+  anything is compiled: logits (N,) or (N, 5) would otherwise end in a traceback or a false
+  "diverged", and (N, 11) would train silently."""
+  images = jax.ShapeDtypeStruct((2, *image_shape), jax.numpy.float32)
+  apply = lambda params, model_state, x: nnx.merge(eval_graphdef, params, model_state)(x)
+  try:
+    logits = jax.eval_shape(apply, state["params"], state["model_state"], images)
+  except Exception as error:  # noqa: BLE001 (a user's model may raise anything on call)
+    lines = str(error).strip().splitlines()
+    reason = f"{type(error).__name__}: {lines[0][:200] if lines else ''}"
+    raise ConfigError(
+      f"model {name!r}: calling it on images of shape {images.shape} raised {reason}"
+    ) from error
+  expected = (images.shape[0], data.NUM_CLASSES)
+  if getattr(logits, "shape", None) != expected:
+    got = getattr(logits, "shape", type(logits).__name__)
+    raise ConfigError(
+      f"model {name!r}: returns logits of shape {got} for images of shape {images.shape}, "
+      f"expected {expected} (one logit per class of {data.NUM_CLASSES})"
+    )
 
 
 def put_data(
   config: Mapping[str, Any], mesh: jax.sharding.Mesh | None, say: Say
-) -> tuple[jax.Array, ...]:
-  """MNIST on device (replicated over the mesh): train images, train labels, test images, test
-  labels."""
+) -> tuple[tuple[jax.Array, ...], dict[str, str]]:
+  """MNIST on device (replicated over the mesh): (train images, train labels, test images, test
+  labels), and the record of what it is (``data``: sizes and fingerprint, a resume field;
+  ``data_source``: where it was read)."""
   mnist = data.load_mnist(config["data_dir"] or None, tfds_data_dir=config["tfds_data_dir"] or None)
   say(f"data: {mnist.source}: {len(mnist.train):,} train, {len(mnist.test):,} test images")
+  record = {"data": mnist.identity(), "data_source": mnist.source}
   arrays = (mnist.train.images, mnist.train.labels, mnist.test.images, mnist.test.labels)
   if mesh is None:
-    return tuple(jax.device_put(array) for array in arrays)
-  return tuple(sharding.replicate(arrays, mesh))
+    return tuple(jax.device_put(array) for array in arrays), record
+  return tuple(sharding.replicate(arrays, mesh)), record
 
 
 def make_mesh(spec: RunSpec) -> jax.sharding.Mesh | None:
@@ -114,7 +144,7 @@ def measure_impl(
   this platform's candidates, timed on a few real training steps of the model."""
   for directory in directories:
     file = directory / workdir.CONFIG_FILE
-    recorded = workdir.read_json(file).get("impl") if file.exists() else None
+    recorded = (workdir.read_config(directory) or {}).get("impl")
     if recorded in layers.IMPLS:
       say(f"impl {recorded} (recorded in {file} when the run started; not measured again)")
       return dataclasses.replace(spec, impl=recorded), {}

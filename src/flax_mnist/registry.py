@@ -5,6 +5,11 @@ images in [0, 1] to logits; it is registered under a name (``@register("name")``
 its import path, ``"package.module:factory"``, which is imported on use, so the CLI,
 ``evaluate.py`` and ``checkpoint.load_model`` find it in a fresh process. Factories of the
 built-in family also take ``impl`` (their CPU layouts); others are never passed it.
+
+A name read from a file (a workdir's config.json or checkpoint) is data, never code: an import
+path there is imported only when the caller trusts it (``trust_code=True``; the scripts'
+``--trust_model_code``), as Keras's ``safe_mode`` and ``torch.load(weights_only=True)`` do, and
+``model_kwargs`` are checked against the factory's signature before any call.
 """
 
 from __future__ import annotations
@@ -18,10 +23,14 @@ from typing import Any
 import jax
 from flax import nnx
 
-from flax_mnist.errors import ConfigError
+from flax_mnist.errors import ConfigError, UntrustedCodeError
 
 Factory = Callable[..., nnx.Module]
 _REGISTRY: dict[str, Factory] = {}
+# Passed by the trainer, never by model_kwargs.
+RESERVED_KWARGS = ("rngs", "impl", "compute_dtype")
+_JSON_SCALARS = (str, int, float, bool, type(None))
+_KINDS = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
 
 
 def register(name: str) -> Callable[[Factory], Factory]:
@@ -42,17 +51,30 @@ def model_names() -> list[str]:
   return list(_REGISTRY)
 
 
-def resolve_model(name: str) -> Factory:
+def is_import_path(name: Any) -> bool:
+  """Whether ``name`` names a factory by import path (not a registered name)."""
+  return isinstance(name, str) and name not in _REGISTRY and ":" in name
+
+
+def resolve_model(name: str, *, trust_code: bool = True) -> Factory:
   """The factory of a registered ``name`` or of an import path ``"package.module:factory"``.
 
-  Raises ConfigError ("model 'x': ...") saying what was expected.
+  ``trust_code=False`` (a name read from a workdir) refuses an import path before importing
+  anything (``UntrustedCodeError``). Raises ConfigError ("model 'x': ...") saying what was
+  expected.
   """
-  if name in _REGISTRY:
+  if isinstance(name, str) and name in _REGISTRY:
     return _REGISTRY[name]
-  if not isinstance(name, str) or ":" not in name:
+  if not is_import_path(name):
     raise ConfigError(
       f"model {name!r}: unknown, expected one of {', '.join(_REGISTRY)} or an import path "
       "'package.module:factory' (a module on sys.path, a function returning an nnx.Module)"
+    )
+  if not trust_code:
+    raise UntrustedCodeError(
+      f"model {name!r}: an import path; importing it runs its code, so a model named in a "
+      "workdir is imported only if you trust it: pass --trust_model_code "
+      "(load_model(..., trust_model_code=True))"
     )
   module_name, _, attribute = name.partition(":")
   try:
@@ -61,6 +83,11 @@ def resolve_model(name: str) -> Factory:
     raise ConfigError(
       f"model {name!r}: cannot import {module_name!r} ({error}); is it on PYTHONPATH?"
     ) from None
+  except Exception as error:  # noqa: BLE001 (a user's module may raise anything on import)
+    raise ConfigError(
+      f"model {name!r}: importing {module_name!r} raised {type(error).__name__}: "
+      f"{_first_line(error)}"
+    ) from error
   factory = getattr(module, attribute, None)
   if not callable(factory):
     raise ConfigError(f"model {name!r}: module {module_name!r} has no callable {attribute!r}")
@@ -82,13 +109,108 @@ def create_model(
   same function). ``kwargs`` go to the factory.
   ``rngs`` needs a ``params`` stream and, for models with dropout, a ``dropout`` stream.
   """
-  factory = resolve_model(name)
-  parameters = inspect.signature(factory).parameters
+  return build_model(name, kwargs, rngs=rngs, impl=impl, compute_dtype=compute_dtype)
+
+
+def build_model(
+  name: str,
+  model_kwargs: Mapping[str, Any],
+  *,
+  rngs: nnx.Rngs,
+  impl: str = "lax",
+  compute_dtype: str = "float32",
+  trust_code: bool = True,
+) -> nnx.Module:
+  """``create_model`` with the factory's arguments as one mapping (as a config or a workdir
+  holds them): ``model_kwargs`` are checked against the factory's signature first, and whatever
+  the factory raises or returns instead of a module is one line (ConfigError).
+  ``trust_code=False``: ``name`` was read from a file (``resolve_model``)."""
+  factory = resolve_model(name, trust_code=trust_code)
+  if hasattr(model_kwargs, "to_dict"):  # A ConfigDict: its plain values.
+    model_kwargs = model_kwargs.to_dict()
+  check_model_kwargs(name, factory, model_kwargs)
+  kwargs = dict(model_kwargs)
+  parameters = _parameters(factory)
   if "impl" in parameters:
     kwargs["impl"] = impl
   if "compute_dtype" in parameters:
     kwargs["compute_dtype"] = compute_dtype
-  return factory(rngs=rngs, **kwargs)
+  try:
+    model = factory(rngs=rngs, **kwargs)
+  except ConfigError:
+    raise
+  except Exception as error:  # noqa: BLE001 (a user's factory may raise anything)
+    raise ConfigError(
+      f"model {name!r}: its factory raised {type(error).__name__}: {_first_line(error)}"
+    ) from error
+  if not isinstance(model, nnx.Module):
+    raise ConfigError(
+      f"model {name!r}: its factory returned {type(model).__name__}, expected an nnx.Module"
+    )
+  return model
+
+
+def _parameters(factory: Factory) -> Mapping[str, inspect.Parameter]:
+  try:
+    return inspect.signature(factory).parameters
+  except (TypeError, ValueError):  # A builtin without a signature: nothing to check against.
+    return {}
+
+
+def _is_json(value: Any) -> bool:
+  if isinstance(value, _JSON_SCALARS):
+    return True
+  if isinstance(value, (list, tuple)):
+    return all(_is_json(item) for item in value)
+  if isinstance(value, Mapping):
+    return all(isinstance(key, str) and _is_json(item) for key, item in value.items())
+  return False
+
+
+def _same_kind(value: Any, default: Any) -> bool:
+  """Whether ``value`` may stand where the factory's ``default`` does (an int for a float)."""
+  if isinstance(default, bool) or isinstance(value, bool):
+    return isinstance(value, bool) and isinstance(default, bool)
+  if isinstance(default, float):
+    return isinstance(value, (int, float))
+  return isinstance(value, type(default))
+
+
+def check_model_kwargs(name: str, factory: Factory, kwargs: Mapping[str, Any]) -> None:
+  """``model_kwargs`` fit ``factory`` before it is called: JSON values, no argument the trainer
+  passes itself, every key a keyword parameter of the factory (unless it takes ``**kwargs``),
+  and a value of the kind of the parameter's default (an int, a float, a string, a bool)."""
+  where = f"config.model_kwargs of model {name!r}"
+  parameters = _parameters(factory)
+  keyword = {
+    key: parameter
+    for key, parameter in parameters.items()
+    if parameter.kind in (parameter.KEYWORD_ONLY, parameter.POSITIONAL_OR_KEYWORD)
+  }
+  open_ended = any(p.kind is p.VAR_KEYWORD for p in parameters.values()) or not parameters
+  accepted = sorted(key for key in keyword if key not in RESERVED_KWARGS)
+  expected = f"expected one of {', '.join(accepted)}" if accepted else "it takes none"
+  for key, value in kwargs.items():
+    if not isinstance(key, str) or key in RESERVED_KWARGS:
+      raise ConfigError(f"{where}: {key!r} is not an argument model_kwargs may set ({expected})")
+    if key not in keyword and not open_ended:
+      raise ConfigError(f"{where}: {key!r} is not an argument of its factory; {expected}")
+    if not _is_json(value):
+      raise ConfigError(
+        f"{where}: {key} {value!r:.60} is a {type(value).__name__}, expected a JSON value "
+        "(a number, string, bool, list or mapping)"
+      )
+    default = keyword[key].default if key in keyword else inspect.Parameter.empty
+    if isinstance(default, _JSON_SCALARS[:-1]) and not _same_kind(value, default):
+      raise ConfigError(
+        f"{where}: {key} {value!r:.60} is a {type(value).__name__}, expected "
+        f"{_KINDS[type(default)]} like its default {default!r}"
+      )
+
+
+def _first_line(error: BaseException) -> str:
+  lines = str(error).strip().splitlines()
+  return lines[0][:200] if lines else type(error).__name__
 
 
 def init_model(
@@ -99,17 +221,25 @@ def init_model(
   dropout_rng_impl: str,
   model_kwargs: Mapping[str, Any] | None = None,
   compute_dtype: str = "float32",
+  trust_code: bool = True,
 ) -> nnx.Module:
   """Model ``name`` initialised from ``seed``, in train mode: the parameters from
   ``fold_in(key(seed), 0)``, dropout masks from ``fold_in(key(seed, impl=dropout_rng_impl), 1)``.
 
   ``impl`` and ``dropout_rng_impl`` are concrete (resolved by the config: no "auto").
+  ``trust_code=False``: ``name`` was read from a file (``resolve_model``).
   """
+  resolve_model(name, trust_code=trust_code)  # Before anything is drawn or imported.
   seed_key = jax.random.key(seed)
   dropout_key = jax.random.fold_in(jax.random.key(seed, impl=dropout_rng_impl), 1)
   rngs = nnx.Rngs(params=jax.random.fold_in(seed_key, 0), dropout=dropout_key)
-  model = create_model(
-    name, impl=impl, rngs=rngs, compute_dtype=compute_dtype, **dict(model_kwargs or {})
+  model = build_model(
+    name,
+    model_kwargs or {},
+    rngs=rngs,
+    impl=impl,
+    compute_dtype=compute_dtype,
+    trust_code=trust_code,
   )
   model.train()
   return model

@@ -13,7 +13,7 @@ from flax import nnx
 
 from flax_mnist import checkpoint, history, log, models, sharding, steps, workdir
 from flax_mnist.config import result_fields
-from flax_mnist.errors import CheckpointError, RunError, WorkdirError
+from flax_mnist.errors import CheckpointError, RunError
 
 Say = Callable[[str], None]
 State = dict[str, Any]  # {"params", "model_state", "opt_state"}
@@ -37,6 +37,7 @@ class SeedRun:
     self.is_writer = is_writer
     self.say = say
     self._held = contextlib.ExitStack()
+    workdir.check_contained(directory)  # Before the lock file or any checkpoint is touched.
     if is_writer:  # One process creates and locks; all of them save checkpoints into it.
       workdir.prepare(directory)
       self._held.enter_context(workdir.lock(directory))
@@ -46,7 +47,6 @@ class SeedRun:
     self.history: list[dict[str, Any]] = []
     self.stopped = False  # Early stopping ended this seed's run.
     try:
-      workdir.check_resumable(directory, config_dict, result_fields(config_dict))
       self.checkpoints = checkpoint.Checkpoints(directory, best_metric=config_dict["best_metric"])
       self._held.callback(self.checkpoints.close)
       self._resume(template)
@@ -54,14 +54,30 @@ class SeedRun:
       self._held.close()
       raise
 
+  def _check_same_run(self, recorded: dict[str, Any]) -> None:
+    """The run recorded in the workdir (its checkpoint's config: config.json may be missing or
+    edited) must equal this one in every field that changes what is computed, the data too."""
+    workdir.check_resumable(
+      f"{self.workdir}",
+      recorded,
+      self.config_dict,
+      result_fields(self.config_dict),
+      names={"data": f"this run's data (from {self.config_dict['data_source']}) is"},
+    )
+
   def _resume(self, template: State) -> None:
     """Restores the latest checkpoint (the best one if there is no latest) with the history
     saved inside it: the record of each epoch travels with its checkpoint, so a history.json
     that missed a write (a kill, a full disk) is rebuilt, never left with a gap."""
     kind = next((k for k in ("latest", "best") if self.checkpoints.epoch(k) is not None), None)
-    if kind is None:
+    if kind is None:  # Nothing trained yet; a config.json says what was started.
+      recorded = workdir.read_config(self.workdir)
+      if recorded is not None:
+        self._check_same_run(recorded)
       return
     try:
+      meta = self.checkpoints.restore_meta(kind)
+      self._check_same_run(meta["config"])
       self.state, meta = self.checkpoints.restore(kind, template)
     except CheckpointError as error:
       intact = "best" if kind == "latest" and self.checkpoints.epoch("best") is not None else None
@@ -75,14 +91,14 @@ class SeedRun:
       )
       raise CheckpointError(f"{error}{hint}") from None
     self.start_epoch = meta["epoch"]
-    self.history = meta.get("history") or workdir.read_history(self.workdir, self.start_epoch)
+    self.history = workdir.check_history(
+      meta["history"], f"{self.checkpoints.step_dir(kind)}: its history", "use another workdir"
+    )
     epochs = [record["epoch"] for record in self.history]
     if epochs != list(range(1, self.start_epoch + 1)):
-      raise WorkdirError(
-        f"{self.workdir / workdir.HISTORY_FILE}: holds epochs {epochs}, expected "
-        f"1..{self.start_epoch} "
-        f"to resume {self.checkpoints.step_dir(kind)} (a checkpoint of an older version keeps no "
-        "history of its own): restore the file or use another workdir"
+      raise CheckpointError(
+        f"{self.checkpoints.step_dir(kind)}: damaged: its history holds epochs {epochs}, "
+        f"expected 1..{self.start_epoch}; use another workdir"
       )
     self.stopped = any(record.get("stopped_early") for record in self.history)
     self.say(f"resumed from {self.checkpoints.step_dir(kind)} at epoch {self.start_epoch}")

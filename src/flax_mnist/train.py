@@ -19,7 +19,7 @@ import optax
 from etils import epath
 
 from flax_mnist import history, log, sharding, steps, workdir
-from flax_mnist.config import RunSpec, resolve, run_config_dict
+from flax_mnist.config import RunSpec, resolve, result_fields, run_config_dict
 from flax_mnist.errors import ConfigError, Interrupted
 from flax_mnist.programs import Custom, Programs, make_mesh, measure_impl, put_data
 from flax_mnist.seed_run import SeedRun
@@ -216,21 +216,36 @@ class _Trainer:
 
 
 def _train(
-  config: Any, spec: RunSpec, directories: list[epath.Path], custom: Custom, say: Say
+  config: Any,
+  spec: RunSpec,
+  directories: list[epath.Path],
+  custom: Custom,
+  say: Say,
+  seeds_workdir: epath.Path | None = None,
 ) -> list[list[dict[str, Any]]]:
-  """Trains one copy of ``spec.model`` per seed, each into its directory; returns the histories."""
+  """Trains one copy of ``spec.model`` per seed, each into its directory (the seed directories
+  of ``seeds_workdir``, for several seeds); returns the histories."""
   is_writer = jax.process_index() == 0
+  if seeds_workdir is None:
+    workdir.check_single_seed(directories[0])
+  else:
+    workdir.check_contained(seeds_workdir)
   mesh = make_mesh(spec)
-  arrays = put_data(config, mesh, say)
+  arrays, data_record = put_data(config, mesh, say)
   steps_per_epoch = math.ceil(arrays[0].shape[0] / config["batch_size"])
   measured = {}
   if spec.impl == "measure":
     spec, measured = measure_impl(config, spec, directories, arrays, say)
-  programs = Programs(config, spec, mesh, steps_per_epoch, custom, say)
+  config_dicts = [
+    custom.record({**run_config_dict(config, spec, seed), **data_record}) for seed in spec.seeds
+  ]
+  if seeds_workdir is not None:
+    run = config_dicts[0]
+    workdir.check_multi_seed(seeds_workdir, spec.seeds, run, result_fields(run))
+  programs = Programs(config, spec, mesh, steps_per_epoch, custom, say, arrays[0].shape[1:])
   runs: list[SeedRun] = []
   try:
-    for seed, directory, template in zip(spec.seeds, directories, programs.templates):
-      config_dict = custom.record(run_config_dict(config, spec, seed))
+    for config_dict, directory, template in zip(config_dicts, directories, programs.templates):
       runs.append(SeedRun(config_dict, directory, template, is_writer=is_writer, say=say))
     trainer = _Trainer(config, spec, runs, programs, arrays, mesh, say)
     if not trainer.pending:
@@ -248,6 +263,7 @@ def _train(
             "seed_parallelism": spec.seed_parallelism,
             "compiled_once_for_seeds": [other.seed for other in trainer.pending],
             "resolved": spec.to_dict(),
+            **data_record,
             **({"impl_seconds_per_step": measured} if measured else {}),
             "mesh": sharding.mesh_shape(mesh) if mesh is not None else {"seed": 1, "data": 1},
             **log.environment(),
@@ -345,7 +361,9 @@ def train_seeds(
   say = _sayer(print_fn)
   say(f"seeds {', '.join(map(str, spec.seeds))} ({spec.seed_parallelism})")
   directories = [workdir.seed_dir(workdir_path, seed) for seed in spec.seeds]
-  histories = _train(config, spec, directories, Custom(optimizer, loss_fn), say)
+  histories = _train(
+    config, spec, directories, Custom(optimizer, loss_fn), say, workdir.path(workdir_path)
+  )
   by_seed = dict(zip(spec.seeds, histories))
   for seed, records in by_seed.items():
     _say_best(records, say, prefix=f"seed {seed}: ")

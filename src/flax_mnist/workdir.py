@@ -2,6 +2,11 @@
 
 Paths are ``etils.epath.Path``, so a ``gs://bucket/run`` workdir is a bucket path, not a
 local folder named ``gs:`` (``pathlib.Path`` collapses the double slash).
+
+A workdir may come from elsewhere (a colleague's, a download): what it holds is data. Every JSON
+file is checked for the shape this module writes before a field is read (one line naming the file
+otherwise), and no path under a workdir may lead out of it (``check_contained``): a symlinked
+``checkpoints/latest`` would make a resume delete and overwrite another run's checkpoint.
 """
 
 from __future__ import annotations
@@ -57,6 +62,9 @@ def prepare(workdir: PathLike) -> epath.Path:
     raise WorkdirError(f"{directory}: a parent of it is a file, expected directories") from None
   except PermissionError:
     raise WorkdirError(f"{directory}: cannot be created (permission denied)") from None
+  except OSError as error:  # A name too long, a read-only file system: the path is unusable.
+    reason = os.strerror(error.errno) if error.errno else type(error).__name__
+    raise WorkdirError(f"{directory}: cannot be created ({reason}); use another workdir") from None
   if not directory.is_dir():
     raise WorkdirError(f"{directory}: is a file, expected a directory for the run")
   if _is_local(directory) and not os.access(directory, os.W_OK | os.X_OK):
@@ -121,43 +129,153 @@ def read_json(file: PathLike, hint: str = "move it away to resume") -> Any:
     ) from None
 
 
+def read_record(
+  file: PathLike,
+  kind: type,
+  fields: Sequence[str] = (),
+  hint: str = "move it away to resume",
+) -> Any:
+  """A JSON file of this module's shape: a ``kind`` (``dict``, or ``list`` of dicts) whose every
+  object has ``fields``; anything else (empty, damaged, another shape) is one line naming the
+  file and ending with ``hint``."""
+  value = read_json(file, hint)
+  items = value if kind is list else [value]
+  if not isinstance(value, kind) or not all(isinstance(item, dict) for item in items):
+    wanted = "a list of objects" if kind is list else "an object"
+    raise WorkdirError(f"{path(file)}: a JSON {type(value).__name__}, expected {wanted}; {hint}")
+  for item in items:
+    missing = [field for field in fields if field not in item]
+    if missing:
+      raise WorkdirError(f"{path(file)}: no {', '.join(missing)} in {item!r:.80}; {hint}")
+  return value
+
+
+def check_history(records: Any, where: str, hint: str = "move it away to resume") -> list:
+  """``records`` is a history: a list of objects, each with an integer ``epoch``."""
+  if not isinstance(records, list) or not all(
+    isinstance(record, dict)
+    and isinstance(record.get("epoch"), int)
+    and not isinstance(record.get("epoch"), bool)
+    for record in records
+  ):
+    raise WorkdirError(
+      f"{where}: expected a list of epoch records, each with an integer epoch; {hint}"
+    )
+  return records
+
+
 def read_history(workdir: PathLike, last_epoch: int) -> list[dict[str, Any]]:
   """A workdir's recorded epochs up to ``last_epoch`` ([] if it has no history.json)."""
   file = path(workdir) / HISTORY_FILE
   if not file.exists():
     return []
-  return [record for record in read_json(file) if record["epoch"] <= last_epoch]
+  records = check_history(read_json(file), str(file))
+  return [record for record in records if record["epoch"] <= last_epoch]
 
 
-# What a field held in runs written before it existed (their config.json lacks it).
-LEGACY_VALUES = {
-  "optimizer": "adam",
-  "lr_schedule": "constant",
-  "model_kwargs": {},
-  "label_smoothing": 0.0,
-  "grad_clip_norm": 0.0,
-  "weight_decay": 0.0,
-}
+def read_config(workdir: PathLike) -> dict[str, Any] | None:
+  """A workdir's config.json (an object), or None if it has none."""
+  file = path(workdir) / CONFIG_FILE
+  return read_record(file, dict) if file.exists() else None
+
+
+def check_contained(workdir: PathLike) -> None:
+  """Refuses a workdir in which any path (a file, a checkpoint directory, ``.lock``) is a link
+  that resolves outside it: resuming or reading through it would touch another run's files."""
+  directory = path(workdir)
+  if not _is_local(directory) or not directory.is_dir():
+    return
+  root = os.path.realpath(os.fspath(directory))
+  for parent, names, files in os.walk(root):
+    for name in (*names, *files):
+      entry = os.path.join(parent, name)
+      if not os.path.islink(entry):
+        continue
+      target = os.path.realpath(entry)
+      if os.path.commonpath([root, target]) != root:
+        shown = os.path.join(os.fspath(directory), os.path.relpath(entry, root))
+        raise WorkdirError(
+          f"{shown}: a link to {target}, outside the workdir; a workdir's files must be its "
+          "own (copy them in, or use another workdir)"
+        )
 
 
 def check_resumable(
-  workdir: PathLike, config: Mapping[str, Any], fields: Sequence[str] = ("model", "seed")
+  where: str,
+  previous: Mapping[str, Any],
+  config: Mapping[str, Any],
+  fields: Sequence[str] = ("model", "seed"),
+  *,
+  names: Mapping[str, str] | None = None,
 ) -> None:
-  """A workdir's run may be resumed only by a config equal to it in ``fields`` (those that change
-  what training computes): a one-line error names every field that differs."""
-  file = path(workdir) / CONFIG_FILE
-  if not file.exists():
-    return
-  previous = read_json(file)
+  """A run recorded as ``previous`` (its checkpoint's config, else config.json; ``where`` names
+  it) may be resumed only by a config equal to it in ``fields`` (those that change what
+  training computes): a one-line error names every field that differs. A field recorded on one
+  side only differs too. ``names``: how to name this run's value of a field that is not a config
+  field (default ``config.<field> is``)."""
   changed = []
   for field in fields:
-    if field not in config:
+    if field not in config and field not in previous:
       continue
-    before = previous.get(field, LEGACY_VALUES.get(field, config[field]))
-    if before != config[field]:
-      changed.append((field, before, config[field]))
+    before, now = previous.get(field, "(not set)"), config.get(field, "(not set)")
+    if before != now:
+      changed.append((field, before, now))
   if not changed:
     return
   held = ", ".join(f"{field} {before!r}" for field, before, _ in changed)
-  wanted = ", ".join(f"config.{field} is {now!r}" for field, _, now in changed)
-  raise ConfigError(f"{workdir}: holds a run with {held}, {wanted}; use another workdir")
+  names = names or {}
+  wanted = ", ".join(
+    f"{names.get(field, f'config.{field} is')} {now!r}" for field, _, now in changed
+  )
+  raise ConfigError(f"{where}: holds a run with {held}, {wanted}; use another workdir")
+
+
+def seed_dirs(workdir: PathLike) -> dict[int, epath.Path]:
+  """The ``seed_<seed>`` directories of a multi-seed workdir, by seed."""
+  directory = path(workdir)
+  if not directory.is_dir():
+    return {}
+  prefix = SEED_DIR.format("")
+  found = {}
+  for entry in directory.iterdir():
+    suffix = entry.name[len(prefix) :]
+    if entry.name.startswith(prefix) and suffix.isdigit() and entry.is_dir():
+      found[int(suffix)] = entry
+  return dict(sorted(found.items()))
+
+
+def check_single_seed(workdir: PathLike) -> None:
+  """Refuses to train one seed into a multi-seed workdir (it would sit beside its seeds)."""
+  directory = path(workdir)
+  if (directory / SEEDS_FILE).exists() or seed_dirs(directory):
+    raise WorkdirError(
+      f"{directory}: holds a multi-seed run ({SEEDS_FILE}, {SEED_DIR.format('<seed>')}/): "
+      f"train it with several seeds, or give {directory / SEED_DIR.format('<seed>')} or another "
+      "workdir"
+    )
+
+
+def check_multi_seed(
+  workdir: PathLike, seeds: Sequence[int], run: Mapping[str, Any], fields: Sequence[str]
+) -> None:
+  """Several seeds go into ``workdir`` only if it holds no single-seed run, its seeds trained
+  ``run`` (equal in ``fields``, the seed apart), and ``seeds`` keeps every seed it holds:
+  seeds.json aggregates them all, so a rerun with fewer seeds would drop some from it."""
+  directory = path(workdir)
+  if (directory / CONFIG_FILE).exists() or (directory / CHECKPOINTS_DIR).exists():
+    raise WorkdirError(
+      f"{directory}: holds a single-seed run ({CONFIG_FILE}, {CHECKPOINTS_DIR}/): train several "
+      "seeds into another workdir"
+    )
+  held = seed_dirs(directory)
+  for seed_directory in held.values():
+    recorded = read_config(seed_directory)
+    if recorded is not None:
+      check_resumable(f"{directory}", recorded, run, [f for f in fields if f != "seed"])
+  dropped = [seed for seed in held if seed not in seeds]
+  if dropped:
+    raise ConfigError(
+      f"{directory}: holds seeds {', '.join(map(str, held))}; training seeds "
+      f"{', '.join(map(str, seeds))} would drop {', '.join(map(str, dropped))} from its "
+      f"{SEEDS_FILE}: list every seed in config.seeds, or use another workdir"
+    )

@@ -37,15 +37,29 @@ def study_config(
   return config
 
 
+def _check_not_longer(model_dir: Path, seeds: Sequence[int], num_epochs: int) -> None:
+  """Refuses seed workdirs trained for more epochs than the study asks: their histories would
+  be reported as ``num_epochs`` epochs from longer runs (the best epoch, the final figures)."""
+  for seed in seeds:
+    directory = workdir_lib.seed_dir(model_dir, seed)
+    held = len(workdir_lib.read_history(directory, last_epoch=2**31))
+    if held > num_epochs:
+      raise ConfigError(
+        f"{directory}: holds {held} epochs, the study asks for {num_epochs}: a report of "
+        f"{num_epochs} epochs from it would mix; pass --epochs {held} (or more), or another "
+        "--workdir"
+      )
+
+
 def _run_facts(model_dir: Path, seeds: Sequence[int]) -> dict[str, Any]:
   """Compile seconds and parallelism from the seeds' run.json files (written when they trained)."""
   for seed in seeds:
     file = workdir_lib.seed_dir(model_dir, seed) / workdir_lib.RUN_FILE
     if file.exists():
-      run = workdir_lib.read_json(file)
+      run = workdir_lib.read_record(file, dict, ("compile_seconds", "seed_parallelism"))
       return {
         "compile_seconds": sum(run["compile_seconds"].values()),
-        "seed_parallelism": run.get("seed_parallelism", "loop"),
+        "seed_parallelism": run["seed_parallelism"],
       }
   return {"compile_seconds": None, "seed_parallelism": None}
 
@@ -69,7 +83,7 @@ def _train_model(
   if pending:
     record = {"wall_seconds": wall_seconds, "seeds": seeds, "num_epochs": num_epochs}
     workdir_lib.write_json(wall_file, record)
-  recorded = workdir_lib.read_json(wall_file) if wall_file.is_file() else {}
+  recorded = workdir_lib.read_record(wall_file, dict) if wall_file.is_file() else {}
   return {
     "facts": stats.model_facts(name),
     "config": config_lib.config_to_dict(config),
@@ -97,6 +111,8 @@ def run_comparison(
   configs = {
     name: study_config(name, config, seeds, num_epochs) for name, config in configs.items()
   }
+  for name in configs:
+    _check_not_longer(Path(workdir) / name, seeds, num_epochs)
   results: dict[str, Any] = {"models": {}}
   for name, config in configs.items():
     say(f"== {name}: seeds {', '.join(map(str, seeds))}, {num_epochs} epochs")
