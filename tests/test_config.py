@@ -21,6 +21,11 @@ from flax_mnist.errors import ConfigError
     ("dropout_rng_impl", "mt19937", "config.dropout_rng_impl 'mt19937': expected one of auto, rbg"),
     ("num_seeds", 0, "config.num_seeds 0: expected a positive integer"),
     ("seeds", (3, 3), r"config.seeds \(3, 3\): expected distinct seeds"),
+    # int() would train seeds 0 and 1 and record 0.2 and 1.9.
+    ("seeds", (0.2, 1.9), r"config.seeds \(0.2, 1.9\): 0.2 is not a seed, expected integers"),
+    ("seeds", ("a", "b"), r"config.seeds \('a', 'b'\): 'a' is not a seed, expected integers"),
+    ("seeds", (True,), r"config.seeds \(True,\): True is not a seed"),
+    ("seed", -1, "config.seed -1: -1 is not a seed, expected integers in 0..2"),
     (
       "seed_parallelism",
       "threads",

@@ -239,7 +239,7 @@ CASES = [
     "evaluate.py",
     ("--workdir", "{case}/crafted", "--trust_model_code"),
     "error: {case}/crafted/checkpoints/best/1: config.model_kwargs of model "
-    "'my_models:wide_cnn': width 'abc' is a str, expected an integer like its default 32",
+    "'my_models:wide_cnn': width 'abc' is a string, expected an integer like its default 32",
     setup=lambda paths: _craft(paths, "my_models:wide_cnn", {"width": "abc"}),
     env=(("PYTHONPATH", str(REPO_ROOT / "examples")),),
   ),
@@ -361,7 +361,7 @@ CASES = [
       (
         "model-kwarg-of-another-type",
         ("--config.model=bad_models:eleven", "--config.model_kwargs={{'width': 'abc'}}"),
-        "config.model_kwargs of model 'bad_models:eleven': width 'abc' is a str, expected an "
+        "config.model_kwargs of model 'bad_models:eleven': width 'abc' is a string, expected an "
         "integer like its default 11",
       ),
       (

@@ -4,7 +4,9 @@ checkpoints detected (and the intact one used), refused resumes that touch nothi
 from __future__ import annotations
 
 import json
+import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -259,3 +261,68 @@ def test_the_cli_refuses_a_locked_workdir_and_evaluates_around_a_damaged_checkpo
   assert result.returncode == 0, result.stderr[-2000:]
   assert "warning:" in result.stderr and "loaded the latest checkpoint (epoch 2)" in result.stderr
   assert json.loads(result.stdout.strip().splitlines()[-1])["epoch"] == 2
+
+
+def test_a_reshaped_history_json_is_rebuilt_from_the_checkpoint_on_resume(idx_dir, tmp_path):
+  run = _trained(idx_dir, tmp_path / "run", epochs=1)
+  (run / "history.json").write_text('{"epoch": 1}')  # Valid JSON, not a history.
+  lines = []
+  records = train.train_and_evaluate(
+    small_config(idx_dir, num_epochs=2), run, print_fn=lines.append
+  )
+  assert [record["epoch"] for record in records] == [1, 2]
+  assert any(line.startswith(f"rebuilt {run / 'history.json'}") for line in lines)
+  assert json.loads((run / "history.json").read_text()) == records
+
+
+def _in_a_full_disk(script: str) -> list[str]:
+  """``bash -c script`` in a private mount namespace, where ``$FULL`` is a 3 MB tmpfs (the test
+  runs as root in CI; elsewhere a user namespace maps the caller to root for the mount)."""
+  namespace = ["unshare", "--mount"] if os.geteuid() == 0 else ["unshare", "-r", "--mount"]
+  return [
+    *namespace,
+    "bash",
+    "-c",
+    f'FULL=$(mktemp -d) && mount -t tmpfs -o size=3m tmpfs "$FULL" && {script}',
+  ]
+
+
+def test_a_full_disk_is_one_line_and_the_saved_epoch_resumes(idx_dir, tmp_path):
+  # mlp's checkpoint is 1.3 MiB (params and two Adam moments), best and latest each: the
+  # 3 MB disk has no room for epoch 2's, which is refused before a byte is written.
+  args = [
+    sys.executable,
+    str(REPO_ROOT / "scripts" / "train.py"),
+    "--config",
+    str(REPO_ROOT / "configs" / "mlp.py"),
+    f"--config.data_dir={idx_dir}",
+    "--config.batch_size=64",
+    "--config.eval_batch_size=32",
+    "--config.num_epochs=4",
+    "--config.progress_bar=False",
+  ]
+  train_into_full = " ".join(map(shlex.quote, args)) + ' --workdir "$FULL/run"'
+  saved = tmp_path / "saved"
+  script = (
+    f'{train_into_full}; status=$?; cp -a "$FULL/run" {shlex.quote(str(saved))}; exit $status'
+  )
+  result = subprocess.run(
+    _in_a_full_disk(script), capture_output=True, text=True, cwd=REPO_ROOT, timeout=300
+  )
+  lines = result.stderr.strip().splitlines()
+  assert result.returncode == 1, result.stderr[-3000:]
+  assert "Traceback" not in result.stderr and len(lines) == 1, result.stderr[-3000:]
+  assert re.fullmatch(
+    r"error: /tmp/\S+/run/checkpoints/best: no room for the next checkpoint \(1.3 MiB needed, "
+    r"0.\d MiB free\); epoch 1 is saved: free space and rerun the same command to resume",
+    lines[0],
+  ), lines
+  # The saved epoch, copied where there is room, resumes to what an uninterrupted run gives.
+  resumed = subprocess.run(
+    [*args, "--workdir", str(saved)], capture_output=True, text=True, cwd=REPO_ROOT, timeout=300
+  )
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  straight = train.train_and_evaluate(
+    small_config(idx_dir, num_epochs=4), tmp_path / "straight", print_fn=None
+  )
+  assert _metrics(json.loads((saved / "history.json").read_text())) == _metrics(straight)

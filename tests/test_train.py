@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import ml_collections
 import numpy as np
 import pytest
+from conftest import write_mnist_dir
 
 from flax_mnist import config as config_lib
 from flax_mnist import train
-from flax_mnist.errors import ConfigError, RunError
+from flax_mnist.errors import ConfigError, RunError, WorkdirError
 
 TIMING_KEYS = {"seconds", "train_seconds", "eval_seconds", "images_per_second", "parallel_seeds"}
 
@@ -202,3 +204,50 @@ def test_a_bfloat16_run_trains_and_records_its_compute_dtype(idx_dir, tmp_path):
   assert json.loads((tmp_path / "config.json").read_text())["compute_dtype"] == "bfloat16"
   with pytest.raises(ConfigError, match="config.compute_dtype 'float16': expected one of"):
     config_lib.resolve(small_config(idx_dir, compute_dtype="float16"))
+
+
+def test_a_multi_seed_workdir_refuses_another_model_dropped_seeds_and_a_single_seed(
+  idx_dir, tmp_path
+):
+  workdir = tmp_path / "seeds"
+  train.train_seeds(small_config(idx_dir, num_epochs=1, seeds=(0, 1)), workdir, print_fn=None)
+  seeds_json = (workdir / "seeds.json").read_bytes()
+  refusals = [
+    # Another model's seeds beside these would be aggregated with them in seeds.json.
+    (
+      dict(model="cnn_pool", seeds=(5, 6)),
+      ConfigError,
+      "holds a run with model 'mlp', config.model is 'cnn_pool'",
+    ),
+    # A rerun with fewer seeds would rewrite seeds.json without seed 1.
+    (dict(seeds=(0, 5)), ConfigError, "holds seeds 0, 1; training seeds 0, 5 would drop 1 from"),
+  ]
+  for overrides, error, message in refusals:
+    with pytest.raises(error, match=message):
+      train.train_seeds(small_config(idx_dir, num_epochs=1, **overrides), workdir, print_fn=None)
+  with pytest.raises(WorkdirError, match="seeds: holds a multi-seed run"):
+    train.train_and_evaluate(small_config(idx_dir, num_epochs=1, seed=1), workdir, print_fn=None)
+  assert (workdir / "seeds.json").read_bytes() == seeds_json
+  assert sorted(path.name for path in workdir.iterdir()) == ["seed_0", "seed_1", "seeds.json"]
+  single = tmp_path / "single"
+  train.train_and_evaluate(small_config(idx_dir, num_epochs=1), single, print_fn=None)
+  with pytest.raises(WorkdirError, match="single: holds a single-seed run"):
+    train.train_seeds(small_config(idx_dir, num_epochs=1, seeds=(0, 1)), single, print_fn=None)
+  more_seeds = small_config(idx_dir, num_epochs=1, seeds=(0, 1, 2))
+  more = train.train_seeds(more_seeds, workdir, print_fn=None)
+  assert list(more) == [0, 1, 2]  # More seeds are welcome: seeds.json then holds all three.
+
+
+def test_the_data_is_recorded_and_a_resume_on_other_data_is_refused(idx_dir, tmp_path):
+  run = tmp_path / "run"
+  train.train_and_evaluate(small_config(idx_dir, num_epochs=1), run, print_fn=None)
+  recorded = json.loads((run / "config.json").read_text())
+  assert recorded["data"].startswith("300 train + 100 test images, blake2b ")
+  assert recorded["data_source"] == f"IDX files in {idx_dir.resolve()}"
+  assert json.loads((run / "run.json").read_text())["data"] == recorded["data"]
+  moved = tmp_path / "moved"  # The same files elsewhere are the same data.
+  shutil.copytree(idx_dir, moved)
+  train.train_and_evaluate(small_config(moved, num_epochs=2), run, print_fn=None)
+  other = write_mnist_dir(tmp_path / "other", num_train=200)
+  with pytest.raises(ConfigError, match=r"holds a run with data '300 train .*, this run's data "):
+    train.train_and_evaluate(small_config(other, num_epochs=3), run, print_fn=None)

@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import zlib
 from typing import Any
 
@@ -39,6 +40,8 @@ from flax_mnist.errors import CheckpointError, FlaxMnistError, RunError
 
 KINDS = ("best", "latest")
 META_CHECKSUM = "meta_checksum"  # The CRC-32 of the rest of the meta, saved inside it.
+# orbax's files beside the arrays (metadata, manifests): a few KiB measured for the family.
+_SAVE_OVERHEAD = 64 * 2**10
 
 
 def checksum(tree: Any) -> int:
@@ -203,6 +206,7 @@ class Checkpoints:
       yield
     except Exception as error:  # noqa: BLE001 (orbax raises many types for one cause)
       self._failed = True
+      self._settle()
       reason = _write_failure(error)
       latest = self._saved_epoch()
       saved = f"epoch {latest} is saved" if latest else "no epoch is saved"
@@ -210,6 +214,40 @@ class Checkpoints:
         f"{self.directory}: a checkpoint could not be written ({reason}); {saved}: free space "
         "and rerun the same command to resume"
       ) from error
+
+  def _check_room(self, kind: str, state: Any, meta: dict[str, Any]) -> None:
+    """Refuses a save the local disk has no room for, before a byte is written: a full disk met
+    inside orbax's writer threads also prints a traceback from each of them at exit (tensorstore
+    completes its writes on a closed event loop), which no handler here can catch."""
+    if "://" in os.fspath(self.directory):
+      return
+    needed = sum(leaf.nbytes for leaf in jax.tree.leaves(state)) + len(json.dumps(meta))
+    needed += _SAVE_OVERHEAD
+    with self._write_errors():  # The previous epoch's saves first: they still take room.
+      for manager in self._managers.values():
+        manager.wait_until_finished()
+    try:
+      free = shutil.disk_usage(os.fspath(self.directory)).free
+    except OSError:
+      return  # The save itself then names what failed.
+    if free < needed:
+      self._failed = True
+      latest = self.epoch("latest")
+      saved = f"epoch {latest} is saved" if latest else "no epoch is saved"
+      raise RunError(
+        f"{self.directory / kind}: no room for the next checkpoint ({needed / 2**20:.1f} MiB "
+        f"needed, {free / 2**20:.1f} MiB free); {saved}: free space and rerun the same "
+        "command to resume"
+      )
+
+  def _settle(self) -> None:
+    """After a failed save, lets every pending one end (each fails the same way): a write still
+    in flight when the process exits prints "Event loop is closed" tracebacks from its threads."""
+    for manager in self._managers.values():
+      try:
+        manager.wait_until_finished()
+      except Exception:  # noqa: BLE001, S110 (the first failure is the one reported)
+        pass
 
   def _saved_epoch(self) -> int | None:
     """The newest complete latest checkpoint on disk (orbax's own count may include the one
@@ -229,6 +267,7 @@ class Checkpoints:
     if "checksums" not in meta:  # save_epoch computes them once for both checkpoints.
       meta = {**meta, "checksums": _checksums(state)}
     meta = {**meta, META_CHECKSUM: meta_checksum(meta)}
+    self._check_room(kind, state, meta)
     with self._write_errors():
       self._manager(kind).save(
         epoch,

@@ -176,6 +176,10 @@ def _same_kind(value: Any, default: Any) -> bool:
   return isinstance(value, type(default))
 
 
+def _kind(value: Any) -> str:
+  return _KINDS.get(type(value), f"a {type(value).__name__}")
+
+
 def check_model_kwargs(name: str, factory: Factory, kwargs: Mapping[str, Any]) -> None:
   """``model_kwargs`` fit ``factory`` before it is called: JSON values, no argument the trainer
   passes itself, every key a keyword parameter of the factory (unless it takes ``**kwargs``),
@@ -197,13 +201,13 @@ def check_model_kwargs(name: str, factory: Factory, kwargs: Mapping[str, Any]) -
       raise ConfigError(f"{where}: {key!r} is not an argument of its factory; {expected}")
     if not _is_json(value):
       raise ConfigError(
-        f"{where}: {key} {value!r:.60} is a {type(value).__name__}, expected a JSON value "
+        f"{where}: {key} {value!r:.60} is {_kind(value)}, expected a JSON value "
         "(a number, string, bool, list or mapping)"
       )
     default = keyword[key].default if key in keyword else inspect.Parameter.empty
     if isinstance(default, _JSON_SCALARS[:-1]) and not _same_kind(value, default):
       raise ConfigError(
-        f"{where}: {key} {value!r:.60} is a {type(value).__name__}, expected "
+        f"{where}: {key} {value!r:.60} is {_kind(value)}, expected "
         f"{_KINDS[type(default)]} like its default {default!r}"
       )
 

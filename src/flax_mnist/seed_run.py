@@ -13,7 +13,7 @@ from flax import nnx
 
 from flax_mnist import checkpoint, history, log, models, sharding, steps, workdir
 from flax_mnist.config import result_fields
-from flax_mnist.errors import CheckpointError, RunError
+from flax_mnist.errors import CheckpointError, FlaxMnistError, RunError
 
 Say = Callable[[str], None]
 State = dict[str, Any]  # {"params", "model_state", "opt_state"}
@@ -110,8 +110,11 @@ class SeedRun:
       return
     workdir.write_json(self.workdir / workdir.CONFIG_FILE, self.config_dict)
     file = self.workdir / workdir.HISTORY_FILE
-    on_disk = workdir.read_history(self.workdir, self.start_epoch) if file.exists() else []
-    if self.history and [r["epoch"] for r in on_disk] != [r["epoch"] for r in self.history]:
+    try:  # The checkpoint's history is the record; a damaged or reshaped file is rebuilt.
+      on_disk = [r["epoch"] for r in workdir.read_history(self.workdir, self.start_epoch)]
+    except FlaxMnistError:
+      on_disk = None
+    if self.history and on_disk != [r["epoch"] for r in self.history]:
       workdir.write_json(file, self.history)
       self.say(f"rebuilt {file} from the checkpoint (epochs 1..{self.start_epoch})")
 

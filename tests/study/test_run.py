@@ -48,3 +48,14 @@ def test_every_config_is_checked_before_any_model_trains(tmp_path):
   with pytest.raises(ConfigError, match="batch_size"):
     run.run_comparison(configs, [0], 1, tmp_path / "runs", print_fn=None)
   assert not (tmp_path / "runs").exists()
+
+
+def test_workdirs_trained_longer_than_the_study_asks_are_refused(idx_dir, tmp_path):
+  # A report of 1 epoch from 2-epoch histories would mix: refused, naming the epochs to pass.
+  config = _config("mlp", data_dir=str(idx_dir), batch_size=64)
+  workdir = tmp_path / "runs"
+  run.run_comparison({"mlp": config}, [0], 2, workdir, print_fn=None)
+  with pytest.raises(
+    ConfigError, match=r"seed_0: holds 2 epochs, the study asks for 1: .*--epochs 2"
+  ):
+    run.run_comparison({"mlp": config}, [0], 1, workdir, print_fn=None)
