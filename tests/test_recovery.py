@@ -113,6 +113,7 @@ def test_one_changed_digit_of_a_recorded_metric_is_named_and_never_picks_the_bes
   with pytest.raises(CheckpointError, match=damaged):  # A resume reads the best value first.
     _trained(idx_dir, run, epochs=3, learning_rate=1e-12)
   without_config = {key: v for key, v in json.loads(text).items() if key != "config"}
+  without_config[checkpoint.META_CHECKSUM] = checkpoint.meta_checksum(without_config)  # Resealed.
   for shape, problem in (
     ("[]", "its meta is a JSON list, expected an object"),
     ('{"epoch": 1}', "its meta's val_accuracy is None, expected a number"),

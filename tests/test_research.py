@@ -56,14 +56,18 @@ def test_a_stock_nnx_model_outside_the_package_trains_by_import_path_and_loads_f
   assert result.returncode == 0, result.stderr[-3000:]
   assert "Model WideCnn" in result.stdout
   recorded = json.loads((workdir / "history.json").read_text())[0]["val_accuracy"]
-  result = _run(
-    [REPO_ROOT / "scripts" / "evaluate.py", "--workdir", workdir, "--json"], idx_dir, **pythonpath
-  )
+  evaluate = [REPO_ROOT / "scripts" / "evaluate.py", "--workdir", workdir]
+  # The workdir names the model by import path: importing it takes the caller's opt-in.
+  result = _run([*evaluate, "--json"], idx_dir, **pythonpath)
+  assert result.returncode == 2 and "Traceback" not in result.stderr
+  assert "'my_models:wide_cnn': an import path" in result.stderr
+  assert "--trust_model_code" in result.stderr
+  result = _run([*evaluate, "--json", "--trust_model_code"], idx_dir, **pythonpath)
   assert result.returncode == 0, result.stderr[-3000:]
   assert json.loads(result.stdout.strip().splitlines()[-1])["test_accuracy"] == recorded
   assert "WARNING" not in result.stderr  # load_model is quiet.
   # Without the module on the path: one line that says how to name a model.
-  result = _run([REPO_ROOT / "scripts" / "evaluate.py", "--workdir", workdir], idx_dir)
+  result = _run([*evaluate, "--trust_model_code"], idx_dir)
   assert result.returncode == 2 and "Traceback" not in result.stderr
   assert "cannot import 'my_models'" in result.stderr and "PYTHONPATH" in result.stderr
 

@@ -86,12 +86,24 @@ _META_CONFIG_FIELDS = {
 }
 
 
-def _meta_problem(meta: Any) -> str | None:
+def _meta_problem(meta: Any, best_metric: str) -> str | None:
   """What is wrong with a restored meta's shape, or None (its checksum is checked apart)."""
   if not isinstance(meta, dict):
     return f"its meta is a JSON {type(meta).__name__}, expected an object"
   for field, check, expected in (
     ("epoch", _is_int, "an integer"),
+    (best_metric, _is_number, "a number"),
+  ):
+    if not check(meta.get(field)):
+      return f"its meta's {field} is {meta.get(field)!r:.40}, expected {expected}"
+  if not isinstance(meta.get("checksums"), dict) or not _is_int(meta.get(META_CHECKSUM)):
+    return "its meta holds no checksums"
+  return None
+
+
+def _run_problem(meta: dict[str, Any]) -> str | None:
+  """What a trainer's meta lacks to be resumed or loaded (its config, metrics, history)."""
+  for field, check, expected in (
     ("val_accuracy", _is_number, "a number"),
     ("val_loss", _is_number, "a number"),
     ("history", lambda v: isinstance(v, list), "a list"),
@@ -103,8 +115,6 @@ def _meta_problem(meta: Any) -> str | None:
   for field, (check, expected) in _META_CONFIG_FIELDS.items():
     if not check(meta["config"].get(field)):
       return f"its meta's config.{field} is {meta['config'].get(field)!r:.40}, expected {expected}"
-  if not isinstance(meta.get("checksums"), dict) or not _is_int(meta.get(META_CHECKSUM)):
-    return "its meta holds no checksums"
   return None
 
 
@@ -308,11 +318,20 @@ class Checkpoints:
     args = ocp.args.Composite(meta=ocp.args.JsonRestore())
     with self._damage_as_error(kind):
       meta = self._manager(kind).restore(epoch, args=args)["meta"]
-    problem = _meta_problem(meta)
+    problem = _meta_problem(meta, self.best_metric)
     if problem is None and meta[META_CHECKSUM] != meta_checksum(meta):
       problem = "its meta does not match the checksum saved with it"
     if problem is None and meta["epoch"] != epoch:
       problem = f"its meta records epoch {meta['epoch']}"
+    if problem is not None:
+      raise CheckpointError(f"{self.step_dir(kind)}: damaged: {problem}")
+    return meta
+
+  def restore_run_meta(self, kind: str) -> dict[str, Any]:
+    """``restore_meta`` of a checkpoint the trainer wrote: with the config, metrics and history
+    that resuming and ``load_model`` read (checked, a CheckpointError naming what is missing)."""
+    meta = self.restore_meta(kind)
+    problem = _run_problem(meta)
     if problem is not None:
       raise CheckpointError(f"{self.step_dir(kind)}: damaged: {problem}")
     return meta
@@ -411,7 +430,7 @@ class Checkpoints:
 def _load(
   checkpoints: Checkpoints, which: str, trust_model_code: bool
 ) -> tuple[nnx.Module, dict[str, Any]]:
-  meta = checkpoints.restore_meta(which)
+  meta = checkpoints.restore_run_meta(which)
   config = meta["config"]
   try:
     model = models.init_model(

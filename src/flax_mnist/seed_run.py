@@ -76,7 +76,7 @@ class SeedRun:
         self._check_same_run(recorded)
       return
     try:
-      meta = self.checkpoints.restore_meta(kind)
+      meta = self.checkpoints.restore_run_meta(kind)
       self._check_same_run(meta["config"])
       self.state, meta = self.checkpoints.restore(kind, template)
     except CheckpointError as error:
