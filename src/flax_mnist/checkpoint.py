@@ -234,8 +234,7 @@ class Checkpoints:
     needed = sum(leaf.nbytes for leaf in jax.tree.leaves(state)) + len(json.dumps(meta))
     needed += _SAVE_OVERHEAD
     with self._write_errors():  # The previous epoch's saves first: they still take room.
-      for manager in self._managers.values():
-        manager.wait_until_finished()
+      self.wait()
     try:
       free = shutil.disk_usage(os.fspath(self.directory)).free
     except OSError:

@@ -173,10 +173,10 @@ def resolve(config: Mapping[str, Any]) -> RunSpec:
     seeds=tuple(seeds),
     impl=resolve_impl(config["impl"]),
     dropout_rng_impl=resolve_dropout_rng_impl(config["dropout_rng_impl"]),
-    seed_parallelism=resolve_seed_parallelism(config.get("seed_parallelism", "auto")),
-    seed_devices=config.get("seed_devices", 1),
-    compute_dtype=config.get("compute_dtype", "float32"),
-    data_devices=resolve_data_devices(config.get("data_devices", 0), config.get("seed_devices", 1)),
+    seed_parallelism=resolve_seed_parallelism(config["seed_parallelism"]),
+    seed_devices=config["seed_devices"],
+    compute_dtype=config["compute_dtype"],
+    data_devices=resolve_data_devices(config["data_devices"], config["seed_devices"]),
     process_count=jax.process_count(),
   )
   _check_devices(config, spec)
@@ -230,8 +230,6 @@ def _check_choice(field: str, value: Any, choices: tuple[str, ...]) -> None:
 
 
 def _check_positive_int(config: Mapping[str, Any], field: str, minimum: int = 1) -> None:
-  if field not in config:  # A config.json of an older version: the default applies.
-    return
   value = config[field]
   if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
     expected = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
@@ -246,9 +244,7 @@ def _check_number(
   *,
   low_open: bool = False,
 ) -> None:
-  """``config[field]`` (if present) a finite number in [low, high) (or (low, high))."""
-  if field not in config:
-    return
+  """``config[field]`` a finite number in [low, high) (or (low, high))."""
   value = config[field]
   number = isinstance(value, (int, float)) and not isinstance(value, bool)
   if not (
@@ -263,8 +259,8 @@ def _check_number(
 
 def _check_optimizer(config: Mapping[str, Any]) -> None:
   """The optimizer fields: names, ranges, and no field that the chosen optimizer ignores."""
-  _check_choice("optimizer", config.get("optimizer", "adam"), optim.OPTIMIZERS)
-  _check_choice("lr_schedule", config.get("lr_schedule", "constant"), optim.SCHEDULES)
+  _check_choice("optimizer", config["optimizer"], optim.OPTIMIZERS)
+  _check_choice("lr_schedule", config["lr_schedule"], optim.SCHEDULES)
   _check_number(config, "learning_rate", 0.0, low_open=True)
   _check_number(config, "adam_eps", 0.0, low_open=True)
   _check_number(config, "warmup_epochs", 0.0)
@@ -272,12 +268,12 @@ def _check_optimizer(config: Mapping[str, Any]) -> None:
   _check_number(config, "weight_decay", 0.0)
   _check_number(config, "grad_clip_norm", 0.0)
   _check_number(config, "label_smoothing", 0.0, 1.0)
-  if config.get("weight_decay", 0.0) and config.get("optimizer") != "adamw":
+  if config["weight_decay"] and config["optimizer"] != "adamw":
     raise ConfigError(
       f"config.weight_decay {config['weight_decay']!r}: only config.optimizer 'adamw' decays "
-      f"weights, not {config.get('optimizer')!r}"
+      f"weights, not {config['optimizer']!r}"
     )
-  warmup, epochs = config.get("warmup_epochs", 0.0), config.get("num_epochs", 0)
+  warmup, epochs = config["warmup_epochs"], config["num_epochs"]
   if warmup and epochs and warmup >= epochs:
     raise ConfigError(
       f"config.warmup_epochs {warmup!r}: expected fewer than config.num_epochs {epochs}"
@@ -299,9 +295,9 @@ def validate_config(config: Mapping[str, Any]) -> None:
   _check_positive_int(config, "early_stopping_patience", minimum=0)
   _check_optimizer(config)
   _check_choice("impl", config["impl"], IMPLS)
-  _check_choice("compute_dtype", config.get("compute_dtype", "float32"), layers.COMPUTE_DTYPES)
+  _check_choice("compute_dtype", config["compute_dtype"], layers.COMPUTE_DTYPES)
   _check_choice("dropout_rng_impl", config["dropout_rng_impl"], DROPOUT_RNG_IMPLS)
-  _check_choice("seed_parallelism", config.get("seed_parallelism", "auto"), SEED_PARALLELISMS)
+  _check_choice("seed_parallelism", config["seed_parallelism"], SEED_PARALLELISMS)
   _check_choice("best_metric", config["best_metric"], tuple(BEST_METRICS))
   _check_positive_int(config, "num_seeds")
   _check_positive_int(config, "data_devices", minimum=0)
@@ -325,7 +321,7 @@ def result_fields(config: Mapping[str, Any]) -> tuple[str, ...]:
     "data",  # Not a config field: the data's identity, recorded by the trainer.
     *optim.OPTIMIZER_FIELDS,
   )
-  if config.get("lr_schedule", "constant") != "constant":
+  if config["lr_schedule"] != "constant":
     fields += ("num_epochs",)
   return fields
 

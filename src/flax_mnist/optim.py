@@ -9,7 +9,6 @@ after one epoch, and over the first 5 steps 28-35% of the cnn's updates differ b
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -79,9 +78,9 @@ def make_schedule(config: Mapping[str, Any], steps_per_epoch: int) -> optax.Scal
   ``warmup_epochs``, then cosine to 0); onecycle (optax's linear one-cycle: up to the rate at
   ``warmup_epochs`` or 30% of the run, then down).
   """
-  peak, name = config["learning_rate"], config.get("lr_schedule", "constant")
+  peak, name = config["learning_rate"], config["lr_schedule"]
   total = max(1, config["num_epochs"] * steps_per_epoch)
-  warmup = int(round(config.get("warmup_epochs", 0.0) * steps_per_epoch))
+  warmup = int(round(config["warmup_epochs"] * steps_per_epoch))
   if name == "constant":
     return peak
   if name == "cosine":
@@ -99,9 +98,9 @@ def make_optimizer(
   ``weight_decay``) or sgd with ``momentum``; under ``lr_schedule``; the gradient clipped to
   ``grad_clip_norm`` (global norm) first when it is set. Adam's b1 0.9, b2 0.999 and
   ``adam_eps`` (Keras's 1e-7) as Keras."""
-  name = config.get("optimizer", "adam")
+  name = config["optimizer"]
   schedule = make_schedule(config, steps_per_epoch)
-  eps = config.get("adam_eps", 1e-7)
+  eps = config["adam_eps"]
   if name == "keras_adam":
     tx = keras_adam(schedule, eps=eps)
   elif name == "adam":
@@ -109,11 +108,6 @@ def make_optimizer(
   elif name == "adamw":
     tx = optax.adamw(schedule, b1=0.9, b2=0.999, eps=eps, weight_decay=config["weight_decay"])
   else:
-    tx = optax.sgd(schedule, momentum=config.get("momentum", 0.0) or None)
-  clip = config.get("grad_clip_norm", 0.0)
+    tx = optax.sgd(schedule, momentum=config["momentum"] or None)
+  clip = config["grad_clip_norm"]
   return optax.chain(optax.clip_by_global_norm(clip), tx) if clip else tx
-
-
-def is_valid_rate(value: Any) -> bool:
-  """A positive, finite number."""
-  return isinstance(value, (int, float)) and math.isfinite(value) and value > 0

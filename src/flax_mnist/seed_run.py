@@ -146,7 +146,7 @@ class SeedRun:
       **timings,
       "images_per_second": images_per_second,
     }
-    patience = self.config_dict.get("early_stopping_patience", 0)
+    patience = self.config_dict["early_stopping_patience"]
     if patience:
       best = history.best_record([*self.history, record], self.config_dict["best_metric"])
       if epoch - best["epoch"] >= patience:

@@ -46,7 +46,7 @@ def epochs_to_key(threshold: float) -> str:
 
 def _seed_epoch_seconds(record: Mapping[str, Any]) -> float:
   """One seed's epoch (train + eval); under vmap, the seeds' shared epoch over their number."""
-  return record["seconds"] / record.get("parallel_seeds", 1)
+  return record["seconds"] / record["parallel_seeds"]
 
 
 def _epochs_to(runs: Sequence[Sequence[Mapping[str, Any]]], threshold: float) -> dict[str, Any]:
