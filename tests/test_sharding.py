@@ -9,11 +9,13 @@ import socket
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from conftest import REPO_ROOT
-from test_train import TIMING_KEYS, small_config
+from test_train import small_config
 
-from flax_mnist import checkpoint, data, evaluation, train
+from flax_mnist import checkpoint, data, evaluation, models, train
+from flax_mnist.config import resolve_impl
 
 SCRIPT = str(REPO_ROOT / "scripts" / "train.py")
 
@@ -40,17 +42,80 @@ def _train_args(idx_dir, workdir, model: str, *more: str) -> list[str]:
   ]
 
 
-def _close(got: list[dict], want: list[dict], rel: float) -> None:
-  """Equal to float tolerance: losses within ``rel``; an accuracy within one image of 100 (the
-  sharded sums reassociate, and early in cnn_pool_bn, with young BatchNorm moving statistics,
-  that can move one test image across the decision boundary)."""
-  assert len(got) == len(want)
+# What a data-parallel run must share with its one-device run, and how closely, measured on the
+# 2-core AMD EPYC VM here with cnn_pool_bn on these 300 images for 2 epochs (10 Adam steps): 1, 2
+# and 4 data devices, the 2 x 2 seed-by-data mesh and vmapped seeds against single-seed runs, and,
+# as the same reassociation in another form, the im2col and batch_minor impls against s2d; at jax
+# 0.10.2 and at the floor stack (.ci/floor-constraints.txt, jax 0.7.2). A real change for scale:
+# other dropout masks (threefry2x32 for rbg) move the train losses by 6-16%, the parameters by
+# 1.03 and the BatchNorm statistics by 0.15 of their movement.
+#
+# Train losses, per epoch: within 3.1e-6 (jax 0.10.2) and 2.4e-5 (jax 0.7.2, the mesh) relative.
+TRAIN_LOSS_REL = 2e-4
+# Train accuracies: equal in every run; one image of 300 is what a logit tie within that spread
+# could flip.
+TRAIN_ACCURACY_ABS = 1.01 / 300
+# The latest parameters, as ||got - want|| / ||want - init||, the fraction of the way training
+# moved them: within 5.6e-3 across device counts and 7.8e-3 across impls (jax 0.7.2; 3.8e-3 and
+# 5.9e-3 at jax 0.10.2). Nearly all of it is conv2d/bias: ReLU, max-pool and BatchNorm all but
+# cancel its gradient, rounding sets its sign and Adam steps ~lr either way (0.5-1.0 of its own
+# movement); every other parameter array agrees to 2.8e-3 of its norm. An elementwise comparison
+# would test that noise.
+PARAMS_DRIFT = 3e-2
+# BatchNorm's moving statistics, alike: within 3.1e-4 across device counts, 4.5e-4 across impls.
+BATCH_STATS_DRIFT = 2e-3
+# Val metrics are not compared: eval-mode BatchNorm on 10 steps' moving statistics (the first
+# layer's mean tracks that noisy bias) turns these differences into val losses 1.4e-4 apart and
+# val accuracies of 0.29, 0.30 and 0.31 (0.29 vs 0.31 on an Intel AVX-512 VM). That a sharded
+# evaluation counts every image is the checkpoint check below: one device, the same parameters,
+# exactly the recorded accuracy.
+
+
+def _assert_trains_like(got: list[dict], want: list[dict]) -> None:
+  """The same train losses and accuracies, epoch by epoch, to the measured spread above."""
+  assert [record["epoch"] for record in got] == [record["epoch"] for record in want]
   for got_record, want_record in zip(got, want):
-    for key in want_record:
-      if key in TIMING_KEYS:
-        continue
-      tolerance = {"abs": 0.011} if key.endswith("accuracy") else {"rel": rel, "abs": 1e-6}
-      assert got_record[key] == pytest.approx(want_record[key], **tolerance), key
+    epoch = want_record["epoch"]
+    assert got_record["train_loss"] == pytest.approx(
+      want_record["train_loss"], rel=TRAIN_LOSS_REL
+    ), epoch
+    assert got_record["train_accuracy"] == pytest.approx(
+      want_record["train_accuracy"], abs=TRAIN_ACCURACY_ABS
+    ), epoch
+
+
+def _latest_arrays(workdir) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict]:
+  """The latest checkpoint's parameters and BatchNorm statistics by name, and its metadata."""
+  model, info = checkpoint.load_model(workdir, "latest")
+  as_numpy = lambda arrays: {name: np.asarray(value) for name, value in arrays.items()}
+  return as_numpy(models.named_params(model)), as_numpy(models.named_batch_stats(model)), info
+
+
+def _drift(got: dict[str, np.ndarray], want: dict[str, np.ndarray], init: dict) -> float:
+  """||got - want|| / ||want - init|| over all the arrays together."""
+  apart = sum(float(np.sum((got[name] - want[name]) ** 2)) for name in want)
+  moved = sum(float(np.sum((want[name] - init[name]) ** 2)) for name in want)
+  return (apart / moved) ** 0.5
+
+
+def _assert_same_state(workdir, reference_workdir) -> None:
+  """The latest parameters and BatchNorm statistics of two runs from the same seed agree to the
+  measured spread above, as a fraction of how far training moved the reference's."""
+  params, stats, info = _latest_arrays(workdir)
+  want_params, want_stats, want_info = _latest_arrays(reference_workdir)
+  assert info["epoch"] == want_info["epoch"]
+  config = want_info["config"]
+  initial = models.init_model(
+    config["model"],
+    config["seed"],
+    impl=resolve_impl("auto"),
+    dropout_rng_impl=config["dropout_rng_impl"],
+  )
+  params_drift = _drift(params, want_params, models.named_params(initial))
+  assert params_drift < PARAMS_DRIFT
+  if want_stats:
+    stats_drift = _drift(stats, want_stats, models.named_batch_stats(initial))
+    assert stats_drift < BATCH_STATS_DRIFT
 
 
 def test_four_devices_train_like_one_and_their_checkpoint_loads_on_one(idx_dir, tmp_path):
@@ -74,7 +139,8 @@ def test_four_devices_train_like_one_and_their_checkpoint_loads_on_one(idx_dir, 
   one = train.train_and_evaluate(
     small_config(idx_dir, model="cnn_pool_bn"), tmp_path / "one", print_fn=None
   )
-  _close(four, one, rel=1e-4)
+  _assert_trains_like(four, one)
+  _assert_same_state(workdir, tmp_path / "one")
   # Written by 4 devices, loaded in this 1-device process: the recorded val accuracy again.
   model, info = checkpoint.load_model(workdir)
   test = data.load_mnist(idx_dir).test
@@ -139,7 +205,8 @@ def test_two_processes_train_like_one(idx_dir, tmp_path):
   one = train.train_and_evaluate(
     small_config(idx_dir, num_epochs=1), tmp_path / "one", print_fn=None
   )
-  _close(two, one, rel=1e-4)
+  _assert_trains_like(two, one)
+  _assert_same_state(workdir, tmp_path / "one")
 
 
 def test_vmapped_seeds_on_a_seed_by_data_mesh_equal_their_one_device_runs(idx_dir, tmp_path):
@@ -172,6 +239,5 @@ def test_vmapped_seeds_on_a_seed_by_data_mesh_equal_their_one_device_runs(idx_di
       tmp_path / f"one_{seed}",
       print_fn=None,
     )
-    for got, want in zip(mesh, one):
-      for key in ("train_loss", "val_loss"):
-        assert got[key] == pytest.approx(want[key], rel=1e-4), (seed, key)
+    _assert_trains_like(mesh, one)
+    _assert_same_state(workdir / f"seed_{seed}", tmp_path / f"one_{seed}")

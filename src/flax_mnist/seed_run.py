@@ -108,14 +108,14 @@ class SeedRun:
     history.json that disagrees with the checkpoint is rewritten from it."""
     if not self.is_writer:
       return
-    workdir.write_json(self.workdir / workdir.CONFIG_FILE, self.config_dict)
+    workdir.write_config(self.workdir, self.config_dict)
     file = self.workdir / workdir.HISTORY_FILE
     try:  # The checkpoint's history is the record; a damaged or reshaped file is rebuilt.
       on_disk = [r["epoch"] for r in workdir.read_history(self.workdir, self.start_epoch)]
     except FlaxMnistError:
       on_disk = None
     if self.history and on_disk != [r["epoch"] for r in self.history]:
-      workdir.write_json(file, self.history)
+      workdir.write_history(self.workdir, self.history)
       self.say(f"rebuilt {file} from the checkpoint (epochs 1..{self.start_epoch})")
 
   def finish_epoch(
@@ -172,7 +172,7 @@ class SeedRun:
 
   def _write_history(self, epoch: int) -> None:
     try:
-      workdir.write_json(self.workdir / workdir.HISTORY_FILE, self.history)
+      workdir.write_history(self.workdir, self.history)
     except OSError as error:
       raise RunError(
         f"{self.workdir / workdir.HISTORY_FILE}: could not be written ({error.strerror or error}); "

@@ -255,8 +255,8 @@ def _train(
     for run in trainer.pending:
       run.begin()
       if is_writer:
-        workdir.write_json(
-          run.workdir / workdir.RUN_FILE,
+        workdir.write_run(
+          run.workdir,
           {
             "start_epoch": run.start_epoch,
             "compile_seconds": compile_seconds,
@@ -369,8 +369,8 @@ def train_seeds(
     _say_best(records, say, prefix=f"seed {seed}: ")
   aggregate = history.aggregate_seeds(by_seed)
   if jax.process_index() == 0:
-    workdir.write_json(
-      workdir.path(workdir_path) / workdir.SEEDS_FILE,
+    workdir.write_seeds(
+      workdir_path,
       {"model": spec.model, "seed_parallelism": spec.seed_parallelism, **aggregate},
     )
   best = aggregate["best_val_accuracy"]

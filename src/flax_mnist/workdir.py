@@ -27,6 +27,9 @@ CONFIG_FILE = "config.json"  # The config the run trained with, every "auto" res
 HISTORY_FILE = "history.json"  # One record per epoch.
 RUN_FILE = "run.json"  # The last invocation that trained: compile times, hardware, versions.
 SEEDS_FILE = "seeds.json"  # A multi-seed workdir's aggregate over seeds.
+# Beside a study model's seed workdirs: the wall time of the invocation that trained them
+# (re-running the report later, with nothing left to train, does not lose it).
+WALL_FILE = "wall_seconds.json"
 SEED_DIR = "seed_{}"  # Each seed's workdir inside a multi-seed workdir.
 TENSORBOARD_DIR = "tensorboard"
 LOCK_FILE = ".lock"  # Held (flock) by the run training in the workdir.
@@ -111,6 +114,31 @@ def write_json(file: PathLike, value: Any) -> None:
   temporary = file.parent / (file.name + ".tmp")
   temporary.write_text(json.dumps(value, indent=2) + "\n")
   temporary.replace(file)  # Atomic on a local filesystem; a copy + delete on GCS.
+
+
+def write_config(workdir: PathLike, record: Mapping[str, Any]) -> None:
+  """config.json: the config the run trains with, every "auto" resolved, and its data."""
+  write_json(path(workdir) / CONFIG_FILE, record)
+
+
+def write_history(workdir: PathLike, records: Sequence[Mapping[str, Any]]) -> None:
+  """history.json: one record per epoch."""
+  write_json(path(workdir) / HISTORY_FILE, list(records))
+
+
+def write_run(workdir: PathLike, record: Mapping[str, Any]) -> None:
+  """run.json: the last invocation that trained (compile times, hardware, versions)."""
+  write_json(path(workdir) / RUN_FILE, record)
+
+
+def write_seeds(workdir: PathLike, record: Mapping[str, Any]) -> None:
+  """seeds.json: a multi-seed workdir's aggregate over its seeds."""
+  write_json(path(workdir) / SEEDS_FILE, record)
+
+
+def write_wall_seconds(workdir: PathLike, record: Mapping[str, Any]) -> None:
+  """wall_seconds.json: how long a study's invocation took to train a model's seeds."""
+  write_json(path(workdir) / WALL_FILE, record)
 
 
 def read_json(file: PathLike, hint: str = "move it away to resume") -> Any:

@@ -7,6 +7,7 @@ import json
 import pytest
 from conftest import REPO_ROOT
 
+from flax_mnist import workdir as workdir_lib
 from flax_mnist.config import load_config_file
 from flax_mnist.errors import ConfigError
 from flax_mnist.study import run
@@ -33,7 +34,7 @@ def test_tiny_comparison_trains_each_config_as_given_and_resumes(idx_dir, tmp_pa
   assert entry["seed_parallelism"] == "loop" and entry["compile_seconds"] > 0
   assert entry["facts"]["trainable"] == 104_938 and entry["summary"]["num_seeds"] == 2
   assert results["pairwise"] == []
-  wall = json.loads((workdir / "mlp" / run.WALL_FILE).read_text())
+  wall = json.loads((workdir / "mlp" / workdir_lib.WALL_FILE).read_text())
   assert wall["wall_seconds"] == entry["wall_seconds"] and wall["seeds"] == [0, 1]
   # Again: nothing left to train, the first run's wall time kept.
   again = run.run_comparison({"mlp": config}, [0, 1], 1, workdir, print_fn=None)

@@ -20,10 +20,6 @@ from flax_mnist import workdir as workdir_lib
 from flax_mnist.errors import ConfigError
 from flax_mnist.study import stats
 
-# Beside a model's seed workdirs: the wall time of the invocation that trained them (re-running
-# the report later, with nothing left to train, does not lose it).
-WALL_FILE = "wall_seconds.json"
-
 
 def study_config(
   name: str, config: ml_collections.ConfigDict, seeds: Sequence[int], num_epochs: int
@@ -79,10 +75,10 @@ def _train_model(
   started = time.perf_counter()
   histories = train.train_seeds(config, model_dir, print_fn=print_fn)
   wall_seconds = time.perf_counter() - started
-  wall_file = model_dir / WALL_FILE
+  wall_file = model_dir / workdir_lib.WALL_FILE
   if pending:
     record = {"wall_seconds": wall_seconds, "seeds": seeds, "num_epochs": num_epochs}
-    workdir_lib.write_json(wall_file, record)
+    workdir_lib.write_wall_seconds(model_dir, record)
   recorded = workdir_lib.read_record(wall_file, dict) if wall_file.is_file() else {}
   return {
     "facts": stats.model_facts(name),
