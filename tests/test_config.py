@@ -110,3 +110,17 @@ def test_a_missing_or_broken_config_file_is_one_line(tmp_path, text, message):
     path.write_text(text)
   with pytest.raises(ConfigError, match=message):
     config_lib.load_config_file(path)
+
+
+@pytest.mark.parametrize(
+  "body, raised",
+  [
+    ("import sys\nsys.exit(0)\n", "SystemExit: 0"),
+    ("def get_config():\n  raise SystemExit(3)\n", "SystemExit: 3"),
+  ],
+)
+def test_a_config_file_that_exits_is_one_line_not_a_successful_run(tmp_path, body, raised):
+  path = tmp_path / "exits.py"
+  path.write_text(body)
+  with pytest.raises(ConfigError, match=f"exits.py: loading it raised {raised}"):
+    config_lib.load_config_file(path)

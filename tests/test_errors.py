@@ -372,6 +372,19 @@ CASES = [
       ),
     ]
   ],
+  Case(
+    "config-file-that-exits",
+    "train.py",
+    ("--workdir", "{made}/new_run", "--config", "{made}/exits.py"),
+    "error: {made}/exits.py: loading it raised SystemExit: 0",
+    absent=("{made}/new_run",),
+  ),
+  Case(
+    "workdir-name-too-long",
+    "train.py",
+    ("--workdir", "{made}/" + "a" * 300, "--config", MLP, "--config.data_dir={data}"),
+    "error: {made}/" + "a" * 300 + ": cannot be created (File name too long); use another workdir",
+  ),
   # For developers: the traceback.
   Case(
     "debug-shows-the-traceback",
@@ -505,6 +518,7 @@ def _make_inputs(made: Path, data: Path, run: Path) -> None:
   white = np.full((28, 28), 255, np.uint8)
   white[5:22, 12:16] = 0  # A dark "1" on white paper.
   Image.fromarray(white).save(made / "white.png")
+  (made / "exits.py").write_text("import sys\n\nsys.exit(0)\n")
   (made / "bad_models.py").write_text(_BAD_MODELS)
   (made / "raising_models.py").write_text("raise RuntimeError('no GPU here')\n")
   for name, text in (("empty_config", ""), ("corrupt_config", '{"model": "mlp", "seed"')):

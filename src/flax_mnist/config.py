@@ -367,13 +367,17 @@ def load_config_file(path: str | os.PathLike) -> ml_collections.ConfigDict:
   module = importlib.util.module_from_spec(spec)
   try:
     spec.loader.exec_module(module)
+    if not callable(getattr(module, "get_config", None)):
+      raise ConfigError(f"{path}: defines no get_config() (expected one returning a ConfigDict)")
+    config = module.get_config()
+  except ConfigError:
+    raise
   except SyntaxError as error:
     raise ConfigError(f"{path}:{error.lineno}: syntax error ({error.msg})") from None
-  except Exception as error:  # noqa: BLE001 (a config file may raise anything on import)
+  except (Exception, SystemExit) as error:  # noqa: BLE001 (a config file may raise anything)
+    # SystemExit too: sys.exit(0) in a config file would otherwise end the run with status 0,
+    # having trained nothing.
     reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
     raise ConfigError(f"{path}: loading it raised {type(error).__name__}: {reason}") from None
-  if not callable(getattr(module, "get_config", None)):
-    raise ConfigError(f"{path}: defines no get_config() (expected one returning a ConfigDict)")
-  config = module.get_config()
   check_fields(config, path)
   return config
