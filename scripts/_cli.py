@@ -12,16 +12,24 @@ environment) shows the traceback instead. Exit status:
 
 A warning (``warning: ...``, on stderr) leaves the exit status 0. An unexpected exception, a bug,
 keeps its traceback and exits 1. Not part of the library: the library reads no flags.
+
+A config flag takes ``--config=path`` or ml_collections' ``--config=path:arg``, which passes ``arg``
+to the file's ``get_config(arg)``; the project's configs take no argument, and say so in one line.
 """
 
 from __future__ import annotations
 
 import difflib
+import errno
 import os
 import re
 import signal
+import socket
 import sys
 import tempfile
+import threading
+import time
+import traceback
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -30,7 +38,7 @@ from absl import app, flags, logging
 from ml_collections.config_flags import config_flags
 
 from flax_mnist import FlaxMnistError, models
-from flax_mnist.config import load_config_file
+from flax_mnist.config import check_fields, config_file_raised, load_config_file
 from flax_mnist.errors import ConfigError, Interrupted
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -46,6 +54,14 @@ def fail(message: str, exit_code: int = 2) -> NoReturn:
   """Prints ``error: message`` (one line) on stderr and exits with ``exit_code``."""
   print(f"error: {_one_line(message)}", file=sys.stderr)
   sys.exit(exit_code)
+
+
+def fail_now(message: str, exit_code: int = 1) -> NoReturn:
+  """``fail`` from any thread, at once: for a process whose main thread is blocked inside JAX (in
+  ``jax.distributed.initialize`` or a collective waiting for another process), which neither
+  unwinds nor runs exit handlers (JAX's would wait for the other processes again)."""
+  os.write(2, f"error: {_one_line(message)}\n".encode())
+  os._exit(exit_code)
 
 
 def warn(message: str) -> None:
@@ -86,13 +102,42 @@ def check_writable_dir(directory: str | os.PathLike, flag: str) -> Path:
     with tempfile.TemporaryFile(dir=directory):
       pass
   except OSError as error:
-    reason = error.strerror or type(error).__name__
-    if directory.exists() and not directory.is_dir():
-      reason = "a file, not a directory"
-    elif isinstance(error, (FileExistsError, NotADirectoryError)):
-      reason = "under a file, not a directory"
-    fail(f"{directory}: cannot write there ({reason}); pass {flag} with a writable directory")
+    fail(
+      f"{directory}: cannot write there ({_path_problem(directory, error)}); pass {flag} with a "
+      "writable directory"
+    )
   return directory
+
+
+def _path_problem(path: Path, error: OSError) -> str:
+  """Why ``path`` cannot be created or written in, in words (``error`` came from trying)."""
+  if error.errno == errno.ENAMETOOLONG:
+    return _name_too_long(path)
+  if os.path.exists(path) and not os.path.isdir(path):  # (os.path's never raise.)
+    return "a file, not a directory"
+  if isinstance(error, (FileExistsError, NotADirectoryError)):
+    return "under a file, not a directory"
+  return error.strerror or type(error).__name__
+
+
+def _name_too_long(path: str | os.PathLike) -> str:
+  """Which part of ``path`` is too long for the file system (ENAMETOOLONG), and its limit."""
+  path = Path(path)
+  existing = next((parent for parent in path.parents if os.path.isdir(parent)), Path("."))
+  try:
+    name_max, path_max = (os.pathconf(existing, name) for name in ("PC_NAME_MAX", "PC_PATH_MAX"))
+  except (OSError, ValueError):
+    name_max, path_max = 255, 4096  # Linux's.
+  longest = max(path.parts, key=lambda part: len(os.fsencode(part)), default="")
+  if len(os.fsencode(longest)) > name_max:
+    return (
+      f"File name too long: a name of {len(os.fsencode(longest))} bytes, the file system takes "
+      f"at most {name_max}"
+    )
+  return (
+    f"File name too long: a path of {len(os.fsencode(path))} bytes, the file system takes at "
+    f"most {path_max}"
+  )
 
 
 def _terminated(signum: int, frame: object) -> None:
@@ -100,6 +145,55 @@ def _terminated(signum: int, frame: object) -> None:
   finished, says how to resume, and exits 143."""
   del signum, frame
   raise Interrupted("terminated", 143)
+
+
+def _interrupted(signum: int, frame: object) -> None:
+  """Ctrl-C while the command line is parsed (a config file loading): 130, not a config error."""
+  del signum, frame
+  raise Interrupted("interrupted", 130)
+
+
+_SIGNAL_WATCH: dict[str, Any] = {}
+
+
+def end_promptly_on_signals(grace_s: float, on_signal: Callable[[int], None] | None = None) -> None:
+  """Makes SIGTERM and SIGINT end the process within ``grace_s`` seconds even while its main
+  thread is blocked inside JAX (``jax.distributed.initialize`` waiting for the other processes, a
+  collective waiting for a dead one), where no Python signal handler runs. The handlers still run
+  when they can (a run stopped between epochs saves and says so, as always); past ``grace_s``,
+  one line and exit 143 (130 for SIGINT). ``on_signal(signum)`` runs first, in another thread.
+  Calling it again changes the grace and the hook, and installs the SIGTERM handler again (JAX's
+  preemption service replaces it in ``jax.distributed.initialize``: SIGTERM was then ignored).
+  Uses ``signal.set_wakeup_fd``: main thread only."""
+  signal.signal(signal.SIGTERM, _terminated)
+  _SIGNAL_WATCH.update(grace_s=grace_s, on_signal=on_signal)
+  if "thread" in _SIGNAL_WATCH:
+    return
+  reader, writer = socket.socketpair()
+  writer.setblocking(False)
+  signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+  thread = threading.Thread(target=_watch_signals, args=(reader,), name="signals", daemon=True)
+  _SIGNAL_WATCH.update(thread=thread, sockets=(reader, writer))  # Kept open for the process.
+  thread.start()
+
+
+def _watch_signals(reader: socket.socket) -> None:
+  """The thread of ``end_promptly_on_signals``: the C signal handler writes each signal's number
+  to the wakeup socket, whatever the main thread is doing."""
+  names = {signal.SIGTERM: "terminated", signal.SIGINT: "interrupted"}
+  while True:
+    signum = reader.recv(1)[0]
+    if signum not in names:
+      continue
+    if _SIGNAL_WATCH["on_signal"] is not None:
+      try:
+        _SIGNAL_WATCH["on_signal"](signum)
+      except Exception:  # noqa: BLE001 (a courtesy to the other processes; ending comes first)
+        pass
+    time.sleep(_SIGNAL_WATCH["grace_s"])
+    message = f"{names[signum]} while blocked in JAX, waiting for the other processes; rerun "
+    os.write(2, f"{message}the same command to resume\n".encode())
+    os._exit(128 + signum)
 
 
 def run(main: Callable[[], None]) -> None:
@@ -127,9 +221,16 @@ def run(main: Callable[[], None]) -> None:
     except OSError as error:  # The file system failed under a run (disk full, a lost mount).
       if _debugging() or error.filename is None:
         raise
+      if error.errno == errno.ENAMETOOLONG:  # A path given too long: bad input.
+        fail(f"{error.filename}: {_name_too_long(error.filename)}; expected a shorter path")
       fail(f"{error.filename}: {error.strerror or type(error).__name__}", 1)
 
   app.run(wrapped, flags_parser=_parse_flags)
+
+
+def debugging() -> bool:
+  """Whether --debug or FLAX_MNIST_DEBUG asks for tracebacks (after flags are parsed)."""
+  return _debugging()
 
 
 def _debugging(argv: Sequence[str] | None = None) -> bool:
@@ -146,9 +247,15 @@ def _parse_flags(argv: list[str]) -> list[str]:
   traceback from inside ml_collections: config files are loaded and their overrides checked
   first, with the project's messages."""
   configs: dict[str, Any] = {}
+  previous = signal.signal(signal.SIGINT, _interrupted)  # Ctrl-C: 130, a config's raise: 2.
   try:
     configs = _check_config_flags(argv)
     return flags.FLAGS(argv)
+  except Interrupted as interrupt:
+    if _debugging(argv):
+      raise
+    print(str(interrupt), file=sys.stderr)
+    sys.exit(interrupt.exit_code)
   except FlaxMnistError as error:
     if _debugging(argv):
       raise
@@ -161,12 +268,14 @@ def _parse_flags(argv: list[str]) -> list[str]:
     if _debugging(argv):
       raise
     fail(f"command line: {type(error).__name__}: {_first_line(error)}")
+  finally:
+    signal.signal(signal.SIGINT, previous)
 
 
 def _check_config_flags(argv: Sequence[str]) -> dict[str, Any]:
   """Loads the file of each config-file flag given in ``argv`` (a missing file, a syntax error,
-  no get_config(), a misspelt field: one line) and checks every ``--<flag>.<field>`` override
-  names a field it has. Returns {flag name: its config}."""
+  no get_config(), a misspelt field, a file that exits: one line) and checks every
+  ``--<flag>.<field>`` override names a field it has. Returns {flag name: its config}."""
   argv = list(argv[1 : argv.index("--")] if "--" in argv else argv[1:])
   configs = {}
   for name in list(flags.FLAGS):
@@ -176,23 +285,54 @@ def _check_config_flags(argv: Sequence[str]) -> dict[str, Any]:
       and isinstance(flag.parser, config_flags.ConfigFileFlagParser)
     ):
       continue
-    path = _flag_argument(argv, name)
-    if path is None or ":" in path:  # Not given (absl says so), or a get_config argument.
+    value = _flag_argument(argv, name)
+    if value is None:  # Not given: absl says so.
       continue
-    try:
-      config = load_config_file(path)
-    except FlaxMnistError:
-      raise
-    except Exception as error:  # The file itself raised (an import, get_config()).
-      raise ConfigError(
-        f"{path}: loading it raised {type(error).__name__}: {_first_line(error)}"
-      ) from error
+    path = value.partition(":")[0]
+    config = _load_config(flag, value)
     configs[name] = config
     for arg in argv:
       match = re.match(rf"--?(?:no)?{re.escape(name)}\.([^=]+)", arg)
       if match:
         _check_field(name, path, config, match.group(1))
   return configs
+
+
+def _load_config(flag: flags.Flag, value: str) -> Any:
+  """The config ``--<flag>=value`` names, loaded as absl will load it next, every failure one
+  line: ``path`` through the project's loader, ``path:arg`` through the flag's own parser, which
+  passes ``arg`` to ``get_config``. A file that raises SystemExit or KeyboardInterrupt while it
+  loads is a broken config file (exit 2), not a request to stop with nothing said."""
+  path, colon, arg = value.partition(":")
+  try:
+    if not colon:
+      return load_config_file(path)
+    if not os.path.isfile(path):
+      load_config_file(path)  # Raises its one line: no such config file.
+    config = flag.parser.parse(value)
+  except (FlaxMnistError, Interrupted):  # Interrupted: a real Ctrl-C (``_interrupted``).
+    raise
+  except (TypeError, ValueError) as error:  # ml_collections re-raises them with traceback text.
+    cause = error.__context__ or error
+    if isinstance(cause, TypeError) and not _raised_in(cause, path):  # The call itself failed.
+      raise ConfigError(
+        f"--{flag.name}={value}: ml_collections passes '{arg}' to get_config(), which cannot "
+        f"take it ({_first_line(cause)}); expected --{flag.name}={path}, with fields set as "
+        f"--{flag.name}.<field>=value"
+      ) from None
+    raise ConfigError(config_file_raised(path, cause, f"get_config({arg!r})")) from None
+  except (Exception, SystemExit, KeyboardInterrupt) as error:  # The file itself raised.
+    raise ConfigError(config_file_raised(path, error, "loading it")) from None
+  check_fields(config, value)
+  return config
+
+
+def _raised_in(error: BaseException, path: str) -> bool:
+  """Whether ``error`` was raised inside the file ``path`` (not by calling into it)."""
+  target = os.path.abspath(path)
+  return any(
+    os.path.abspath(frame.filename) == target for frame in traceback.extract_tb(error.__traceback__)
+  )
 
 
 def _flag_argument(argv: Sequence[str], name: str) -> str | None:

@@ -376,7 +376,8 @@ CASES = [
     "config-file-that-exits",
     "train.py",
     ("--workdir", "{made}/new_run", "--config", "{made}/exits.py"),
-    "error: {made}/exits.py: loading it raised SystemExit: 0",
+    "error: {made}/exits.py: loading it raised SystemExit(0): a config file must not exit; "
+    "expected get_config() to return a ConfigDict",
     absent=("{made}/new_run",),
   ),
   Case(

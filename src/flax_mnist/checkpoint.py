@@ -164,6 +164,10 @@ def _write_failure(error: BaseException) -> str:
   return lines[0][:200] if lines else "unknown error"
 
 
+def _saved(epoch: int | None) -> str:
+  return f"epoch {epoch} is saved" if epoch else "no epoch is saved"
+
+
 class Checkpoints:
   """The best and latest checkpoints of one workdir."""
 
@@ -218,11 +222,9 @@ class Checkpoints:
       self._failed = True
       self._settle()
       reason = _write_failure(error)
-      latest = self._saved_epoch()
-      saved = f"epoch {latest} is saved" if latest else "no epoch is saved"
       raise RunError(
-        f"{self.directory}: a checkpoint could not be written ({reason}); {saved}: free space "
-        "and rerun the same command to resume"
+        f"{self.directory}: a checkpoint could not be written ({reason}); "
+        f"{_saved(self._saved_epoch())}: free space and rerun the same command to resume"
       ) from error
 
   def _check_room(self, kind: str, state: Any, meta: dict[str, Any]) -> None:
@@ -241,12 +243,10 @@ class Checkpoints:
       return  # The save itself then names what failed.
     if free < needed:
       self._failed = True
-      latest = self.epoch("latest")
-      saved = f"epoch {latest} is saved" if latest else "no epoch is saved"
       raise RunError(
         f"{self.directory / kind}: no room for the next checkpoint ({needed / 2**20:.1f} MiB "
-        f"needed, {free / 2**20:.1f} MiB free); {saved}: free space and rerun the same "
-        "command to resume"
+        f"needed, {free / 2**20:.1f} MiB free); {_saved(self.epoch('latest'))}: free space and "
+        "rerun the same command to resume"
       )
 
   def _settle(self) -> None:
@@ -335,20 +335,26 @@ class Checkpoints:
       raise CheckpointError(f"{self.step_dir(kind)}: damaged: {problem}")
     return meta
 
-  def restore(self, kind: str, template: Any) -> tuple[Any, dict[str, Any]]:
+  def restore(
+    self, kind: str, template: Any, meta: dict[str, Any] | None = None
+  ) -> tuple[Any, dict[str, Any]]:
     """Restores the ``kind`` checkpoint into a pytree shaped like ``template``: (state, meta).
-    A checkpoint whose arrays or meta do not match their saved checksums is a CheckpointError."""
+    A checkpoint whose arrays or meta do not match their saved checksums is a CheckpointError.
+    ``meta``: the one ``restore_meta`` gave already (read once, not twice)."""
     epoch = self._require(kind)
-    meta = self.restore_meta(kind)
+    meta = meta or self.restore_meta(kind)
     args = ocp.args.Composite(state=ocp.args.StandardRestore(_abstract(template)))
     with self._damage_as_error(kind):
       state = self._manager(kind).restore(epoch, args=args)["state"]
     self._verify(kind, state, meta)
     return state, meta
 
-  def restore_model(self, kind: str, template: Any) -> tuple[Any, dict[str, Any]]:
+  def restore_model(
+    self, kind: str, template: Any, meta: dict[str, Any] | None = None
+  ) -> tuple[Any, dict[str, Any]]:
     """Restores only the model (``template``: {"params", "model_state"}) of the ``kind``
-    checkpoint, whatever optimizer state is saved beside it: (state, meta), checksums checked."""
+    checkpoint, whatever optimizer state is saved beside it: (state, meta), checksums checked.
+    ``meta``: as ``restore``."""
     epoch = self._require(kind)
     item = _abstract(template)
     args = ocp.args.PyTreeRestore(
@@ -356,7 +362,7 @@ class Checkpoints:
       restore_args=ocp.checkpoint_utils.construct_restore_args(item),
       partial_restore=True,
     )
-    meta = self.restore_meta(kind)
+    meta = meta or self.restore_meta(kind)
     with self._damage_as_error(kind):
       state = self._manager(kind).restore(epoch, args=ocp.args.Composite(state=args))["state"]
     self._verify(kind, state, meta)
@@ -444,7 +450,8 @@ def _load(
   except FlaxMnistError as error:  # Named for the checkpoint that recorded the model.
     raise type(error)(f"{checkpoints.step_dir(which)}: {error}") from None
   graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
-  state, _ = checkpoints.restore_model(which, {"params": params, "model_state": model_state})
+  template = {"params": params, "model_state": model_state}
+  state, _ = checkpoints.restore_model(which, template, meta)
   model = nnx.merge(graphdef, state["params"], state["model_state"])
   model.eval()
   return model, meta

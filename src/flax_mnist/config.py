@@ -377,7 +377,21 @@ def load_config_file(path: str | os.PathLike) -> ml_collections.ConfigDict:
   except (Exception, SystemExit) as error:  # noqa: BLE001 (a config file may raise anything)
     # SystemExit too: sys.exit(0) in a config file would otherwise end the run with status 0,
     # having trained nothing.
-    reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    raise ConfigError(f"{path}: loading it raised {type(error).__name__}: {reason}") from None
+    raise ConfigError(config_file_raised(path, error, "loading it")) from None
   check_fields(config, path)
   return config
+
+
+def config_file_raised(path: str, error: BaseException, what: str) -> str:
+  """The one line for a config file at ``path`` whose ``what`` (loading it, ``get_config(arg)``)
+  raised ``error``: SystemExit and KeyboardInterrupt raised by the file are broken files too."""
+  if isinstance(error, SystemExit):
+    return (
+      f"{path}: {what} raised SystemExit({error.code!r}): a config file must not exit; expected "
+      "get_config() to return a ConfigDict"
+    )
+  if isinstance(error, KeyboardInterrupt):  # Raised by the file (a real Ctrl-C never gets here).
+    return f"{path}: {what} raised KeyboardInterrupt; expected get_config() to return a ConfigDict"
+  text = str(error).strip()
+  reason = f": {text.splitlines()[0]}" if text else ""
+  return f"{path}: {what} raised {type(error).__name__}{reason}"

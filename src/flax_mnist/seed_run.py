@@ -78,7 +78,7 @@ class SeedRun:
     try:
       meta = self.checkpoints.restore_run_meta(kind)
       self._check_same_run(meta["config"])
-      self.state, meta = self.checkpoints.restore(kind, template)
+      self.state, meta = self.checkpoints.restore(kind, template, meta)
     except CheckpointError as error:
       intact = "best" if kind == "latest" and self.checkpoints.epoch("best") is not None else None
       hint = (
