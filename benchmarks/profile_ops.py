@@ -60,7 +60,8 @@ def main(argv: list[str]) -> None:
   graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
   tx = optim.make_optimizer(config)
   epoch = steps.make_train_epoch(graphdef, tx, config.batch_size)
-  arguments = (params, model_state, tx.init(params), images, labels, jax.random.key(0))
+  state = steps.TrainState(params, model_state, tx.init(params))
+  arguments = (state, images, labels, jax.random.key(0))
   compiled = epoch.lower(*arguments).compile()
   jax.block_until_ready(compiled(*arguments))  # Warm up.
   with tempfile.TemporaryDirectory() as trace_dir:

@@ -271,7 +271,6 @@ def _announce(client, index: int, message: str) -> None:
 def main() -> None:
   _initialize_distributed()
   config = _CONFIG.value
-  config_lib.check_fields(config, config_flags.get_config_filename(flags.FLAGS["config"]))
   try:
     if len(config_lib.seed_list(config)) > 1:
       train.train_seeds(config, _WORKDIR.value)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import pytest
 from conftest import REPO_ROOT
 
@@ -77,11 +80,34 @@ def test_config_files_hold_the_notebook_settings(name):
 
 
 def test_resolve_records_every_auto_as_a_concrete_choice():
-  spec = config_lib.resolve(config_lib.default_config())
-  assert (spec.impl, spec.dropout_rng_impl, spec.seed_parallelism) == ("s2d", "rbg", "loop")
-  assert spec.seeds == (0,) and spec.to_dict()["seeds"] == [0]
-  record = config_lib.run_config_dict(config_lib.default_config(), spec, seed=0)
+  run = config_lib.resolve(config_lib.default_config())
+  assert (run.impl, run.dropout_rng_impl, run.seed_parallelism) == ("s2d", "rbg", "loop")
+  assert run.seeds == (0,) and run.resolved()["seeds"] == [0] and run.data_devices == 1
+  record = run.for_seed(0).to_dict()
   assert "auto" not in (record["impl"], record["dropout_rng_impl"], record["seed_parallelism"])
+  assert json.loads(json.dumps(record)) == record
+
+
+def test_the_run_config_has_every_config_field_and_resolves_the_seeds():
+  fields = [field.name for field in dataclasses.fields(config_lib.RunConfig)]
+  config = config_lib.default_config()
+  added = {"process_count", "data", "data_source", "loss"}  # What a run adds.
+  assert set(fields) - added == set(config.keys()) and len(fields) == len(config.keys()) + 4
+  config.seed, config.num_seeds = 3, 2
+  run = config_lib.resolve(config)
+  assert run.seeds == (3, 4) and run.num_seeds == 2
+  seed_run = run.for_seed(4)
+  assert (seed_run.seed, seed_run.seeds, seed_run.num_seeds) == (4, (4,), 1)
+  assert set(seed_run.to_dict()) == set(config.keys())  # data, loss: only once set.
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    run.seed = 1
+
+
+def test_resolve_refuses_a_field_the_defaults_do_not_have():
+  config = config_lib.default_config()
+  config.learning_rat = 0.1
+  with pytest.raises(ConfigError, match=r"unknown field config.learning_rat; did you mean"):
+    config_lib.resolve(config)
 
 
 def test_a_misspelt_field_in_a_config_file_is_refused_with_the_nearest_name(tmp_path):

@@ -25,12 +25,10 @@ def test_train_steps_on_a_fixed_batch_lower_the_loss():
   graphdef, params, model_state = _split()
   tx = optax.adam(1e-3, eps=1e-7)
   epoch = steps.make_train_epoch(graphdef, tx, batch_size=64, shuffle=False)
-  opt_state = tx.init(params)
+  state = steps.TrainState(params, model_state, tx.init(params))
   losses = []
   for _ in range(15):
-    params, model_state, opt_state, metrics = epoch(
-      params, model_state, opt_state, images, labels, jax.random.key(0)
-    )
+    state, metrics = epoch(state, images, labels, jax.random.key(0))
     losses.append(float(metrics["loss_sum"]) / 64)
   assert losses[-1] < 0.5 * losses[0]
 
@@ -40,8 +38,9 @@ def test_epoch_covers_every_image_with_a_last_partial_batch():
   images, labels = jnp.asarray(images[..., None]), jnp.asarray(labels.astype(np.int32))
   graphdef, params, model_state = _split()
   tx = optax.adam(1e-3)
-  _, _, _, metrics = steps.make_train_epoch(graphdef, tx, batch_size=32)(
-    params, model_state, tx.init(params), images, labels, jax.random.key(0)
+  state = steps.TrainState(params, model_state, tx.init(params))
+  _, metrics = steps.make_train_epoch(graphdef, tx, batch_size=32)(
+    state, images, labels, jax.random.key(0)
   )
   assert int(metrics["count"]) == 100 and int(metrics["steps"]) == 4  # 3 x 32 + 1 x 4.
   model = nnx.merge(graphdef, params, model_state)
@@ -70,9 +69,8 @@ def test_shuffle_is_seeded_and_changes_per_key():
   graphdef, params, model_state = _split()
   tx = optax.adam(1e-3)
   epoch = steps.make_train_epoch(graphdef, tx, batch_size=16)
-  run = lambda key: epoch(
-    params, model_state, tx.init(params), images, labels, jax.random.key(key)
-  )[0]
+  state = steps.TrainState(params, model_state, tx.init(params))
+  run = lambda key: epoch(state, images, labels, jax.random.key(key))[0].params
   leaves = lambda state: np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(state)])
   np.testing.assert_array_equal(leaves(run(1)), leaves(run(1)))
   assert not np.allclose(leaves(run(1)), leaves(run(2)))
@@ -98,13 +96,18 @@ def test_a_padded_masked_batch_steps_like_the_unpadded_one(impl):
   padded_images = jnp.concatenate([images, jnp.full((4, 28, 28, 1), 255, jnp.uint8)])
   padded_labels = jnp.concatenate([labels, jnp.zeros(4, jnp.int32)])
   mask = jnp.arange(16) < 12
-  carry = (params, model_state, tx.init(params), steps.zero_metrics())
-  plain = steps.train_step(graphdef, tx, carry, (images, labels, None))
-  masked = steps.train_step(graphdef, tx, carry, (padded_images, padded_labels, mask))
-  for got, want in zip(jax.tree.leaves(masked[:3]), jax.tree.leaves(plain[:3])):
+  carry = (steps.TrainState(params, model_state, tx.init(params)), steps.zero_metrics())
+  plain, plain_metrics = steps.train_step(graphdef, tx, carry, (images, labels, None))
+  masked, masked_metrics = steps.train_step(
+    graphdef, tx, carry, (padded_images, padded_labels, mask)
+  )
+  for got, want in zip(jax.tree.leaves(masked), jax.tree.leaves(plain)):
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-6)
-  assert int(masked[3]["count"]) == 12 and int(masked[3]["correct"]) == int(plain[3]["correct"])
-  np.testing.assert_allclose(masked[3]["loss_sum"], plain[3]["loss_sum"], rtol=1e-5)
+  assert int(masked_metrics["count"]) == 12
+  assert int(masked_metrics["correct"]) == int(plain_metrics["correct"])
+  np.testing.assert_allclose(masked_metrics["loss_sum"], plain_metrics["loss_sum"], rtol=1e-5)
   # Without the mask the padding would move the BatchNorm statistics.
-  unmasked = steps.train_step(graphdef, tx, carry, (padded_images, padded_labels, None))
-  assert not np.allclose(jax.tree.leaves(unmasked[1])[0], jax.tree.leaves(plain[1])[0])
+  unmasked, _ = steps.train_step(graphdef, tx, carry, (padded_images, padded_labels, None))
+  assert not np.allclose(
+    jax.tree.leaves(unmasked.model_state)[0], jax.tree.leaves(plain.model_state)[0]
+  )

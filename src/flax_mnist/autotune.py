@@ -10,6 +10,7 @@ measure again.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -17,10 +18,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+from etils import epath
 from flax import nnx
 
-from flax_mnist import models
+from flax_mnist import layers, models, workdir
 from flax_mnist import steps as steps_lib
+from flax_mnist.config import RunConfig, impl_candidates
+from flax_mnist.log import Say
 
 
 def time_impls(
@@ -65,7 +69,8 @@ def time_impls(
     )
     graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
     epoch = steps_lib.make_train_epoch(graphdef, tx, batch_size, shuffle=False)
-    arguments = (params, model_state, tx.init(params), images, labels, jax.random.key(seed))
+    state = steps_lib.TrainState(params, model_state, tx.init(params))
+    arguments = (state, images, labels, jax.random.key(seed))
     compiled = epoch.lower(*arguments).compile()
     jax.block_until_ready(compiled(*arguments))  # Warm up.
     runs[impl] = (compiled, arguments)
@@ -85,3 +90,37 @@ def choose_impl(
   this machine, measured by ``time_impls`` (same keyword arguments), and every timing."""
   timings = time_impls(model_name, candidates, **kwargs)
   return min(timings, key=timings.get), timings
+
+
+def measure_impl(
+  run: RunConfig,
+  directories: Sequence[epath.Path],
+  images: jax.Array,
+  labels: jax.Array,
+  say: Say,
+) -> tuple[RunConfig, dict[str, float]]:
+  """``impl="measure"``: the implementation a workdir recorded when it started (a resumed run
+  never measures again: implementations differ in the last float bits), else the fastest of
+  this platform's candidates, timed on a few real training steps of the model. Returns the run
+  with its impl chosen, and the timings (none when recorded)."""
+  for directory in directories:
+    file = directory / workdir.CONFIG_FILE
+    recorded = (workdir.read_config(directory) or {}).get("impl")
+    if recorded in layers.IMPLS:
+      say(f"impl {recorded} (recorded in {file} when the run started; not measured again)")
+      return dataclasses.replace(run, impl=recorded), {}
+  impl, timings = choose_impl(
+    run.model,
+    impl_candidates(),
+    batch_size=run.batch_size,
+    dropout_rng_impl=run.dropout_rng_impl,
+    images=images,
+    labels=labels,
+    model_kwargs=run.model_kwargs,
+  )
+  say(
+    "impl measured: "
+    + ", ".join(f"{name} {1e3 * sec:.1f} ms/step" for name, sec in timings.items())
+    + f": {impl}"
+  )
+  return dataclasses.replace(run, impl=impl), timings

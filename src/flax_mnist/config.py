@@ -2,8 +2,8 @@
 
 A config is an ``ml_collections.ConfigDict`` (``configs/<model>.py`` start from
 ``default_config()`` and set ``model``). ``resolve(config)`` validates it and turns every "auto"
-into a concrete choice for this platform, once, as a frozen ``RunSpec`` that the trainer passes
-down as plain values and records (resolved) in config.json and run.json.
+into a concrete choice for this platform, once, as a frozen ``RunConfig``: every field, typed,
+the one object the trainer passes down and records in config.json and run.json.
 """
 
 from __future__ import annotations
@@ -87,22 +87,79 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 @dataclasses.dataclass(frozen=True)
-class RunSpec:
-  """A config's every "auto" resolved for this platform: what the trainer runs, as plain values."""
+class RunConfig:
+  """A validated config with every "auto" resolved for this platform: the one object the trainer
+  passes down (``resolve`` makes it from a ConfigDict, once; below it nothing reads a ConfigDict
+  or restates a default). The fields are ``default_config()``'s (its comments say what each one
+  is; a test keeps the two equal), then what a run adds to them: ``process_count``, the data's
+  identity and source once the data is loaded, and the name of a caller's own loss."""
 
   model: str
-  seeds: tuple[int, ...]
+  model_kwargs: dict[str, Any]
+  seed: int
+  optimizer: str
+  learning_rate: float
+  lr_schedule: str
+  warmup_epochs: float
+  adam_eps: float
+  momentum: float
+  weight_decay: float
+  grad_clip_norm: float
+  label_smoothing: float
+  early_stopping_patience: int
+  batch_size: int
+  eval_batch_size: int
+  num_epochs: int
+  shuffle: bool
+  best_metric: str
+  data_dir: str | None
+  tfds_data_dir: str | None
   impl: str
+  compute_dtype: str
   dropout_rng_impl: str
+  progress_bar: bool
+  num_seeds: int
+  seeds: tuple[int, ...]  # Every seed the run trains, resolved (never empty).
   seed_parallelism: str
-  seed_devices: int = 1
-  data_devices: int = 1
-  compute_dtype: str = "float32"
+  data_devices: int
+  seed_devices: int
+  # What a run adds (not config fields).
   process_count: int = 1
+  data: dict[str, Any] | None = None  # data.Dataset.identity(): a resume field.
+  data_source: str | None = None
+  loss: str | None = None  # "custom: <name>" for a loss_fn passed from Python.
+
+  def for_seed(self, seed: int) -> RunConfig:
+    """This run as one seed's run of it (what that seed's config.json and checkpoints hold)."""
+    return dataclasses.replace(self, seed=seed, num_seeds=1, seeds=(seed,))
 
   def to_dict(self) -> dict[str, Any]:
-    """JSON-able: what run.json records."""
-    return {**dataclasses.asdict(self), "seeds": list(self.seeds)}
+    """JSON-able: what config.json and each checkpoint record (every "auto" resolved, so a
+    checkpoint loads the same way on any platform). The run's additions appear once set."""
+    record = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+    del record["process_count"]
+    for added in _RECORDED_ONCE_SET:
+      if record[added] is None:
+        del record[added]
+    return json.loads(json.dumps({**record, "seeds": list(self.seeds)}))
+
+  def resolved(self) -> dict[str, Any]:
+    """What run.json records as resolved for this platform."""
+    return {name: getattr(self, name) for name in _RESOLVED} | {"seeds": list(self.seeds)}
+
+
+_RECORDED_ONCE_SET = ("data", "data_source", "loss")
+_RESOLVED = (
+  "model",
+  "seeds",
+  "impl",
+  "dropout_rng_impl",
+  "seed_parallelism",
+  "seed_devices",
+  "data_devices",
+  "compute_dtype",
+  "process_count",
+)
 
 
 def resolve_impl(name: str) -> str:
@@ -164,30 +221,36 @@ def seed_list(config: Mapping[str, Any]) -> list[int]:
   return list(range(config["seed"], config["seed"] + config["num_seeds"]))
 
 
-def resolve(config: Mapping[str, Any]) -> RunSpec:
-  """Validates ``config`` and resolves its every "auto" for this platform, once."""
+def resolve(config: Mapping[str, Any]) -> RunConfig:
+  """Validates ``config`` (a ConfigDict or mapping with ``default_config()``'s fields) and
+  resolves its every "auto" for this platform, once: the RunConfig the trainer runs."""
+  check_fields(config, "config")
   validate_config(config)
-  seeds = seed_list(config)
-  spec = RunSpec(
-    model=config["model"],
-    seeds=tuple(seeds),
-    impl=resolve_impl(config["impl"]),
-    dropout_rng_impl=resolve_dropout_rng_impl(config["dropout_rng_impl"]),
-    seed_parallelism=resolve_seed_parallelism(config["seed_parallelism"]),
-    seed_devices=config["seed_devices"],
-    compute_dtype=config["compute_dtype"],
-    data_devices=resolve_data_devices(config["data_devices"], config["seed_devices"]),
+  seeds = tuple(seed_list(config))
+  plain = config_to_dict(config)
+  run = RunConfig(
+    **{name: plain[name] for name in default_config().keys()},
     process_count=jax.process_count(),
   )
-  _check_devices(config, spec)
+  run = dataclasses.replace(
+    run,
+    model_kwargs=plain["model_kwargs"] or {},
+    seeds=seeds,
+    num_seeds=len(seeds),
+    impl=resolve_impl(run.impl),
+    dropout_rng_impl=resolve_dropout_rng_impl(run.dropout_rng_impl),
+    seed_parallelism=resolve_seed_parallelism(run.seed_parallelism),
+    data_devices=resolve_data_devices(run.data_devices, run.seed_devices),
+  )
+  _check_devices(run)
   # Every model of the family has Dropout.
-  vmapped = len(seeds) > 1 and spec.seed_parallelism == "vmap"
-  if vmapped and spec.dropout_rng_impl in ("rbg", "unsafe_rbg"):
+  vmapped = len(seeds) > 1 and run.seed_parallelism == "vmap"
+  if vmapped and run.dropout_rng_impl in ("rbg", "unsafe_rbg"):
     raise ConfigError(
       f"config.dropout_rng_impl {config['dropout_rng_impl']!r} with seed_parallelism 'vmap': "
       "rbg draws other masks under vmap than alone; use threefry2x32 or 'loop'"
     )
-  return spec
+  return run
 
 
 def resolve_data_devices(data_devices: int, seed_devices: int = 1) -> int:
@@ -200,27 +263,25 @@ def resolve_data_devices(data_devices: int, seed_devices: int = 1) -> int:
   return max(1, jax.device_count() // seed_devices)
 
 
-def _check_devices(config: Mapping[str, Any], spec: RunSpec) -> None:
+def _check_devices(run: RunConfig) -> None:
   """The mesh must fit the devices, and every batch must split evenly over ``data`` (uneven
   batches run, but drift ~2e-4 from one device after a few Adam steps)."""
-  wanted = spec.seed_devices * spec.data_devices
+  wanted = run.seed_devices * run.data_devices
   if wanted > jax.device_count():
     raise ConfigError(
-      f"config.seed_devices {spec.seed_devices} x config.data_devices {spec.data_devices} = "
+      f"config.seed_devices {run.seed_devices} x config.data_devices {run.data_devices} = "
       f"{wanted} devices, but JAX sees {jax.device_count()}"
     )
   for field in ("batch_size", "eval_batch_size"):
-    if config[field] % spec.data_devices:
+    if getattr(run, field) % run.data_devices:
       raise ConfigError(
-        f"config.{field} {config[field]} does not divide over {spec.data_devices} data devices: "
-        f"expected a multiple of {spec.data_devices}"
+        f"config.{field} {getattr(run, field)} does not divide over {run.data_devices} data "
+        f"devices: expected a multiple of {run.data_devices}"
       )
-  if spec.seed_devices > 1 and (
-    spec.seed_parallelism != "vmap" or len(spec.seeds) % spec.seed_devices
-  ):
+  if run.seed_devices > 1 and (run.seed_parallelism != "vmap" or len(run.seeds) % run.seed_devices):
     raise ConfigError(
-      f"config.seed_devices {spec.seed_devices}: needs seed_parallelism 'vmap' and a number of "
-      f"seeds divisible by it (got {spec.seed_parallelism!r}, {len(spec.seeds)} seeds)"
+      f"config.seed_devices {run.seed_devices}: needs seed_parallelism 'vmap' and a number of "
+      f"seeds divisible by it (got {run.seed_parallelism!r}, {len(run.seeds)} seeds)"
     )
 
 
@@ -307,9 +368,9 @@ def validate_config(config: Mapping[str, Any]) -> None:
     raise ConfigError(f"config.seeds {tuple(seeds)!r}: expected distinct seeds")
 
 
-def result_fields(config: Mapping[str, Any]) -> tuple[str, ...]:
+def result_fields(lr_schedule: str) -> tuple[str, ...]:
   """The fields a resumed run must share with its workdir's: those that change what training
-  computes (not how fast, nor for how long, unless the learning-rate schedule spans the run)."""
+  computes (not how fast, nor for how long, unless ``lr_schedule`` spans the run)."""
   fields = (
     "model",
     "model_kwargs",
@@ -321,7 +382,7 @@ def result_fields(config: Mapping[str, Any]) -> tuple[str, ...]:
     "data",  # Not a config field: the data's identity, recorded by the trainer.
     *optim.OPTIMIZER_FIELDS,
   )
-  if config["lr_schedule"] != "constant":
+  if lr_schedule != "constant":
     fields += ("num_epochs",)
   return fields
 
@@ -329,23 +390,6 @@ def result_fields(config: Mapping[str, Any]) -> tuple[str, ...]:
 def config_to_dict(config: Any) -> dict[str, Any]:
   """A plain, JSON-able dict of a ConfigDict or mapping."""
   return json.loads(json.dumps(config.to_dict() if hasattr(config, "to_dict") else dict(config)))
-
-
-def run_config_dict(config: Any, spec: RunSpec, seed: int) -> dict[str, Any]:
-  """The config as one seed's run of it, every "auto" resolved: what config.json and each
-  checkpoint record (so a checkpoint loads the same way on any platform)."""
-  config_dict = config_to_dict(config)
-  config_dict.update(
-    seed=seed,
-    num_seeds=1,
-    seeds=[],
-    impl=spec.impl,
-    dropout_rng_impl=spec.dropout_rng_impl,
-    seed_parallelism=spec.seed_parallelism,
-    data_devices=spec.data_devices,
-    seed_devices=spec.seed_devices,
-  )
-  return config_dict
 
 
 def check_fields(config: Mapping[str, Any], where: str) -> None:

@@ -1,15 +1,37 @@
-"""A training history (one dict per epoch) and what is read off it: the best epoch, the steady
-epochs, and the spread of a figure over seeds. Plain data in, plain data out: no JAX, no files.
+"""A training history (one ``EpochRecord`` per epoch) and what is read off it: the best epoch,
+the steady epochs, and the spread of a figure over seeds. Plain data in, plain data out: no JAX,
+no files.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 
-Record = Mapping[str, Any]
+
+class _EpochFigures(TypedDict):
+  epoch: int
+  train_loss: float  # Mean over the epoch's training images, dropout on (as Keras reports it).
+  train_accuracy: float
+  val_loss: float  # Over every test image, eval mode.
+  val_accuracy: float
+  seconds: float  # Train + eval, compile excluded.
+  train_seconds: float
+  eval_seconds: float
+  parallel_seeds: int  # Seeds trained together in this epoch (vmap), else 1.
+  images_per_second: float  # Training throughput (over every parallel seed).
+
+
+class EpochRecord(_EpochFigures, total=False):
+  """One epoch of a history (history.json, each checkpoint, the value ``train`` returns): the
+  field names in one place."""
+
+  stopped_early: bool  # Only on the epoch where early stopping ended the run.
+
+
+Record = Mapping[str, Any]  # An EpochRecord, or one read from a file.
 # The per-epoch figures that seeds.json and the study aggregate over seeds.
 AGGREGATED = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")
 

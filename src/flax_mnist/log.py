@@ -11,7 +11,7 @@ import importlib.metadata
 import os
 import platform
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -19,6 +19,8 @@ import jax
 import numpy as np
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
+
+Say = Callable[[str], None]  # Where a run's lines go (print, a logger, a list).
 
 
 class ProgressBar:

@@ -332,3 +332,11 @@ def training_flops(model: nnx.Module) -> tuple[int, int]:
   flops = [count for _, count in layer_flops(model) if count]
   forward = sum(flops)
   return 3 * forward - (flops[0] if flops else 0), forward
+
+
+def describe(model: nnx.Module) -> str:
+  """The Keras-like summary of a stack of layers; the parameter count of any other module."""
+  if hasattr(model, "layers"):
+    return summary(model)
+  trainable, non_trainable = count_params(model)
+  return f"Model {type(model).__name__}: {trainable:,} trainable, {non_trainable:,} other params"

@@ -9,12 +9,16 @@ after one epoch, and over the first 5 steps 28-35% of the cnn's updates differ b
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
+
+if TYPE_CHECKING:  # config imports this module (the optimizer names).
+  from ml_collections import ConfigDict
+
+  from flax_mnist.config import RunConfig
 
 OPTIMIZERS = ("keras_adam", "adam", "adamw", "sgd")
 SCHEDULES = ("constant", "cosine", "warmup_cosine", "onecycle")
@@ -71,16 +75,16 @@ def keras_adam(
   return optax.GradientTransformation(init, update)
 
 
-def make_schedule(config: Mapping[str, Any], steps_per_epoch: int) -> optax.ScalarOrSchedule:
+def make_schedule(config: RunConfig | ConfigDict, steps_per_epoch: int) -> optax.ScalarOrSchedule:
   """``config.learning_rate`` under ``config.lr_schedule`` over ``num_epochs`` epochs of steps.
 
   constant; cosine (decay to 0 over the run); warmup_cosine (linear warmup over
   ``warmup_epochs``, then cosine to 0); onecycle (optax's linear one-cycle: up to the rate at
   ``warmup_epochs`` or 30% of the run, then down).
   """
-  peak, name = config["learning_rate"], config["lr_schedule"]
-  total = max(1, config["num_epochs"] * steps_per_epoch)
-  warmup = int(round(config["warmup_epochs"] * steps_per_epoch))
+  peak, name = config.learning_rate, config.lr_schedule
+  total = max(1, config.num_epochs * steps_per_epoch)
+  warmup = int(round(config.warmup_epochs * steps_per_epoch))
   if name == "constant":
     return peak
   if name == "cosine":
@@ -92,22 +96,22 @@ def make_schedule(config: Mapping[str, Any], steps_per_epoch: int) -> optax.Scal
 
 
 def make_optimizer(
-  config: Mapping[str, Any], steps_per_epoch: int = 118
+  config: RunConfig | ConfigDict, steps_per_epoch: int = 118
 ) -> optax.GradientTransformation:
   """The config's optimizer: Keras-form Adam (the notebook's), optax adam, adamw (decoupled
   ``weight_decay``) or sgd with ``momentum``; under ``lr_schedule``; the gradient clipped to
   ``grad_clip_norm`` (global norm) first when it is set. Adam's b1 0.9, b2 0.999 and
   ``adam_eps`` (Keras's 1e-7) as Keras."""
-  name = config["optimizer"]
+  name = config.optimizer
   schedule = make_schedule(config, steps_per_epoch)
-  eps = config["adam_eps"]
+  eps = config.adam_eps
   if name == "keras_adam":
     tx = keras_adam(schedule, eps=eps)
   elif name == "adam":
     tx = optax.adam(schedule, b1=0.9, b2=0.999, eps=eps)
   elif name == "adamw":
-    tx = optax.adamw(schedule, b1=0.9, b2=0.999, eps=eps, weight_decay=config["weight_decay"])
+    tx = optax.adamw(schedule, b1=0.9, b2=0.999, eps=eps, weight_decay=config.weight_decay)
   else:
-    tx = optax.sgd(schedule, momentum=config["momentum"] or None)
-  clip = config["grad_clip_norm"]
+    tx = optax.sgd(schedule, momentum=config.momentum or None)
+  clip = config.grad_clip_norm
   return optax.chain(optax.clip_by_global_norm(clip), tx) if clip else tx

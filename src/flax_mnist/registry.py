@@ -18,7 +18,7 @@ import importlib
 import inspect
 import warnings
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 from flax import nnx
@@ -217,6 +217,25 @@ def _first_line(error: BaseException) -> str:
   return lines[0][:200] if lines else type(error).__name__
 
 
+class SeedKeys(NamedTuple):
+  """Every random key a run draws, each derived from its seed by ``seed_keys``."""
+
+  params: jax.Array  # The initial parameters.
+  dropout: jax.Array  # Dropout masks (its own PRNG implementation: rbg on CPU).
+  shuffle: jax.Array  # Each epoch's order: fold_in(shuffle, epoch).
+
+
+def seed_keys(seed: int, dropout_rng_impl: str) -> SeedKeys:
+  """The keys of ``seed``: params ``fold_in(key(seed), 0)``, dropout
+  ``fold_in(key(seed, impl=dropout_rng_impl), 1)``, shuffle ``fold_in(key(seed), 2)``."""
+  seed_key = jax.random.key(seed)
+  return SeedKeys(
+    params=jax.random.fold_in(seed_key, 0),
+    dropout=jax.random.fold_in(jax.random.key(seed, impl=dropout_rng_impl), 1),
+    shuffle=jax.random.fold_in(seed_key, 2),
+  )
+
+
 def init_model(
   name: str,
   seed: int,
@@ -227,16 +246,15 @@ def init_model(
   compute_dtype: str = "float32",
   trust_code: bool = True,
 ) -> nnx.Module:
-  """Model ``name`` initialised from ``seed``, in train mode: the parameters from
-  ``fold_in(key(seed), 0)``, dropout masks from ``fold_in(key(seed, impl=dropout_rng_impl), 1)``.
+  """Model ``name`` initialised from ``seed`` (its params and dropout keys, ``seed_keys``), in
+  train mode.
 
   ``impl`` and ``dropout_rng_impl`` are concrete (resolved by the config: no "auto").
   ``trust_code=False``: ``name`` was read from a file (``resolve_model``).
   """
   resolve_model(name, trust_code=trust_code)  # Before anything is drawn or imported.
-  seed_key = jax.random.key(seed)
-  dropout_key = jax.random.fold_in(jax.random.key(seed, impl=dropout_rng_impl), 1)
-  rngs = nnx.Rngs(params=jax.random.fold_in(seed_key, 0), dropout=dropout_key)
+  keys = seed_keys(seed, dropout_rng_impl)
+  rngs = nnx.Rngs(params=keys.params, dropout=keys.dropout)
   model = build_model(
     name,
     model_kwargs or {},

@@ -4,35 +4,36 @@ record each epoch (history, best and latest checkpoints, TensorBoard), hold the 
 from __future__ import annotations
 
 import contextlib
-import math
-from collections.abc import Callable
 from typing import Any
 
 from etils import epath
 from flax import nnx
 
-from flax_mnist import checkpoint, history, log, models, sharding, steps, workdir
-from flax_mnist.config import result_fields
+from flax_mnist import checkpoint, history, log, models, sharding, workdir
+from flax_mnist.config import RunConfig, result_fields
 from flax_mnist.errors import CheckpointError, FlaxMnistError, RunError
-
-Say = Callable[[str], None]
-State = dict[str, Any]  # {"params", "model_state", "opt_state"}
+from flax_mnist.history import EpochRecord
+from flax_mnist.log import Say
+from flax_mnist.steps import TrainState
 
 
 class SeedRun:
-  """One seed's workdir: its state, checkpoints, history and TensorBoard log."""
+  """One seed's workdir: its state, checkpoints, history and TensorBoard log. ``run``: the run
+  as this seed's (``RunConfig.for_seed``); its ``to_dict()`` is what config.json and every
+  checkpoint record."""
 
   def __init__(
     self,
-    config_dict: dict[str, Any],
+    run: RunConfig,
     directory: epath.Path,
-    template: State,
+    template: TrainState,
     *,
     is_writer: bool,
     say: Say,
   ):
-    self.seed = config_dict["seed"]
-    self.config_dict = config_dict
+    self.seed = run.seed
+    self.run = run
+    self.record = run.to_dict()
     self.workdir = directory
     self.is_writer = is_writer
     self.say = say
@@ -44,10 +45,10 @@ class SeedRun:
     self.tensorboard: log.TensorBoard | None = None
     self.state = template
     self.start_epoch = 0
-    self.history: list[dict[str, Any]] = []
+    self.history: list[EpochRecord] = []
     self.stopped = False  # Early stopping ended this seed's run.
     try:
-      self.checkpoints = checkpoint.Checkpoints(directory, best_metric=config_dict["best_metric"])
+      self.checkpoints = checkpoint.Checkpoints(directory, best_metric=run.best_metric)
       self._held.callback(self.checkpoints.close)
       self._resume(template)
     except BaseException:
@@ -60,12 +61,12 @@ class SeedRun:
     workdir.check_resumable(
       f"{self.workdir}",
       recorded,
-      self.config_dict,
-      result_fields(self.config_dict),
-      names={"data": f"this run's data (from {self.config_dict['data_source']}) is"},
+      self.record,
+      result_fields(self.run.lr_schedule),
+      names={"data": f"this run's data (from {self.run.data_source}) is"},
     )
 
-  def _resume(self, template: State) -> None:
+  def _resume(self, template: TrainState) -> None:
     """Restores the latest checkpoint (the best one if there is no latest) with the history
     saved inside it: the record of each epoch travels with its checkpoint, so a history.json
     that missed a write (a kill, a full disk) is rebuilt, never left with a gap."""
@@ -78,7 +79,8 @@ class SeedRun:
     try:
       meta = self.checkpoints.restore_run_meta(kind)
       self._check_same_run(meta["config"])
-      self.state, meta = self.checkpoints.restore(kind, template, meta)
+      state, meta = self.checkpoints.restore(kind, template._asdict(), meta)
+      self.state = TrainState(**state)
     except CheckpointError as error:
       intact = "best" if kind == "latest" and self.checkpoints.epoch("best") is not None else None
       hint = (
@@ -108,7 +110,7 @@ class SeedRun:
     history.json that disagrees with the checkpoint is rewritten from it."""
     if not self.is_writer:
       return
-    workdir.write_config(self.workdir, self.config_dict)
+    workdir.write_config(self.workdir, self.record)
     file = self.workdir / workdir.HISTORY_FILE
     try:  # The checkpoint's history is the record; a damaged or reshaped file is rebuilt.
       on_disk = [r["epoch"] for r in workdir.read_history(self.workdir, self.start_epoch)]
@@ -118,57 +120,30 @@ class SeedRun:
       workdir.write_history(self.workdir, self.history)
       self.say(f"rebuilt {file} from the checkpoint (epochs 1..{self.start_epoch})")
 
-  def finish_epoch(
-    self,
-    epoch: int,
-    state: State,
-    train_metrics: steps.Metrics,
-    val_metrics: steps.Metrics,
-    timings: dict[str, float],
-    train_graphdef: nnx.GraphDef,
-  ) -> dict[str, Any]:
-    """Records an epoch: history, checkpoints, TensorBoard. Returns its history record."""
-    train_summary, val_summary = steps.summarize(train_metrics), steps.summarize(val_metrics)
-    if not math.isfinite(train_summary["loss"]):
-      raise RunError(
-        f"training diverged at epoch {epoch} (seed {self.seed}): train_loss is "
-        f"{train_summary['loss']}; lower config.learning_rate"
-      )
-    images_per_second = (
-      timings["parallel_seeds"] * train_summary["count"] / timings["train_seconds"]
-    )
-    record = {
-      "epoch": epoch,
-      "train_loss": train_summary["loss"],
-      "train_accuracy": train_summary["accuracy"],
-      "val_loss": val_summary["loss"],
-      "val_accuracy": val_summary["accuracy"],
-      **timings,
-      "images_per_second": images_per_second,
-    }
-    patience = self.config_dict["early_stopping_patience"]
-    if patience:
-      best = history.best_record([*self.history, record], self.config_dict["best_metric"])
-      if epoch - best["epoch"] >= patience:
-        record["stopped_early"] = self.stopped = True
+  def record_epoch(
+    self, record: EpochRecord, state: TrainState, train_graphdef: nnx.GraphDef
+  ) -> None:
+    """Records an epoch the loop finished: history (in its checkpoint and history.json), the
+    best and latest checkpoints, TensorBoard."""
     self.history.append(record)
     self.state = state
+    if record.get("stopped_early"):
+      self.stopped = True
     meta = {
-      "epoch": epoch,
-      "model": self.config_dict["model"],
-      "config": self.config_dict,
+      "epoch": record["epoch"],
+      "model": self.run.model,
+      "config": self.record,
       **{key: record[key] for key in history.AGGREGATED},
       "history": self.history,
     }
-    self.checkpoints.save_epoch(epoch, state, meta)
+    self.checkpoints.save_epoch(record["epoch"], state._asdict(), meta)
     if self.is_writer:
-      self._write_history(epoch)
+      self._write_history(record["epoch"])
       if self.tensorboard is None:
         self.tensorboard = log.TensorBoard(self.workdir / workdir.TENSORBOARD_DIR)
-      model = nnx.merge(train_graphdef, state["params"], state["model_state"])
+      model = nnx.merge(train_graphdef, state.params, state.model_state)
       arrays = {**models.named_params(model), **models.named_batch_stats(model)}
-      self.tensorboard.write_epoch(epoch, record, sharding.to_host(arrays))
-    return record
+      self.tensorboard.write_epoch(record["epoch"], record, sharding.to_host(arrays))
 
   def _write_history(self, epoch: int) -> None:
     try:

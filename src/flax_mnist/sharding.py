@@ -1,7 +1,7 @@
 """Where arrays live: the device mesh (axes ``seed`` and ``data``), putting state and data on it,
 and reading results back to the host, on one device, many, or many hosts.
 
-Data parallelism is by annotation (``steps.batch_sharding``): params, BatchNorm statistics,
+Data parallelism is by annotation (``batch_sharding``): params, BatchNorm statistics,
 optimizer state and the MNIST arrays (47 MB uint8) are replicated; each batch's rows are split
 over ``data``; vmapped seeds over ``seed``. No pmap, no second code path.
 """
@@ -15,7 +15,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from flax_mnist.steps import DATA_AXIS, SEED_AXIS
+DATA_AXIS, SEED_AXIS = "data", "seed"
 
 
 def make_mesh(seed_devices: int, data_devices: int) -> Mesh:
@@ -31,6 +31,27 @@ def make_mesh(seed_devices: int, data_devices: int) -> Mesh:
     axis_types=(AxisType.Auto, AxisType.Auto),
     devices=devices,
   )
+
+
+def training_mesh(seed_devices: int, data_devices: int) -> Mesh | None:
+  """The (seed, data) mesh a run trains on, or None for one device in one process: then nothing
+  is annotated and the program is exactly the single-device one."""
+  if seed_devices * data_devices == 1 and jax.process_count() == 1:
+    return None
+  return make_mesh(seed_devices, data_devices)
+
+
+def batch_sharding(mesh: Mesh | None) -> NamedSharding | None:
+  """Rows of (steps, batch, ...) arrays over the mesh's ``data`` axis; None on one device (the
+  single-device program then has no annotation at all, so it is the one tested bit for bit)."""
+  if mesh is None or mesh.shape[DATA_AXIS] == 1:
+    return None
+  return NamedSharding(mesh, PartitionSpec(None, DATA_AXIS))
+
+
+def seed_axis(mesh: Mesh | None) -> str | None:
+  """The mesh axis vmapped seeds are split over, if there is more than one device on it."""
+  return SEED_AXIS if mesh is not None and mesh.shape[SEED_AXIS] > 1 else None
 
 
 def mesh_shape(mesh: Mesh) -> dict[str, int]:
@@ -56,6 +77,13 @@ def replicate(tree: Any, mesh: Mesh | None) -> Any:
     return tree
   sharding = NamedSharding(mesh, PartitionSpec())
   return jax.tree.map(lambda leaf: _put(leaf, sharding), tree)
+
+
+def place(tree: Any, mesh: Mesh | None) -> Any:
+  """Host arrays on device: on the default device without a mesh, replicated over it with one."""
+  if mesh is None:
+    return jax.tree.map(jax.device_put, tree)
+  return replicate(tree, mesh)
 
 
 def split_seeds(tree: Any, mesh: Mesh | None) -> Any:

@@ -12,16 +12,26 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from flax_mnist import data, registry
+from flax_mnist import data, registry, sharding
 
 Metrics = dict[str, jax.Array]
+
+
+class TrainState(NamedTuple):
+  """What a seed's training carries from step to step and epoch to epoch (and checkpoints)."""
+
+  params: nnx.State
+  model_state: nnx.State  # BatchNorm statistics, dropout RNG counts.
+  opt_state: optax.OptState
+
+
 Batch = tuple[jax.Array, jax.Array, jax.Array | None]
 # loss_fn(logits, labels) -> one loss per example; the step averages it (over the real rows).
 LossFn = Callable[[jax.Array, jax.Array], jax.Array]
@@ -132,21 +142,20 @@ def scan_batches(
 def train_step(
   graphdef: nnx.GraphDef,
   tx: optax.GradientTransformation,
-  carry: tuple,
+  carry: tuple[TrainState, Metrics],
   batch: Batch,
   loss_fn: LossFn = cross_entropy,
-) -> tuple:
-  """One optimizer step on a batch of uint8 images: a pure function of
-  (params, model_state, opt_state, metrics).
+) -> tuple[TrainState, Metrics]:
+  """One optimizer step on a batch of uint8 images: a pure function of (state, metrics).
 
   ``batch`` is (images, labels, mask): where ``mask`` is given, only its True rows count (in the
   loss, its mean, BatchNorm's statistics and the metrics), as if the batch held just those.
   """
-  params, model_state, opt_state, metrics = carry
+  state, metrics = carry
   images, labels, mask = batch
 
   def mean_loss(params):
-    model = nnx.merge(graphdef, params, model_state, copy=True)
+    model = nnx.merge(graphdef, params, state.model_state, copy=True)
     logits = apply_model(model, images, mask)
     losses = loss_fn(logits, labels)
     if mask is None:
@@ -157,10 +166,14 @@ def train_step(
     _, _, new_model_state = nnx.split(model, nnx.Param, ...)
     return loss, (losses, logits, new_model_state)
 
-  (_, (losses, logits, model_state)), grads = jax.value_and_grad(mean_loss, has_aux=True)(params)
-  updates, opt_state = tx.update(grads, opt_state, params)
-  params = optax.apply_updates(params, updates)
-  return params, model_state, opt_state, accumulate(metrics, losses, logits, labels, mask)
+  (_, (losses, logits, model_state)), grads = jax.value_and_grad(mean_loss, has_aux=True)(
+    state.params
+  )
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  return TrainState(params, model_state, opt_state), accumulate(
+    metrics, losses, logits, labels, mask
+  )
 
 
 def eval_step(
@@ -189,13 +202,13 @@ def make_train_epoch(
   mesh: jax.sharding.Mesh | None = None,
   loss_fn: LossFn = cross_entropy,
 ) -> Callable[..., tuple]:
-  """Returns the jitted ``train_epoch(params, model_state, opt_state, images, labels, key)``.
+  """Returns the jitted ``train_epoch(state, images, labels, key) -> (state, metrics)``, the
+  metrics summed (loss, correct count).
 
-  It returns ``(params, model_state, opt_state, metrics)`` with summed loss and correct count.
   ``progress(step, loss_sum, correct, count)``, if given, is called on the host after each step.
   ``over_seeds``: the states, the key and the returned metrics carry a leading seed axis (vmap);
   the images and labels are shared. ``mesh`` (axes ``seed``, ``data``): batches are split over
-  ``data`` (``batch_sharding``) and vmapped seeds over ``seed``.
+  ``data`` (``sharding.batch_sharding``) and vmapped seeds over ``seed``.
   """
   if over_seeds and progress is not None:
     raise ValueError("progress is not supported over seeds (the callback would run per seed)")
@@ -203,20 +216,22 @@ def make_train_epoch(
   def step(carry, batch):
     carry = train_step(graphdef, tx, carry, batch, loss_fn)
     if progress is not None:
-      metrics = carry[3]
+      metrics = carry[1]
       jax.debug.callback(
         progress, metrics["steps"], metrics["loss_sum"], metrics["correct"], metrics["count"]
       )
     return carry
 
-  def train_epoch(params, model_state, opt_state, images, labels, key):
+  def train_epoch(state, images, labels, key):
     order = jax.random.permutation(key, images.shape[0]) if shuffle else None
-    carry = (params, model_state, opt_state, zero_metrics())
-    return scan_batches(step, carry, images, labels, batch_size, order, batch_sharding(mesh))
+    carry = (state, zero_metrics())
+    return scan_batches(
+      step, carry, images, labels, batch_size, order, sharding.batch_sharding(mesh)
+    )
 
   if over_seeds:
     train_epoch = jax.vmap(
-      train_epoch, in_axes=(0, 0, 0, None, None, 0), spmd_axis_name=_seed_axis(mesh)
+      train_epoch, in_axes=(0, None, None, 0), spmd_axis_name=sharding.seed_axis(mesh)
     )
   return jax.jit(train_epoch)
 
@@ -237,28 +252,14 @@ def make_evaluate(
   def evaluate(params, model_state, images, labels):
     step = functools.partial(eval_step, graphdef, params, model_state, loss_fn=loss_fn)
     return scan_batches(
-      step, zero_metrics(), images, labels, batch_size, None, batch_sharding(mesh)
+      step, zero_metrics(), images, labels, batch_size, None, sharding.batch_sharding(mesh)
     )
 
   if over_seeds:
-    evaluate = jax.vmap(evaluate, in_axes=(0, 0, None, None), spmd_axis_name=_seed_axis(mesh))
+    evaluate = jax.vmap(
+      evaluate, in_axes=(0, 0, None, None), spmd_axis_name=sharding.seed_axis(mesh)
+    )
   return jax.jit(evaluate)
-
-
-DATA_AXIS, SEED_AXIS = "data", "seed"
-
-
-def batch_sharding(mesh: jax.sharding.Mesh | None) -> jax.sharding.NamedSharding | None:
-  """Rows of (steps, batch, ...) arrays over the mesh's ``data`` axis; None on one device (the
-  single-device program then has no annotation at all, so it is the one tested bit for bit)."""
-  if mesh is None or mesh.shape[DATA_AXIS] == 1:
-    return None
-  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, DATA_AXIS))
-
-
-def _seed_axis(mesh: jax.sharding.Mesh | None) -> str | None:
-  """The mesh axis vmapped seeds are split over, if there is more than one device on it."""
-  return SEED_AXIS if mesh is not None and mesh.shape[SEED_AXIS] > 1 else None
 
 
 def summarize(metrics: Metrics) -> dict[str, float]:

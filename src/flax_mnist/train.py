@@ -1,16 +1,19 @@
 """The training loop: ``train_and_evaluate`` (one seed) and ``train_seeds`` (several, compiled
 once): compile once, run the epochs (looped or vmapped seeds), stop cleanly on a signal.
 
-The compiled parts (step, epoch, evaluation) are in ``steps``; what they start from in
-``programs``; each seed's workdir bookkeeping in ``seed_run``; the config in ``config``.
+The config is resolved once (``config.resolve``) into a ``RunConfig`` passed down whole. The
+compiled parts (step, epoch, evaluation) are in ``steps``; what they start from in ``programs``;
+each seed's workdir records in ``seed_run``. The loop decides (divergence, early stopping); the
+seed's run records.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -18,14 +21,14 @@ import jax.numpy as jnp
 import optax
 from etils import epath
 
-from flax_mnist import history, log, sharding, steps, workdir
-from flax_mnist.config import RunSpec, resolve, result_fields, run_config_dict
-from flax_mnist.errors import ConfigError, Interrupted
-from flax_mnist.programs import Custom, Programs, make_mesh, measure_impl, put_data
+from flax_mnist import autotune, data, history, log, sharding, steps, workdir
+from flax_mnist.config import RunConfig, resolve, result_fields
+from flax_mnist.errors import ConfigError, Interrupted, RunError
+from flax_mnist.history import EpochRecord
+from flax_mnist.log import Say
+from flax_mnist.programs import Custom, Programs
 from flax_mnist.seed_run import SeedRun
-
-Say = Callable[[str], None]
-State = dict[str, Any]  # {"params", "model_state", "opt_state"}
+from flax_mnist.steps import TrainState
 
 
 def _stack(trees: Sequence[Any]) -> Any:
@@ -41,48 +44,48 @@ class _Trainer:
 
   def __init__(
     self,
-    config: Mapping[str, Any],
-    spec: RunSpec,
+    run: RunConfig,
     runs: list[SeedRun],
     programs: Programs,
     arrays: tuple[jax.Array, ...],
     mesh: jax.sharding.Mesh | None,
     say: Say,
   ):
-    self.config, self.spec, self.runs, self.programs, self.say = config, spec, runs, programs, say
+    self.run, self.runs, self.programs, self.say = run, runs, programs, say
     self.mesh = mesh
     self.train_images, self.train_labels, self.test_images, self.test_labels = arrays
-    self.num_epochs = config["num_epochs"]
-    self.over_seeds = spec.seed_parallelism == "vmap"
-    self.keys = dict(zip(spec.seeds, programs.shuffle_keys))
-    self.pending = [run for run in runs if run.start_epoch < self.num_epochs and not run.stopped]
-    if self.over_seeds and len({run.start_epoch for run in runs}) > 1:
+    self.num_epochs = run.num_epochs
+    self.over_seeds = run.seed_parallelism == "vmap"
+    self.keys = dict(zip(run.seeds, programs.shuffle_keys))
+    self.pending = [seed_run for seed_run in runs if seed_run.start_epoch < run.num_epochs]
+    self.pending = [seed_run for seed_run in self.pending if not seed_run.stopped]
+    if self.over_seeds and len({seed_run.start_epoch for seed_run in runs}) > 1:
       raise ConfigError(
         "seed_parallelism 'vmap' resumes only seeds stopped at the same epoch; these are at "
-        + ", ".join(f"{run.seed}: {run.start_epoch}" for run in runs)
+        + ", ".join(f"{seed_run.seed}: {seed_run.start_epoch}" for seed_run in runs)
         + "; resume with --config.seed_parallelism=loop"
       )
-    self.steps_per_epoch = math.ceil(self.train_images.shape[0] / config["batch_size"])
+    self.steps_per_epoch = math.ceil(self.train_images.shape[0] / run.batch_size)
     self.progress = log.ProgressBar(
-      self.steps_per_epoch, enabled=config["progress_bar"] and not self.over_seeds
+      self.steps_per_epoch, enabled=run.progress_bar and not self.over_seeds
     )
 
   def compile(self) -> dict[str, float]:
     """Compiles the train epoch and evaluation for the pending seeds' shapes; returns seconds."""
-    config, programs, pending = self.config, self.programs, self.pending
+    run, programs, pending = self.run, self.programs, self.pending
     progress = self.progress.update if self.progress.enabled else None
     train_epoch = steps.make_train_epoch(
       programs.train_graphdef,
       programs.tx,
-      config["batch_size"],
-      shuffle=config["shuffle"],
+      run.batch_size,
+      shuffle=run.shuffle,
       progress=progress,
       over_seeds=self.over_seeds,
       mesh=self.mesh,
       loss_fn=programs.loss_fn,
     )
     evaluate = steps.make_evaluate(
-      programs.eval_graphdef, config["eval_batch_size"], over_seeds=self.over_seeds, mesh=self.mesh
+      programs.eval_graphdef, run.eval_batch_size, over_seeds=self.over_seeds, mesh=self.mesh
     )
     if self.over_seeds:
       example, example_key = self._stacked_states()
@@ -90,16 +93,11 @@ class _Trainer:
       example, example_key = pending[0].state, self.keys[pending[0].seed]
     started = time.perf_counter()
     self.train_epoch = train_epoch.lower(
-      example["params"],
-      example["model_state"],
-      example["opt_state"],
-      self.train_images,
-      self.train_labels,
-      example_key,
+      example, self.train_images, self.train_labels, example_key
     ).compile()
     compiled_train = time.perf_counter()
     self.evaluate = evaluate.lower(
-      example["params"], example["model_state"], self.test_images, self.test_labels
+      example.params, example.model_state, self.test_images, self.test_labels
     ).compile()
     seconds = {
       "train_epoch": compiled_train - started,
@@ -107,26 +105,19 @@ class _Trainer:
     }
     together = f" for {len(pending)} seeds at once" if self.over_seeds else ""
     self.say(
-      f"compiled the train epoch ({self.steps_per_epoch} steps of {config['batch_size']}) "
+      f"compiled the train epoch ({self.steps_per_epoch} steps of {run.batch_size}) "
       f"and evaluation{together} in {sum(seconds.values()):.1f} s"
     )
     return seconds
 
-  def timed_epoch(self, state: State, keys: jax.Array) -> tuple:
+  def timed_epoch(self, state: TrainState, keys: jax.Array) -> tuple:
     """One epoch of training and evaluation: (state, train metrics, val metrics, timings)."""
     started = time.perf_counter()
-    params, model_state, opt_state, train_metrics = self.train_epoch(
-      state["params"],
-      state["model_state"],
-      state["opt_state"],
-      self.train_images,
-      self.train_labels,
-      keys,
-    )
+    state, train_metrics = self.train_epoch(state, self.train_images, self.train_labels, keys)
     train_metrics = sharding.to_host(train_metrics)  # Waits for the epoch.
     trained = time.perf_counter()
     val_metrics = sharding.to_host(
-      self.evaluate(params, model_state, self.test_images, self.test_labels)
+      self.evaluate(state.params, state.model_state, self.test_images, self.test_labels)
     )
     finished = time.perf_counter()
     timings = {
@@ -135,20 +126,19 @@ class _Trainer:
       "eval_seconds": finished - trained,
       "parallel_seeds": len(self.pending) if self.over_seeds else 1,
     }
-    new_state = {"params": params, "model_state": model_state, "opt_state": opt_state}
-    return new_state, train_metrics, val_metrics, timings
+    return state, train_metrics, val_metrics, timings
 
-  def run(self) -> None:
+  def train(self) -> None:
     """Trains every pending seed; on SIGINT/SIGTERM waits for what is being saved and raises
     ``Interrupted`` saying which epoch is saved and how to resume."""
     try:
       self.run_vmapped() if self.over_seeds else self.run_looped()
     except KeyboardInterrupt as interrupt:
       exit_code = getattr(interrupt, "exit_code", 130)
-      run, epoch = self.current
+      seed_run, epoch = self.current
       step = f", step {self.progress.last_step} of {self.steps_per_epoch}"
       where = f"epoch {epoch}{step if self.progress.last_step else ''}"
-      seed = f" (seed {run.seed})" if len(self.runs) > 1 else ""
+      seed = f" (seed {seed_run.seed})" if len(self.runs) > 1 else ""
       saved = f"epoch {epoch - 1} is saved" if epoch > 1 else "no epoch is saved yet"
       raise Interrupted(
         f"interrupted at {where}{seed}: {saved}; rerun the same command to resume", exit_code
@@ -158,129 +148,172 @@ class _Trainer:
 
   def run_looped(self) -> None:
     """Each pending seed after the other, through the same compiled epoch."""
-    graphdef = self.programs.train_graphdef
-    for run in self.pending:
-      state = run.state
-      for epoch in range(run.start_epoch + 1, self.num_epochs + 1):
-        self.current = (run, epoch)
+    for seed_run in self.pending:
+      state = seed_run.state
+      for epoch in range(seed_run.start_epoch + 1, self.num_epochs + 1):
+        self.current = (seed_run, epoch)
         self.progress.start(epoch, self.num_epochs)
-        key = jax.random.fold_in(self.keys[run.seed], epoch)
+        key = jax.random.fold_in(self.keys[seed_run.seed], epoch)
         state, train_metrics, val_metrics, timings = self.timed_epoch(state, key)
         self.progress.close()
-        self._report(
-          run, run.finish_epoch(epoch, state, train_metrics, val_metrics, timings, graphdef)
-        )
-        if run.stopped:
+        self._finish_epoch(seed_run, epoch, state, train_metrics, val_metrics, timings)
+        if seed_run.stopped:
           break
 
-  def _stacked_states(self) -> tuple[State, jax.Array]:
+  def _stacked_states(self) -> tuple[TrainState, jax.Array]:
     """The pending seeds' states and shuffle keys stacked on a leading axis, split over the
     mesh's ``seed`` axis."""
-    states = _stack([run.state for run in self.pending])
-    keys = _stack([self.keys[run.seed] for run in self.pending])
+    states = _stack([seed_run.state for seed_run in self.pending])
+    keys = _stack([self.keys[seed_run.seed] for seed_run in self.pending])
     return sharding.split_seeds(states, self.mesh), sharding.split_seeds(keys, self.mesh)
 
   def run_vmapped(self) -> None:
     """Every pending seed in one vmapped epoch (they all start at the same epoch)."""
-    pending, graphdef = self.pending, self.programs.train_graphdef
+    pending = self.pending
     states, keys = self._stacked_states()
     for epoch in range(pending[0].start_epoch + 1, self.num_epochs + 1):
       self.current = (pending[0], epoch)
       epoch_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, epoch)
       states, train_metrics, val_metrics, timings = self.timed_epoch(states, epoch_keys)
-      for index, run in enumerate(pending):
-        if run.stopped:  # Early stopping: its later epochs are computed but not kept.
+      for index, seed_run in enumerate(pending):
+        if seed_run.stopped:  # Early stopping: its later epochs are computed but not kept.
           continue
-        record = run.finish_epoch(
+        self._finish_epoch(
+          seed_run,
           epoch,
           _unstack(states, index),
           _unstack(train_metrics, index),
           _unstack(val_metrics, index),
           timings,
-          graphdef,
         )
-        self._report(run, record)
-      if all(run.stopped for run in pending):
+      if all(seed_run.stopped for seed_run in pending):
         break
 
-  def _report(self, run: SeedRun, record: dict[str, Any]) -> None:
-    prefix = f"seed {run.seed}: " if len(self.runs) > 1 else ""
+  def _finish_epoch(
+    self,
+    seed_run: SeedRun,
+    epoch: int,
+    state: TrainState,
+    train_metrics: steps.Metrics,
+    val_metrics: steps.Metrics,
+    timings: dict[str, float],
+  ) -> None:
+    """Decides what the epoch was (diverged, stopped early) and has the seed's run record it."""
+    record = _epoch_record(seed_run.seed, epoch, train_metrics, val_metrics, timings)
+    patience = self.run.early_stopping_patience
+    if patience:
+      best = history.best_record([*seed_run.history, record], self.run.best_metric)
+      if epoch - best["epoch"] >= patience:
+        record["stopped_early"] = True
+    seed_run.record_epoch(record, state, self.programs.train_graphdef)
+    prefix = f"seed {seed_run.seed}: " if len(self.runs) > 1 else ""
     self.say(prefix + log.format_epoch(record, self.num_epochs))
     if record.get("stopped_early"):
-      metric = run.config_dict["best_metric"]
-      best = history.best_record(run.history, metric)
+      metric = self.run.best_metric
+      best = history.best_record(seed_run.history, metric)
       self.say(
         f"{prefix}stopped early at epoch {record['epoch']}: no better {metric} for "
-        f"{run.config_dict['early_stopping_patience']} epochs (best at epoch {best['epoch']})"
+        f"{self.run.early_stopping_patience} epochs (best at epoch {best['epoch']})"
       )
 
 
+def _epoch_record(
+  seed: int,
+  epoch: int,
+  train_metrics: steps.Metrics,
+  val_metrics: steps.Metrics,
+  timings: dict[str, float],
+) -> EpochRecord:
+  """The epoch's history record from its summed metrics; a non-finite train loss ends the run."""
+  train, val = steps.summarize(train_metrics), steps.summarize(val_metrics)
+  if not math.isfinite(train["loss"]):
+    raise RunError(
+      f"training diverged at epoch {epoch} (seed {seed}): train_loss is {train['loss']}; lower "
+      "config.learning_rate"
+    )
+  return EpochRecord(
+    epoch=epoch,
+    train_loss=train["loss"],
+    train_accuracy=train["accuracy"],
+    val_loss=val["loss"],
+    val_accuracy=val["accuracy"],
+    seconds=timings["seconds"],
+    train_seconds=timings["train_seconds"],
+    eval_seconds=timings["eval_seconds"],
+    parallel_seeds=timings["parallel_seeds"],
+    images_per_second=timings["parallel_seeds"] * train["count"] / timings["train_seconds"],
+  )
+
+
 def _train(
-  config: Any,
-  spec: RunSpec,
+  run: RunConfig,
   directories: list[epath.Path],
   custom: Custom,
   say: Say,
   seeds_workdir: epath.Path | None = None,
-) -> list[list[dict[str, Any]]]:
-  """Trains one copy of ``spec.model`` per seed, each into its directory (the seed directories
+) -> list[list[EpochRecord]]:
+  """Trains one copy of ``run.model`` per seed, each into its directory (the seed directories
   of ``seeds_workdir``, for several seeds); returns the histories."""
   is_writer = jax.process_index() == 0
   if seeds_workdir is None:
     workdir.check_single_seed(directories[0])
   else:
     workdir.check_contained(seeds_workdir)
-  mesh = make_mesh(spec)
-  arrays, data_record = put_data(config, mesh, say)
-  steps_per_epoch = math.ceil(arrays[0].shape[0] / config["batch_size"])
+  mesh = sharding.training_mesh(run.seed_devices, run.data_devices)
+  mnist = data.load_mnist(run.data_dir or None, tfds_data_dir=run.tfds_data_dir or None)
+  say(f"data: {mnist.source}: {len(mnist.train):,} train, {len(mnist.test):,} test images")
+  arrays = (mnist.train.images, mnist.train.labels, mnist.test.images, mnist.test.labels)
+  arrays = sharding.place(arrays, mesh)
+  run = dataclasses.replace(run, data=mnist.identity(), data_source=mnist.source)
+  steps_per_epoch = math.ceil(arrays[0].shape[0] / run.batch_size)
   measured = {}
-  if spec.impl == "measure":
-    spec, measured = measure_impl(config, spec, directories, arrays, say)
-  config_dicts = [
-    custom.record({**run_config_dict(config, spec, seed), **data_record}) for seed in spec.seeds
-  ]
+  if run.impl == "measure":
+    run, measured = autotune.measure_impl(run, directories, arrays[0], arrays[1], say)
+  recorded = custom.record(run)
   if seeds_workdir is not None:
-    run = config_dicts[0]
-    workdir.check_multi_seed(seeds_workdir, spec.seeds, run, result_fields(run))
-  programs = Programs(config, spec, mesh, steps_per_epoch, custom, say, arrays[0].shape[1:])
+    record = recorded.for_seed(run.seeds[0]).to_dict()
+    workdir.check_multi_seed(seeds_workdir, run.seeds, record, result_fields(run.lr_schedule))
+  programs = Programs(run, mesh, steps_per_epoch, custom, say, arrays[0].shape[1:])
   runs: list[SeedRun] = []
   try:
-    for config_dict, directory, template in zip(config_dicts, directories, programs.templates):
-      runs.append(SeedRun(config_dict, directory, template, is_writer=is_writer, say=say))
-    trainer = _Trainer(config, spec, runs, programs, arrays, mesh, say)
+    for seed, directory, template in zip(run.seeds, directories, programs.templates):
+      seed_run = SeedRun(recorded.for_seed(seed), directory, template, is_writer=is_writer, say=say)
+      runs.append(seed_run)
+    trainer = _Trainer(run, runs, programs, arrays, mesh, say)
     if not trainer.pending:
-      _say_nothing_to_train(runs, config["num_epochs"], say)
-      return [run.history for run in runs]
+      _say_nothing_to_train(runs, run.num_epochs, say)
+      return [seed_run.history for seed_run in runs]
     compile_seconds = trainer.compile()
-    for run in trainer.pending:
-      run.begin()
+    for seed_run in trainer.pending:
+      seed_run.begin()
       if is_writer:
         workdir.write_run(
-          run.workdir,
+          seed_run.workdir,
           {
-            "start_epoch": run.start_epoch,
+            "start_epoch": seed_run.start_epoch,
             "compile_seconds": compile_seconds,
-            "seed_parallelism": spec.seed_parallelism,
+            "seed_parallelism": run.seed_parallelism,
             "compiled_once_for_seeds": [other.seed for other in trainer.pending],
-            "resolved": spec.to_dict(),
-            **data_record,
+            "resolved": run.resolved(),
+            "data": run.data,
+            "data_source": run.data_source,
             **({"impl_seconds_per_step": measured} if measured else {}),
             "mesh": sharding.mesh_shape(mesh) if mesh is not None else {"seed": 1, "data": 1},
             **log.environment(),
           },
         )
-    trainer.run()
+    trainer.train()
   finally:
-    for run in runs:
-      run.close()
-  return [run.history for run in runs]
+    for seed_run in runs:
+      seed_run.close()
+  return [seed_run.history for seed_run in runs]
 
 
 def _say_nothing_to_train(runs: list[SeedRun], num_epochs: int, say: Say) -> None:
-  for run in runs:
-    done = "stopped early" if run.stopped else f"holds {run.start_epoch} epochs"
+  for seed_run in runs:
+    done = "stopped early" if seed_run.stopped else f"holds {seed_run.start_epoch} epochs"
     say(
-      f"nothing to train: {run.workdir} {done} (config.num_epochs is {num_epochs}); raise "
+      f"nothing to train: {seed_run.workdir} {done} (config.num_epochs is {num_epochs}); raise "
       "--config.num_epochs to train further"
     )
 
@@ -295,7 +328,7 @@ def _sayer(print_fn: Say | None) -> Say:
 CHANCE_ACCURACY = 0.1  # Ten balanced classes.
 
 
-def _say_best(records: list[dict[str, Any]], say: Say, prefix: str = "") -> None:
+def _say_best(records: list[EpochRecord], say: Say, prefix: str = "") -> None:
   """The best epoch; a warning when it is no better than guessing (a finite divergence)."""
   if not records:
     return
@@ -315,7 +348,7 @@ def train_and_evaluate(
   print_fn: Say | None = print,
   optimizer: optax.GradientTransformation | None = None,
   loss_fn: steps.LossFn | None = None,
-) -> list[dict[str, Any]]:
+) -> list[EpochRecord]:
   """Trains ``config.model`` from ``config.seed`` for ``config.num_epochs``, validating on the
   test set after each epoch. (Several seeds: ``train_seeds``.)
 
@@ -330,13 +363,12 @@ def train_and_evaluate(
   -> per-example losses`` replaces cross-entropy (for training and the val loss). config.json
   then records "custom" for them.
   """
-  spec = resolve(config)
-  if len(spec.seeds) > 1:
-    raise ConfigError(f"config trains seeds {list(spec.seeds)}: use train_seeds for several seeds")
+  run = resolve(config)
+  if len(run.seeds) > 1:
+    raise ConfigError(f"config trains seeds {list(run.seeds)}: use train_seeds for several seeds")
   say = _sayer(print_fn)
-  spec = RunSpec(**{**spec.to_dict(), "seeds": (config["seed"],), "seed_parallelism": "loop"})
-  custom = Custom(optimizer, loss_fn)
-  [records] = _train(config, spec, [epath.Path(workdir)], custom, say)
+  run = dataclasses.replace(run, seed_parallelism="loop")  # One seed: nothing to vmap over.
+  [records] = _train(run, [epath.Path(workdir)], Custom(optimizer, loss_fn), say)
   _say_best(records, say)
   return records
 
@@ -348,7 +380,7 @@ def train_seeds(
   print_fn: Say | None = print,
   optimizer: optax.GradientTransformation | None = None,
   loss_fn: steps.LossFn | None = None,
-) -> dict[int, list[dict[str, Any]]]:
+) -> dict[int, list[EpochRecord]]:
   """Trains ``config.model`` from each seed of ``config.seed_list(config)``, compiling once.
 
   Each seed gets a full single-seed workdir, ``workdir/seed_<seed>/`` (the same files, history
@@ -357,26 +389,24 @@ def train_seeds(
   (``history.aggregate_seeds``). ``config.seed_parallelism`` picks vmap or loop. Returns
   {seed: history}. ``optimizer``, ``loss_fn``: as ``train_and_evaluate``.
   """
-  spec = resolve(config)
+  run = resolve(config)
   say = _sayer(print_fn)
-  say(f"seeds {', '.join(map(str, spec.seeds))} ({spec.seed_parallelism})")
-  directories = [workdir.seed_dir(workdir_path, seed) for seed in spec.seeds]
-  histories = _train(
-    config, spec, directories, Custom(optimizer, loss_fn), say, workdir.path(workdir_path)
-  )
-  by_seed = dict(zip(spec.seeds, histories))
+  say(f"seeds {', '.join(map(str, run.seeds))} ({run.seed_parallelism})")
+  directories = [workdir.seed_dir(workdir_path, seed) for seed in run.seeds]
+  histories = _train(run, directories, Custom(optimizer, loss_fn), say, workdir.path(workdir_path))
+  by_seed = dict(zip(run.seeds, histories))
   for seed, records in by_seed.items():
     _say_best(records, say, prefix=f"seed {seed}: ")
   aggregate = history.aggregate_seeds(by_seed)
   if jax.process_index() == 0:
     workdir.write_seeds(
       workdir_path,
-      {"model": spec.model, "seed_parallelism": spec.seed_parallelism, **aggregate},
+      {"model": run.model, "seed_parallelism": run.seed_parallelism, **aggregate},
     )
   best = aggregate["best_val_accuracy"]
   if best:
     say(
-      f"best val_accuracy over {len(spec.seeds)} seeds: {best['mean']:.4f} ± {best['std']:.4f} "
+      f"best val_accuracy over {len(run.seeds)} seeds: {best['mean']:.4f} ± {best['std']:.4f} "
       f"(min {best['min']:.4f}, max {best['max']:.4f})"
     )
   return by_seed
