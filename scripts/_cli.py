@@ -244,26 +244,27 @@ def _debugging(argv: Sequence[str] | None = None) -> bool:
 
 def _parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, with every error one line (exit 2) instead of absl's FATAL message or a
-  traceback from inside ml_collections: config files are loaded and their overrides checked
-  first, with the project's messages."""
-  configs: dict[str, Any] = {}
+  traceback from inside ml_collections. Each config-file flag parses through
+  ``_ConfigFileParser``: its file runs once, with the project's messages, and the
+  ``--<flag>.<field>`` overrides are checked against it before ml_collections applies them."""
+  parsers = _install_config_parsers(argv)
   previous = signal.signal(signal.SIGINT, _interrupted)  # Ctrl-C: 130, a config's raise: 2.
   try:
-    configs = _check_config_flags(argv)
     return flags.FLAGS(argv)
   except Interrupted as interrupt:
     if _debugging(argv):
       raise
     print(str(interrupt), file=sys.stderr)
     sys.exit(interrupt.exit_code)
-  except FlaxMnistError as error:
+  except _BadConfigFile as bad:
     if _debugging(argv):
-      raise
-    fail(str(error), error.exit_code)
+      raise bad.error from None
+    fail(str(bad.error), bad.error.exit_code)
   except flags.Error as error:
     if _debugging(argv):
       raise
-    fail(_flag_error(error, configs))
+    loaded = {name: p.loaded for name, p in parsers.items() if p.loaded is not None}
+    fail(_flag_error(error, loaded))
   except Exception as error:  # ml_collections raises plain exceptions while parsing.
     if _debugging(argv):
       raise
@@ -272,35 +273,54 @@ def _parse_flags(argv: list[str]) -> list[str]:
     signal.signal(signal.SIGINT, previous)
 
 
-def _check_config_flags(argv: Sequence[str]) -> dict[str, Any]:
-  """Loads the file of each config-file flag given in ``argv`` (a missing file, a syntax error,
-  no get_config(), a misspelt field, a file that exits: one line) and checks every
-  ``--<flag>.<field>`` override names a field it has. Returns {flag name: its config}."""
+class _BadConfigFile(Exception):
+  """A config file's one-line error, carried through absl (which would turn a ValueError, as
+  ConfigError is, into its own message)."""
+
+  def __init__(self, error: FlaxMnistError):
+    super().__init__(str(error))
+    self.error = error
+
+
+class _ConfigFileParser(config_flags.ConfigFileFlagParser):
+  """ml_collections' parser of a config-file flag, loading through the project's loader (one
+  line for every failure) and checking the overrides given in ``argv`` name fields of it."""
+
+  def __init__(self, flag: flags.Flag, argv: Sequence[str]):
+    super().__init__(flag.name, lock_config=True)
+    self.flag, self.argv, self.loaded = flag, list(argv), None
+
+  def parse(self, value: str) -> Any:
+    try:
+      config = _load_config(self.flag.name, value, super().parse)
+      path = value.partition(":")[0]
+      for arg in self.argv:
+        match = re.match(rf"--?(?:no)?{re.escape(self.flag.name)}\.([^=]+)", arg)
+        if match:
+          _check_field(self.flag.name, path, config, match.group(1))
+    except FlaxMnistError as error:
+      raise _BadConfigFile(error) from None
+    self.loaded = config
+    config.lock()  # As ml_collections locks it: an override of no field is refused.
+    return config
+
+
+def _install_config_parsers(argv: Sequence[str]) -> dict[str, _ConfigFileParser]:
+  """Gives every config-file flag a ``_ConfigFileParser`` for this command line."""
   argv = list(argv[1 : argv.index("--")] if "--" in argv else argv[1:])
-  configs = {}
+  parsers = {}
   for name in list(flags.FLAGS):
     flag = flags.FLAGS[name]
-    if not (
-      config_flags.is_config_flag(flag)
-      and isinstance(flag.parser, config_flags.ConfigFileFlagParser)
+    if config_flags.is_config_flag(flag) and isinstance(
+      flag.parser, config_flags.ConfigFileFlagParser
     ):
-      continue
-    value = _flag_argument(argv, name)
-    if value is None:  # Not given: absl says so.
-      continue
-    path = value.partition(":")[0]
-    config = _load_config(flag, value)
-    configs[name] = config
-    for arg in argv:
-      match = re.match(rf"--?(?:no)?{re.escape(name)}\.([^=]+)", arg)
-      if match:
-        _check_field(name, path, config, match.group(1))
-  return configs
+      flag.parser = parsers[name] = _ConfigFileParser(flag, argv)
+  return parsers
 
 
-def _load_config(flag: flags.Flag, value: str) -> Any:
-  """The config ``--<flag>=value`` names, loaded as absl will load it next, every failure one
-  line: ``path`` through the project's loader, ``path:arg`` through the flag's own parser, which
+def _load_config(name: str, value: str, parse_with_argument: Callable[[str], Any]) -> Any:
+  """The config ``--<name>=value`` names, every failure one line: ``path`` through the
+  project's loader, ``path:arg`` through ml_collections' (``parse_with_argument``), which
   passes ``arg`` to ``get_config``. A file that raises SystemExit or KeyboardInterrupt while it
   loads is a broken config file (exit 2), not a request to stop with nothing said."""
   path, colon, arg = value.partition(":")
@@ -309,16 +329,16 @@ def _load_config(flag: flags.Flag, value: str) -> Any:
       return load_config_file(path)
     if not os.path.isfile(path):
       load_config_file(path)  # Raises its one line: no such config file.
-    config = flag.parser.parse(value)
+    config = parse_with_argument(value)
   except (FlaxMnistError, Interrupted):  # Interrupted: a real Ctrl-C (``_interrupted``).
     raise
   except (TypeError, ValueError) as error:  # ml_collections re-raises them with traceback text.
     cause = error.__context__ or error
     if isinstance(cause, TypeError) and not _raised_in(cause, path):  # The call itself failed.
       raise ConfigError(
-        f"--{flag.name}={value}: ml_collections passes '{arg}' to get_config(), which cannot "
-        f"take it ({_first_line(cause)}); expected --{flag.name}={path}, with fields set as "
-        f"--{flag.name}.<field>=value"
+        f"--{name}={value}: ml_collections passes '{arg}' to get_config(), which cannot "
+        f"take it ({_first_line(cause)}); expected --{name}={path}, with fields set as "
+        f"--{name}.<field>=value"
       ) from None
     raise ConfigError(config_file_raised(path, cause, f"get_config({arg!r})")) from None
   except (Exception, SystemExit, KeyboardInterrupt) as error:  # The file itself raised.
@@ -333,19 +353,6 @@ def _raised_in(error: BaseException, path: str) -> bool:
   return any(
     os.path.abspath(frame.filename) == target for frame in traceback.extract_tb(error.__traceback__)
   )
-
-
-def _flag_argument(argv: Sequence[str], name: str) -> str | None:
-  """The value given to flag ``name`` in ``argv`` (``--name=value`` or ``--name value``)."""
-  value = None
-  for index, arg in enumerate(argv):
-    match = re.fullmatch(rf"--?{re.escape(name)}(=(.*))?", arg)
-    if match:
-      if match.group(1) is not None:
-        value = match.group(2)
-      elif index + 1 < len(argv):
-        value = argv[index + 1]
-  return value
 
 
 def _check_field(flag: str, path: str, config: Any, field: str) -> None:

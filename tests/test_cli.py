@@ -156,6 +156,22 @@ def test_a_config_file_that_exits_or_refuses_its_argument_is_one_line_and_trains
   assert not workdir.exists()
 
 
+def test_a_config_file_runs_once_per_command(tmp_path):
+  runs = tmp_path / "runs.txt"
+  config = tmp_path / "counted.py"
+  config.write_text(
+    "import pathlib\n\nfrom flax_mnist.config import default_config\n\n\n"
+    "def get_config():\n"
+    f"  with pathlib.Path({str(runs)!r}).open('a') as file:\n"
+    "    file.write('run\\n')\n"
+    "  return default_config()\n"
+  )
+  # An unknown model is refused after the flags are parsed, before anything is trained.
+  result = _run("train.py", f"--config={config}", "--workdir", tmp_path / "w", "--config.model=vgg")
+  _assert_one_line(result, 2, r"error: config.model 'vgg': .*")
+  assert runs.read_text() == "run\n"  # It ran twice: once to check, once through absl.
+
+
 def test_ctrl_c_while_a_config_file_loads_is_an_interruption_not_a_config_error(tmp_path):
   started = tmp_path / "started"
   config = tmp_path / "slow.py"

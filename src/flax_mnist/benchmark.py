@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -140,10 +140,10 @@ def benchmark_seeds(
   parallelism = config_lib.resolve_seed_parallelism(config.seed_parallelism)
   if parallelism == "vmap" and config.dropout_rng_impl == "auto":
     config.dropout_rng_impl = "threefry2x32"  # rbg is not vmap-invariant (config.resolve).
+  resolved = config_lib.resolve(config)
   with tempfile.TemporaryDirectory(prefix=f"benchmark_seeds_{model}_") as directory:
     histories = list(train.train_seeds(config, directory, print_fn=None).values())
-    first_seed = config_lib.seed_list(config)[0]
-    run = workdir.read_json(workdir.seed_dir(directory, first_seed) / workdir.RUN_FILE)
+    run = workdir.read_json(workdir.seed_dir(directory, resolved.seeds[0]) / workdir.RUN_FILE)
   if parallelism == "vmap":
     group = [{"seconds": record["seconds"]} for record in histories[0]]
   else:
@@ -155,7 +155,7 @@ def benchmark_seeds(
     "model": model,
     "num_seeds": num_seeds,
     "seed_parallelism": parallelism,
-    "dropout_rng_impl": config_lib.resolve_dropout_rng_impl(config.dropout_rng_impl),
+    "dropout_rng_impl": resolved.dropout_rng_impl,
     "compile_seconds": sum(run["compile_seconds"].values()),
     "seeds_epoch_seconds": _steady_median(group, "seconds"),
     "peak_host_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -173,58 +173,19 @@ def _run_json_subprocess(command: Sequence[str], payload: dict[str, Any], what: 
   return json.loads(lines[-1])
 
 
-def _in_subprocess(function: str, payload: dict[str, Any], what: str) -> dict[str, Any]:
-  """``benchmark.<function>(**payload)`` in a fresh Python process (its own compile cache and
-  peak memory)."""
+def in_subprocess(
+  function: Callable[..., dict[str, Any]], config: Mapping[str, Any], epochs: int, **arguments: Any
+) -> dict[str, Any]:
+  """``function(config, epochs, **arguments)`` (``benchmark_model``, ``benchmark_seeds``) in a
+  fresh Python process: its own compile cache and peak memory."""
+  payload = {"config": config_lib.config_to_dict(config), "epochs": epochs, **arguments}
+  what = f"{function.__name__} of {config['model']}"
   code = (
     "import json, sys; from absl import logging; logging.set_verbosity(logging.WARNING); "
     "from flax_mnist import benchmark; "
-    f"print(json.dumps(benchmark.{function}(**json.load(sys.stdin))))"
+    f"print(json.dumps(benchmark.{function.__name__}(**json.load(sys.stdin))))"
   )
   return _run_json_subprocess([sys.executable, "-c", code], payload, what)
-
-
-def _payload(
-  config: Mapping[str, Any],
-  epochs: int,
-  data_dir: str | None,
-  overrides: Mapping[str, Any] | None,
-  **more: Any,
-) -> dict[str, Any]:
-  """The JSON a benchmark subprocess gets: the config as a plain dict and the run's settings."""
-  config_dict = config_lib.config_to_dict(config)
-  return {
-    "config": config_dict,
-    "epochs": epochs,
-    "data_dir": data_dir,
-    "overrides": overrides,
-    **more,
-  }
-
-
-def run_project(
-  config: Mapping[str, Any],
-  epochs: int,
-  data_dir: str | None = None,
-  overrides: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-  """``benchmark_model`` in a fresh Python process."""
-  payload = _payload(config, epochs, data_dir, overrides)
-  return _in_subprocess("benchmark_model", payload, f"benchmark of {config['model']}")
-
-
-def run_seeds(
-  config: Mapping[str, Any],
-  epochs: int,
-  num_seeds: int,
-  data_dir: str | None = None,
-  overrides: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-  """``benchmark_seeds`` in a fresh Python process."""
-  payload = _payload(config, epochs, data_dir, overrides, num_seeds=num_seeds)
-  return _in_subprocess(
-    "benchmark_seeds", payload, f"{num_seeds}-seed benchmark of {config['model']}"
-  )
 
 
 def run_keras(
@@ -267,14 +228,23 @@ def run(
     "models": {},
   }
   for name in models_to_run:
-    measured = run_project(configs[name], epochs, data_dir, overrides)
+    measured = in_subprocess(
+      benchmark_model, configs[name], epochs, data_dir=data_dir, overrides=overrides
+    )
     measured["fraction_of_matmul_peak"] = (
       measured["gflops_per_second"] / result["matmul_peak_gflops"]
     )
     result["models"][name] = measured
     if num_seeds > 1:
       seed_overrides = {**(overrides or {}), "seed_parallelism": seed_parallelism}
-      seeds = run_seeds(configs[name], epochs, num_seeds, data_dir, seed_overrides)
+      seeds = in_subprocess(
+        benchmark_seeds,
+        configs[name],
+        epochs,
+        num_seeds=num_seeds,
+        data_dir=data_dir,
+        overrides=seed_overrides,
+      )
       seeds["ratio_to_one_seed"] = seeds["seeds_epoch_seconds"] / measured["epoch_seconds"]
       measured["seeds"] = seeds
   if baseline == "keras":

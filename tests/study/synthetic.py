@@ -40,7 +40,7 @@ def synthetic_results(names, seeds=3, epochs=4):
       histories[str(seed)] = make_history(accuracies.tolist(), seconds=1.0 + index)
     results["models"][name] = {
       "facts": stats.model_facts(name),
-      "config": {"batch_size": 512, "learning_rate": 1e-3},
+      "config": {"batch_size": 512, "learning_rate": 1e-3, "optimizer": "keras_adam"},
       "compile_seconds": 3.0,
       "seed_parallelism": "loop",
       "wall_seconds": 100.0,

@@ -59,7 +59,7 @@ def _pair_sentence(row: Mapping[str, Any] | None) -> str:
 # The sections: (results, figures) -> paragraphs.
 
 
-# config.optimizer as the report names it (results of runs before the field: optax's adam).
+# config.optimizer as the report names it.
 OPTIMIZER_NAMES = {"adam": "Adam", "keras_adam": "Adam as Keras computes it (keras_adam)"}
 
 
@@ -70,13 +70,25 @@ def _settings(results: Results, figures: Figures) -> list[str]:
   return [
     f"Models {', '.join(results['models'])}; seeds {', '.join(map(str, settings['seeds']))}; "
     f"{settings['num_epochs']} epochs; batch {config['batch_size']}, "
-    f"{OPTIMIZER_NAMES.get(config.get('optimizer', 'adam'), config.get('optimizer'))} lr "
+    f"{OPTIMIZER_NAMES.get(config['optimizer'], config['optimizer'])} lr "
     f"{config['learning_rate']}, validation on the 10,000 test images after every epoch (as the "
     f"notebook). {log.describe_hardware(environment)}; platform {environment['platform']}; jax "
     f"{versions['jax']}, flax {versions['flax']}, optax {versions['optax']}. Seeds trained by "
     f"{', '.join(figures['seed_parallelisms'])} (each seed's run equals its single-seed run). "
     "Mean ± std (sample std) over seeds; every per-seed, per-epoch figure is in results.json."
   ]
+
+
+_GAP_NOTE = (
+  "Train accuracy is the running accuracy over the epoch with dropout active (as Keras reports "
+  "it), so a negative gap does not mean the model fits the test set better than the training "
+  "set."
+)
+_COST_NOTE = (
+  "An epoch is training on 60,000 images plus evaluating 10,000; the median is over epochs 2 "
+  "onwards of every seed; compilation happens once per model for all its seeds and is not in "
+  "the epoch times. Wall time includes loading the data, compiling, checkpoints and logs."
+)
 
 
 def _accuracy(results: Results, figures: Figures) -> list[str]:
@@ -106,12 +118,7 @@ def _accuracy(results: Results, figures: Figures) -> list[str]:
         ),
       ]
     )
-  return [
-    table(header, rows),
-    "Train accuracy is the running accuracy over the epoch with dropout active (as Keras reports "
-    "it), so a negative gap does not mean the model fits the test set better than the training "
-    "set.",
-  ]
+  return [table(header, rows), _GAP_NOTE]
 
 
 def _cost(results: Results, figures: Figures) -> list[str]:
@@ -135,12 +142,7 @@ def _cost(results: Results, figures: Figures) -> list[str]:
         seconds(entry["wall_seconds"]),
       ]
     )
-  return [
-    table(header, rows),
-    "An epoch is training on 60,000 images plus evaluating 10,000; the median is over epochs 2 "
-    "onwards of every seed; compilation happens once per model for all its seeds and is not in "
-    "the epoch times. Wall time includes loading the data, compiling, checkpoints and logs.",
-  ]
+  return [table(header, rows), _COST_NOTE]
 
 
 def _plots(results: Results, figures: Figures) -> list[str]:
