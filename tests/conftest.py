@@ -1,17 +1,24 @@
-"""Shared fixtures: small IDX datasets written to a tmp dir, and the real MNIST directory."""
+"""Shared fixtures and helpers: small IDX datasets written to a tmp dir, the real MNIST directory,
+a small training config, a history without its timings, and a script run as a user runs it."""
 
 from __future__ import annotations
 
 import gzip
 import os
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
+import ml_collections
 import numpy as np
 import pytest
 
+from flax_mnist import config as config_lib
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_REAL_DATA_DIR = REPO_ROOT.parent / "shared" / "datasets" / "mnist"
+TIMING_KEYS = {"seconds", "train_seconds", "eval_seconds", "images_per_second", "parallel_seeds"}
 
 
 def write_idx(path: Path, array: np.ndarray, *, compress: bool = False) -> Path:
@@ -46,6 +53,37 @@ def write_mnist_dir(
     write_idx(directory / f"{split}-images-idx3-ubyte{suffix}", images, compress=compress)
     write_idx(directory / f"{split}-labels-idx1-ubyte{suffix}", labels, compress=compress)
   return directory
+
+
+def small_config(idx_dir, **overrides) -> ml_collections.ConfigDict:
+  config = config_lib.default_config()
+  config.model = "mlp"
+  config.data_dir = str(idx_dir)
+  config.batch_size = 64
+  config.eval_batch_size = 32
+  config.num_epochs = 2
+  config.progress_bar = False
+  config.update(overrides)
+  return config
+
+
+def without_timing(history):
+  """A history's records without their timings (``TIMING_KEYS``): what two runs must share."""
+  return [
+    {key: value for key, value in record.items() if key not in TIMING_KEYS} for record in history
+  ]
+
+
+def run_script(*args, env=None):
+  environment = {**os.environ, **(env or {})}
+  return subprocess.run(
+    [sys.executable, str(REPO_ROOT / "scripts" / args[0]), *args[1:]],
+    capture_output=True,
+    text=True,
+    env=environment,
+    cwd=REPO_ROOT,
+    timeout=600,
+  )
 
 
 @pytest.fixture

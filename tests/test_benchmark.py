@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import run_script
 from flax import nnx
-from test_integration import run_script
 
 from flax_mnist import FlaxMnistError, benchmark, models
 
@@ -69,6 +69,7 @@ def test_markdown_shows_the_keras_ratio_when_there_is_a_baseline():
   )  # 2*9*8*16*11*11 FLOPs per image.
 
 
+@pytest.mark.integration
 def test_tiny_benchmark_run_writes_json_and_tables(real_data_dir, tmp_path):
   out = tmp_path / "bench.json"
   result = run_script(

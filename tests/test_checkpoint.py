@@ -7,7 +7,7 @@ import gc
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_train import small_config
+from conftest import small_config
 
 from flax_mnist import checkpoint, data, evaluation, train
 from flax_mnist.errors import CheckpointError

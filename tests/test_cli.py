@@ -19,10 +19,11 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO_ROOT, write_mnist_dir
-from test_train import small_config
+from conftest import REPO_ROOT, small_config, write_mnist_dir
 
 from flax_mnist import train
+
+pytestmark = pytest.mark.integration
 
 SCRIPTS = REPO_ROOT / "scripts"
 MLP = str(REPO_ROOT / "configs" / "mlp.py")

@@ -17,10 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO_ROOT, write_idx, write_mnist_dir
-from test_train import small_config
+from conftest import REPO_ROOT, small_config, write_idx, write_mnist_dir
 
 from flax_mnist import checkpoint, train, workdir
+
+pytestmark = pytest.mark.integration
 
 # Root writes through any file mode: drop that capability for the not-writable cases.
 _SETPRIV = shutil.which("setpriv")

@@ -1,4 +1,4 @@
-"""Tests for flax_mnist.report and evaluate.py's --report and --predict."""
+"""Tests for flax_mnist.evaluation and evaluate.py's --report and --predict."""
 
 from __future__ import annotations
 
@@ -6,9 +6,8 @@ import json
 
 import numpy as np
 import pytest
+from conftest import run_script, small_config
 from PIL import Image
-from test_integration import run_script
-from test_train import small_config
 
 from flax_mnist import data, evaluation, train
 from flax_mnist.errors import DatasetError
@@ -95,6 +94,7 @@ def test_light_background_tells_a_dark_digit_on_white():
   assert evaluation.light_background(touching[None, ..., None]) is None
 
 
+@pytest.mark.integration
 def test_evaluate_report_and_predict_from_the_command_line(idx_dir, tmp_path):
   workdir = tmp_path / "run"
   history = train.train_and_evaluate(small_config(idx_dir, num_epochs=3), workdir, print_fn=None)

@@ -3,29 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
-from conftest import REPO_ROOT, write_mnist_dir
+from conftest import run_script, write_mnist_dir
 
 from flax_mnist import checkpoint, data, evaluation, train
 from flax_mnist.config import default_config
 
 pytestmark = pytest.mark.integration
-
-
-def run_script(*args, env=None):
-  environment = {**os.environ, **(env or {})}
-  return subprocess.run(
-    [sys.executable, str(REPO_ROOT / "scripts" / args[0]), *args[1:]],
-    capture_output=True,
-    text=True,
-    env=environment,
-    cwd=REPO_ROOT,
-    timeout=600,
-  )
 
 
 def test_real_mnist_loads_with_the_documented_shapes(real_data_dir):

@@ -14,7 +14,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import REPO_ROOT
+
+pytestmark = pytest.mark.integration
 
 TPU_VM = REPO_ROOT / "scripts" / "launch" / "tpu_vm.sh"
 SLURM = REPO_ROOT / "scripts" / "launch" / "slurm.sbatch"

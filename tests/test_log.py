@@ -6,8 +6,8 @@ import io
 import struct
 
 import pytest
+from conftest import small_config
 from tensorboardX.proto import event_pb2
-from test_train import small_config
 
 from flax_mnist import log, train
 

@@ -14,17 +14,13 @@ import sys
 import time
 
 import pytest
-from conftest import REPO_ROOT
-from test_train import TIMING_KEYS, small_config
+from conftest import REPO_ROOT, small_config, without_timing
 
 from flax_mnist import checkpoint, train, workdir
 from flax_mnist.errors import CheckpointError, RunError, WorkdirError
 
 
-def _metrics(records):
-  return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
-
-
+@pytest.mark.integration  # Several epochs of several runs: too slow for the fast tier.
 def test_a_failed_history_write_leaves_no_gap_on_resume(idx_dir, tmp_path, monkeypatch):
   straight = train.train_and_evaluate(
     small_config(idx_dir, num_epochs=3), tmp_path / "a", print_fn=None
@@ -51,14 +47,15 @@ def test_a_failed_history_write_leaves_no_gap_on_resume(idx_dir, tmp_path, monke
     small_config(idx_dir, num_epochs=3), run, print_fn=lines.append
   )
   assert any("rebuilt" in line and "history.json from the checkpoint" in line for line in lines)
-  assert _metrics(resumed) == _metrics(straight)  # Epochs 1, 2, 3: no hole.
-  assert _metrics(json.loads((run / "history.json").read_text())) == _metrics(straight)
+  assert without_timing(resumed) == without_timing(straight)  # Epochs 1, 2, 3: no hole.
+  assert without_timing(json.loads((run / "history.json").read_text())) == without_timing(straight)
   # A deleted history.json (as a damaged one's error advises) is rebuilt the same way.
   (run / "history.json").unlink()
   again = train.train_and_evaluate(small_config(idx_dir, num_epochs=4), run, print_fn=None)
   assert [r["epoch"] for r in again] == [1, 2, 3, 4]
 
 
+@pytest.mark.integration
 def test_a_second_run_on_a_workdir_is_refused_and_a_killed_run_leaves_no_stale_lock(tmp_path):
   holder = subprocess.Popen(
     [
@@ -189,6 +186,7 @@ def test_a_finite_divergence_ends_with_a_warning(idx_dir, tmp_path):
   assert any("is near chance (0.1)" in line for line in lines), lines[-3:]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("signum, exit_code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_a_signal_saves_the_finished_epochs_and_says_how_to_resume(
   signum, exit_code, idx_dir, tmp_path
@@ -236,6 +234,7 @@ def _script(name, *args):
   )
 
 
+@pytest.mark.integration
 def test_the_cli_refuses_a_locked_workdir_and_evaluates_around_a_damaged_checkpoint(
   idx_dir, tmp_path
 ):
@@ -288,6 +287,7 @@ def _in_a_full_disk(script: str) -> list[str]:
   ]
 
 
+@pytest.mark.integration
 def test_a_full_disk_is_one_line_and_the_saved_epoch_resumes(idx_dir, tmp_path):
   # mlp's checkpoint is 1.3 MiB (params and two Adam moments), best and latest each: the
   # 3 MB disk has no room for epoch 2's, which is refused before a byte is written.
@@ -326,4 +326,6 @@ def test_a_full_disk_is_one_line_and_the_saved_epoch_resumes(idx_dir, tmp_path):
   straight = train.train_and_evaluate(
     small_config(idx_dir, num_epochs=4), tmp_path / "straight", print_fn=None
   )
-  assert _metrics(json.loads((saved / "history.json").read_text())) == _metrics(straight)
+  assert without_timing(json.loads((saved / "history.json").read_text())) == without_timing(
+    straight
+  )

@@ -11,9 +11,8 @@ import warnings
 
 import numpy as np
 import pytest
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, small_config
 from flax import nnx
-from test_train import small_config
 
 from flax_mnist import checkpoint, models, train
 from flax_mnist.errors import ConfigError
@@ -32,6 +31,7 @@ def _run(args, idx_dir, **env):
   )
 
 
+@pytest.mark.integration
 def test_a_stock_nnx_model_outside_the_package_trains_by_import_path_and_loads_fresh(
   idx_dir, tmp_path
 ):
@@ -146,6 +146,7 @@ def test_bad_optimizer_fields_are_named(field, value, message):
     config_lib.resolve(config)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("recipe", ["own_model", "adamw_warmup_cosine", "frozen_layer", "own_loss"])
 def test_each_example_runs(recipe, idx_dir, tmp_path):
   workdir = tmp_path / recipe

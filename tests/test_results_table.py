@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import shutil
 
-from test_integration import run_script
-from test_train import small_config
+import pytest
+from conftest import run_script, small_config
 
 from flax_mnist import train
+
+pytestmark = pytest.mark.integration
 
 
 def test_two_workdirs_of_one_model_keep_their_own_files(idx_dir, tmp_path):

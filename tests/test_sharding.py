@@ -11,11 +11,12 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import REPO_ROOT
-from test_train import small_config
+from conftest import REPO_ROOT, small_config
 
 from flax_mnist import checkpoint, data, evaluation, models, train
 from flax_mnist.config import resolve_impl
+
+pytestmark = pytest.mark.integration
 
 SCRIPT = str(REPO_ROOT / "scripts" / "train.py")
 

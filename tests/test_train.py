@@ -1,38 +1,17 @@
-"""Tests for flax_mnist.train: the loop, the workdir it writes, resume, several seeds."""
+"""Tests for flax_mnist.train: the loop, the workdir it writes, several seeds (one compiled
+program, looped or vmapped, resumed together), bfloat16 compute (resume: test_seed_run.py)."""
 
 from __future__ import annotations
 
 import json
-import shutil
 
-import ml_collections
 import numpy as np
 import pytest
-from conftest import write_mnist_dir
+from conftest import TIMING_KEYS, small_config, without_timing
 
 from flax_mnist import config as config_lib
 from flax_mnist import train
-from flax_mnist.errors import ConfigError, RunError, WorkdirError
-
-TIMING_KEYS = {"seconds", "train_seconds", "eval_seconds", "images_per_second", "parallel_seeds"}
-
-
-def small_config(idx_dir, **overrides) -> ml_collections.ConfigDict:
-  config = config_lib.default_config()
-  config.model = "mlp"
-  config.data_dir = str(idx_dir)
-  config.batch_size = 64
-  config.eval_batch_size = 32
-  config.num_epochs = 2
-  config.progress_bar = False
-  config.update(overrides)
-  return config
-
-
-def _without_timing(history):
-  return [
-    {key: value for key, value in record.items() if key not in TIMING_KEYS} for record in history
-  ]
+from flax_mnist.errors import ConfigError, WorkdirError
 
 
 def test_train_and_evaluate_writes_the_workdir(idx_dir, tmp_path):
@@ -58,48 +37,7 @@ def test_train_and_evaluate_writes_the_workdir(idx_dir, tmp_path):
   assert (workdir / "checkpoints" / "latest" / "2").is_dir()
 
 
-def test_resume_continues_the_history_exactly(idx_dir, tmp_path):
-  straight = train.train_and_evaluate(
-    small_config(idx_dir, num_epochs=3), tmp_path / "a", print_fn=None
-  )
-  train.train_and_evaluate(small_config(idx_dir, num_epochs=1), tmp_path / "b", print_fn=None)
-  lines = []
-  resumed = train.train_and_evaluate(
-    small_config(idx_dir, num_epochs=3), tmp_path / "b", print_fn=lines.append
-  )
-  assert any("resumed from" in line and "at epoch 1" in line for line in lines)
-  assert sum(line.startswith("epoch ") for line in lines) == 2  # Epochs 2 and 3 only.
-  assert _without_timing(resumed) == _without_timing(straight)
-  # Already done: nothing to train, the history comes back as it is.
-  again = train.train_and_evaluate(
-    small_config(idx_dir, num_epochs=3), tmp_path / "b", print_fn=None
-  )
-  assert _without_timing(again) == _without_timing(straight)
-
-
-def test_workdir_of_another_model_or_seed_is_refused(idx_dir, tmp_path):
-  train.train_and_evaluate(small_config(idx_dir, num_epochs=1), tmp_path / "run", print_fn=None)
-  with pytest.raises(ConfigError, match="holds a run with model 'mlp', config.model is 'cnn_pool'"):
-    train.train_and_evaluate(
-      small_config(idx_dir, model="cnn_pool"), tmp_path / "run", print_fn=None
-    )
-  with pytest.raises(ConfigError, match="holds a run with seed 0, config.seed is 1"):
-    train.train_and_evaluate(small_config(idx_dir, seed=1), tmp_path / "run", print_fn=None)
-
-
-def test_divergence_is_reported(idx_dir, tmp_path):
-  with pytest.raises(RunError, match="training diverged at epoch 1"):
-    train.train_and_evaluate(
-      small_config(idx_dir, learning_rate=1e30, num_epochs=1), tmp_path / "run", print_fn=None
-    )
-
-
-def _metrics_only(history):
-  return [
-    {key: value for key, value in record.items() if key not in TIMING_KEYS} for record in history
-  ]
-
-
+@pytest.mark.integration  # Several epochs of several runs: too slow for the fast tier.
 def test_looped_seeds_equal_their_single_seed_runs_and_compile_once(idx_dir, tmp_path):
   config = small_config(idx_dir, model="cnn_pool_bn", seeds=(0, 5), seed_parallelism="loop")
   lines = []
@@ -112,7 +50,8 @@ def test_looped_seeds_equal_their_single_seed_runs_and_compile_once(idx_dir, tmp
       tmp_path / f"single{seed}",
       print_fn=None,
     )
-    assert _metrics_only(histories[seed]) == _metrics_only(single)  # The same program: bit for bit.
+    # The same program: bit for bit.
+    assert without_timing(histories[seed]) == without_timing(single)
     seed_dir = tmp_path / "seeds" / f"seed_{seed}"
     assert json.loads((seed_dir / "config.json").read_text())["seed"] == seed
     assert (seed_dir / "checkpoints" / "best").is_dir()
@@ -126,6 +65,7 @@ def test_looped_seeds_equal_their_single_seed_runs_and_compile_once(idx_dir, tmp
   assert aggregate["best_val_accuracy"]["max"] == max(best)
 
 
+@pytest.mark.integration  # Several epochs of several runs: too slow for the fast tier.
 def test_vmapped_seeds_equal_their_single_seed_runs(idx_dir, tmp_path):
   # One compiled program over the seed axis: params, optimizer state, BatchNorm statistics,
   # dropout and shuffle RNGs all batched. Equal to the separate runs up to float reassociation.
@@ -140,7 +80,7 @@ def test_vmapped_seeds_equal_their_single_seed_runs(idx_dir, tmp_path):
     single = train.train_and_evaluate(
       small_config(idx_dir, seed=seed, **settings), tmp_path / f"single{seed}", print_fn=None
     )
-    for got, want in zip(_metrics_only(histories[seed]), _metrics_only(single)):
+    for got, want in zip(without_timing(histories[seed]), without_timing(single)):
       assert got.keys() == want.keys()
       for key in got:
         # Float reassociation under vmap: the train losses agree to ~1e-7; the val loss of the
@@ -150,6 +90,7 @@ def test_vmapped_seeds_equal_their_single_seed_runs(idx_dir, tmp_path):
         assert got[key] == pytest.approx(want[key], **tolerance), (seed, key)
 
 
+@pytest.mark.integration  # Several epochs of several runs: too slow for the fast tier.
 def test_vmapped_seeds_resume_and_refuse_seeds_at_different_epochs(idx_dir, tmp_path):
   settings = dict(
     model="mlp", dropout_rng_impl="threefry2x32", num_seeds=2, seed_parallelism="vmap"
@@ -162,7 +103,7 @@ def test_vmapped_seeds_resume_and_refuse_seeds_at_different_epochs(idx_dir, tmp_
     small_config(idx_dir, num_epochs=2, **settings), tmp_path / "b", print_fn=None
   )
   for seed in (0, 1):
-    assert _metrics_only(resumed[seed]) == _metrics_only(straight[seed])
+    assert without_timing(resumed[seed]) == without_timing(straight[seed])
   # Seed 1 one epoch further than seed 0: a vmapped resume cannot line them up.
   train.train_and_evaluate(
     small_config(idx_dir, seed=1, num_epochs=3, dropout_rng_impl="threefry2x32"),
@@ -175,25 +116,6 @@ def test_vmapped_seeds_resume_and_refuse_seeds_at_different_epochs(idx_dir, tmp_
     train.train_seeds(
       small_config(idx_dir, num_epochs=4, **settings), tmp_path / "b", print_fn=None
     )
-
-
-def test_a_measured_impl_is_recorded_and_reused_on_resume(idx_dir, tmp_path):
-  lines = []
-  config = small_config(idx_dir, model="cnn_pool", impl="measure", num_epochs=1)
-  train.train_and_evaluate(config, tmp_path, print_fn=lines.append)
-  run = json.loads((tmp_path / "run.json").read_text())
-  timings = run["impl_seconds_per_step"]
-  assert set(timings) == set(config_lib.impl_candidates()) and all(t > 0 for t in timings.values())
-  chosen = min(timings, key=timings.get)
-  assert json.loads((tmp_path / "config.json").read_text())["impl"] == chosen
-  assert run["resolved"]["impl"] == chosen
-  assert any(line.startswith("impl measured:") for line in lines)
-  lines.clear()
-  config.num_epochs = 2
-  train.train_and_evaluate(config, tmp_path, print_fn=lines.append)
-  assert any(f"impl {chosen} (recorded in" in line for line in lines)
-  assert not any(line.startswith("impl measured:") for line in lines)
-  assert "impl_seconds_per_step" not in json.loads((tmp_path / "run.json").read_text())
 
 
 def test_a_bfloat16_run_trains_and_records_its_compute_dtype(idx_dir, tmp_path):
@@ -236,18 +158,3 @@ def test_a_multi_seed_workdir_refuses_another_model_dropped_seeds_and_a_single_s
   more_seeds = small_config(idx_dir, num_epochs=1, seeds=(0, 1, 2))
   more = train.train_seeds(more_seeds, workdir, print_fn=None)
   assert list(more) == [0, 1, 2]  # More seeds are welcome: seeds.json then holds all three.
-
-
-def test_the_data_is_recorded_and_a_resume_on_other_data_is_refused(idx_dir, tmp_path):
-  run = tmp_path / "run"
-  train.train_and_evaluate(small_config(idx_dir, num_epochs=1), run, print_fn=None)
-  recorded = json.loads((run / "config.json").read_text())
-  assert recorded["data"].startswith("300 train + 100 test images, blake2b ")
-  assert recorded["data_source"] == f"IDX files in {idx_dir.resolve()}"
-  assert json.loads((run / "run.json").read_text())["data"] == recorded["data"]
-  moved = tmp_path / "moved"  # The same files elsewhere are the same data.
-  shutil.copytree(idx_dir, moved)
-  train.train_and_evaluate(small_config(moved, num_epochs=2), run, print_fn=None)
-  other = write_mnist_dir(tmp_path / "other", num_train=200)
-  with pytest.raises(ConfigError, match=r"holds a run with data '300 train .*, this run's data "):
-    train.train_and_evaluate(small_config(other, num_epochs=3), run, print_fn=None)

@@ -65,6 +65,7 @@ print([name for name in trainers if name in sys.modules])
 """
 
 
+@pytest.mark.integration
 def test_committed_report_re_renders_byte_for_byte_without_training(tmp_path):
   source = tmp_path / "source"
   source.mkdir()
