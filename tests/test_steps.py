@@ -90,7 +90,7 @@ def test_a_padded_masked_batch_steps_like_the_unpadded_one(impl):
   model = models.Classifier("conv_bn", stack, impl=impl)
   model.train()
   graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
-  tx = optax.adam(1e-2)
+  tx = optax.sgd(0.1)  # Plain SGD: params after the step are the gradients, well conditioned.
   images, labels = make_digits(12, seed=3)
   images, labels = jnp.asarray(images[..., None]), jnp.asarray(labels.astype(np.int32))
   padded_images = jnp.concatenate([images, jnp.full((4, 28, 28, 1), 255, jnp.uint8)])
@@ -101,8 +101,14 @@ def test_a_padded_masked_batch_steps_like_the_unpadded_one(impl):
   masked, masked_metrics = steps.train_step(
     graphdef, tx, carry, (padded_images, padded_labels, mask)
   )
-  for got, want in zip(jax.tree.leaves(masked), jax.tree.leaves(plain)):
-    np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-6)
+  # The parameters after one SGD step: the step (the gradients) equal to 1e-4 of its size. The
+  # spread measured: <= 4.5e-7 (jax 0.10, AMD), 2.4e-6 (batch_minor, jax 0.7.2). Under Adam a
+  # near-zero gradient's normalised update differed by 6.9e-4 of the step at jax 0.7.2.
+  for got, want, before in zip(*map(jax.tree.leaves, (masked.params, plain.params, params))):
+    step = np.abs(np.asarray(want) - np.asarray(before)).max()
+    assert np.abs(np.asarray(got) - np.asarray(want)).max() <= 1e-4 * step
+  for got, want in zip(jax.tree.leaves(masked.model_state), jax.tree.leaves(plain.model_state)):
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-6)  # BatchNorm statistics.
   assert int(masked_metrics["count"]) == 12
   assert int(masked_metrics["correct"]) == int(plain_metrics["correct"])
   np.testing.assert_allclose(masked_metrics["loss_sum"], plain_metrics["loss_sum"], rtol=1e-5)

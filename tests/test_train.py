@@ -11,7 +11,7 @@ from conftest import TIMING_KEYS, small_config, without_timing
 
 from flax_mnist import config as config_lib
 from flax_mnist import train
-from flax_mnist.errors import ConfigError, WorkdirError
+from flax_mnist.errors import ConfigError, RunError, WorkdirError
 
 
 def test_train_and_evaluate_writes_the_workdir(idx_dir, tmp_path):
@@ -158,3 +158,10 @@ def test_a_multi_seed_workdir_refuses_another_model_dropped_seeds_and_a_single_s
   more_seeds = small_config(idx_dir, num_epochs=1, seeds=(0, 1, 2))
   more = train.train_seeds(more_seeds, workdir, print_fn=None)
   assert list(more) == [0, 1, 2]  # More seeds are welcome: seeds.json then holds all three.
+
+
+def test_divergence_is_reported(idx_dir, tmp_path):
+  with pytest.raises(RunError, match="training diverged at epoch 1"):
+    train.train_and_evaluate(
+      small_config(idx_dir, learning_rate=1e30, num_epochs=1), tmp_path / "run", print_fn=None
+    )

@@ -125,7 +125,7 @@ class RunConfig:
   seed_devices: int
   # What a run adds (not config fields).
   process_count: int = 1
-  data: dict[str, Any] | None = None  # data.Dataset.identity(): a resume field.
+  data: str | None = None  # The data's identity (sizes and a fingerprint): a resume field.
   data_source: str | None = None
   loss: str | None = None  # "custom: <name>" for a loss_fn passed from Python.
 
