@@ -1,30 +1,29 @@
-"""Tests for flax_mnist.autotune through a run that asks for it (``impl="measure"``): every
-candidate timed, the fastest used and recorded, and a resumed run reusing the recorded choice."""
+"""Tests for flax_mnist.autotune: layouts timed side by side on a model's real training epoch
+(what benchmarks/time_layouts.py reports)."""
 
 from __future__ import annotations
 
-import json
+import math
 
-from conftest import small_config
+import numpy as np
+import pytest
+from conftest import make_digits
 
-from flax_mnist import config as config_lib
-from flax_mnist import train
+from flax_mnist import autotune
 
 
-def test_a_measured_impl_is_recorded_and_reused_on_resume(idx_dir, tmp_path):
-  lines = []
-  config = small_config(idx_dir, model="cnn_pool", impl="measure", num_epochs=1)
-  train.train_and_evaluate(config, tmp_path, print_fn=lines.append)
-  run = json.loads((tmp_path / "run.json").read_text())
-  timings = run["impl_seconds_per_step"]
-  assert set(timings) == set(config_lib.impl_candidates()) and all(t > 0 for t in timings.values())
-  chosen = min(timings, key=timings.get)
-  assert json.loads((tmp_path / "config.json").read_text())["impl"] == chosen
-  assert run["resolved"]["impl"] == chosen
-  assert any(line.startswith("impl measured:") for line in lines)
-  lines.clear()
-  config.num_epochs = 2
-  train.train_and_evaluate(config, tmp_path, print_fn=lines.append)
-  assert any(f"impl {chosen} (recorded in" in line for line in lines)
-  assert not any(line.startswith("impl measured:") for line in lines)
-  assert "impl_seconds_per_step" not in json.loads((tmp_path / "run.json").read_text())
+def test_every_candidate_layout_is_timed_on_the_given_images():
+  images, labels = make_digits(64, seed=0)
+  timings = autotune.time_impls(
+    "cnn_pool",
+    ["s2d", "im2col"],
+    batch_size=16,
+    steps=2,
+    repeats=2,
+    images=images[..., None],
+    labels=labels.astype(np.int32),
+  )
+  assert list(timings) == ["s2d", "im2col"]
+  assert all(math.isfinite(seconds) and seconds > 0 for seconds in timings.values())
+  with pytest.raises(ValueError, match="no candidate"):
+    autotune.time_impls("mlp", [])

@@ -20,7 +20,7 @@ from flax_mnist.errors import ConfigError
     ("batch_size", 0, "config.batch_size 0: expected a positive integer"),
     ("num_epochs", -1, "config.num_epochs -1: expected an integer >= 0"),
     ("learning_rate", float("nan"), "config.learning_rate nan: expected a positive number"),
-    ("impl", "winograd", "config.impl 'winograd': expected one of auto, measure, lax"),
+    ("impl", "winograd", "config.impl 'winograd': expected one of auto, lax, im2col, s2d"),
     ("dropout_rng_impl", "mt19937", "config.dropout_rng_impl 'mt19937': expected one of auto, rbg"),
     ("num_seeds", 0, "config.num_seeds 0: expected a positive integer"),
     ("seeds", (3, 3), r"config.seeds \(3, 3\): expected distinct seeds"),

@@ -15,17 +15,13 @@ from flax import nnx
 from flax_mnist import kernels, layers, models
 
 
-def test_im2col_and_batch_minor_convolutions_equal_lax():
+def test_the_im2col_convolution_equals_lax():
   images = jax.random.normal(jax.random.key(1), (5, 13, 13, 8))
   kernel = jax.random.normal(jax.random.key(2), (3, 3, 8, 16))
   want = layers.lax_conv(images, kernel)
   assert want.shape == (5, 11, 11, 16)
   np.testing.assert_allclose(
     np.asarray(layers.im2col_conv(images, kernel)), np.asarray(want), atol=2e-5, rtol=1e-5
-  )
-  batch_minor = layers.batch_minor_conv(jnp.swapaxes(images, 0, -1), kernel)
-  np.testing.assert_allclose(
-    np.asarray(jnp.swapaxes(batch_minor, 0, -1)), np.asarray(want), atol=2e-5, rtol=1e-5
   )
 
 
@@ -60,7 +56,7 @@ def _tied_inputs(kind, shape):
 
 
 @pytest.mark.parametrize("kind", ["integers", "zeros", "relu"])
-@pytest.mark.parametrize("impl", ["im2col", "batch_minor"])
+@pytest.mark.parametrize("impl", ["im2col", "lax"])
 def test_max_pool_gradient_goes_to_the_first_maximum_of_each_window(kind, impl):
   # As TensorFlow's and lax.reduce_window's: one element per window, also at tied maxima.
   layout = layers.get_layout(impl)

@@ -13,15 +13,13 @@ from flax_mnist import layers, models
 
 
 def test_impls_are_the_concrete_layouts():
-  assert layers.IMPLS == ("lax", "im2col", "batch_minor", "s2d")
+  assert layers.IMPLS == ("lax", "im2col", "s2d")
   assert all(layers.get_layout(impl).name == impl for impl in layers.IMPLS)
 
 
 @pytest.mark.parametrize("impl", ["auto", "fft"])
 def test_get_layout_refuses_other_names_and_lists_the_valid_ones(impl):
-  with pytest.raises(
-    ValueError, match=f"impl '{impl}': unknown, expected one of lax, im2col, batch_minor, s2d"
-  ):
+  with pytest.raises(ValueError, match=f"impl '{impl}': unknown, expected one of lax, im2col, s2d"):
     layers.get_layout(impl)
 
 
@@ -97,7 +95,7 @@ def test_batchnorm_mask_leaves_padding_out_of_the_statistics():
   np.testing.assert_allclose(np.asarray(masked.var[...]), np.asarray(plain.var[...]), rtol=1e-5)
 
 
-@pytest.mark.parametrize("impl", ["im2col", "batch_minor"])
+@pytest.mark.parametrize("impl", ["im2col", "s2d"])
 def test_every_layout_computes_each_layer_like_nhwc(impl):
   layout = layers.get_layout(impl)
   images = jax.random.uniform(jax.random.key(7), (6, 10, 10, 2))
@@ -141,8 +139,8 @@ def test_every_layout_computes_each_layer_like_nhwc(impl):
 def test_the_layout_is_a_static_attribute():
   conv = layers.Conv(1, 2, rngs=nnx.Rngs(0))
   assert conv.layout is layers.NHWC
-  conv.layout = layers.get_layout("batch_minor")
+  conv.layout = layers.get_layout("im2col")
   graphdef, state = nnx.split(conv)
   assert hash(graphdef) is not None
   assert {str(path[-1]) for path, _ in nnx.to_flat_state(state)} == {"bias", "kernel"}
-  assert nnx.merge(graphdef, state).layout == layers.get_layout("batch_minor")
+  assert nnx.merge(graphdef, state).layout == layers.get_layout("im2col")

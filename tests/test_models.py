@@ -46,7 +46,7 @@ def test_unknown_model_lists_the_names():
 @pytest.mark.parametrize("impl", ["fft", "auto"])
 def test_unknown_impl_is_rejected(impl):
   # "auto" is the config's to resolve (flax_mnist.config): a model takes concrete names only.
-  match = f"impl '{impl}': unknown, expected one of lax, im2col, batch_minor"
+  match = f"impl '{impl}': unknown, expected one of lax, im2col, s2d"
   with pytest.raises(ConfigError, match=match):
     models.create_model("cnn", rngs=nnx.Rngs(0), impl=impl)
   with pytest.raises(ConfigError, match=match):
@@ -75,13 +75,14 @@ def _assert_close_to_the_array(got, want, relative):
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=relative * scale)
 
 
-# Measured, lax against im2col, batch_minor and s2d (train mode, 16 uniform images, a 2-core AMD
-# EPYC VM): cnn_pool_bn's logits agree to 2.1e-6 of their largest at jax 0.10.2, and to 4.7e-5 at
-# jax 0.7.2 (batch_minor), whose reductions add in sequence (a 2,366-element mean off by 1.2e-6,
-# 8e-8 at jax 0.10.2) and whose error BatchNorm's one-pass variance, E[x^2] - E[x]^2, multiplies
-# where a channel's mean dwarfs its spread. Its gradients: 4.9e-6 and 8.5e-5 of each array's
-# largest; mlp's logits and gradients 5.7e-7. A real change for scale: BatchNorm's epsilon at
-# 1e-5 instead of Keras's 1e-3 moves cnn_pool_bn's logits by 0.41 of their largest.
+# Measured, lax against im2col, s2d and the batch-minor layout since removed (train mode, 16
+# uniform images, a 2-core AMD EPYC VM): cnn_pool_bn's logits agree to 2.1e-6 of their largest
+# at jax 0.10.2, and to 4.7e-5 at jax 0.7.2 (batch-minor), whose reductions add in sequence (a
+# 2,366-element mean off by 1.2e-6, 8e-8 at jax 0.10.2) and whose error BatchNorm's one-pass
+# variance, E[x^2] - E[x]^2, multiplies where a channel's mean dwarfs its spread. Its gradients:
+# 4.9e-6 and 8.5e-5 of each array's largest; mlp's logits and gradients 5.7e-7. A real change
+# for scale: BatchNorm's epsilon at 1e-5 instead of Keras's 1e-3 moves cnn_pool_bn's logits by
+# 0.41 of their largest.
 LOGITS_ACROSS_IMPLS = 2e-4
 GRADS_ACROSS_IMPLS = 3e-4
 
@@ -89,7 +90,7 @@ GRADS_ACROSS_IMPLS = 3e-4
 @pytest.mark.parametrize("name", ["cnn_pool_bn", "mlp"])
 def test_every_impl_trains_the_same_function_with_the_same_dropout_masks(name):
   reference = _train_mode_step(name, "lax")
-  for impl in ("im2col", "batch_minor"):
+  for impl in ("im2col", "s2d"):
     logits, grads, new_rest = _train_mode_step(name, impl)
     _assert_close_to_the_array(logits, reference[0], LOGITS_ACROSS_IMPLS)
     for got, want in zip(grads, reference[1], strict=True):
@@ -101,7 +102,7 @@ def test_every_impl_trains_the_same_function_with_the_same_dropout_masks(name):
       np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("impl", ["im2col", "batch_minor"])
+@pytest.mark.parametrize("impl", ["im2col", "s2d"])
 def test_cnn_eval_outputs_equal_across_impls(impl):
   outputs = {}
   for each in ("lax", impl):
@@ -162,7 +163,7 @@ def test_summary_lists_layers_shapes_and_totals():
   assert "batch_normalization_3 (BatchNorm)" in bn_text
 
 
-@pytest.mark.parametrize("impl", ["lax", "im2col", "batch_minor"])
+@pytest.mark.parametrize("impl", ["lax", "im2col", "s2d"])
 def test_a_padded_masked_batch_computes_like_the_unpadded_one(impl):
   # The mask keeps the padding rows out of BatchNorm's statistics: the real rows' logits and the
   # moving statistics are those of the real rows alone.
@@ -182,7 +183,8 @@ def test_a_padded_masked_batch_computes_like_the_unpadded_one(impl):
   want = plain(images)
   got = masked(padded, mask=jnp.arange(16) < 12)
   # Measured: within 5.2e-7 of the largest logit on a 2-core AMD EPYC VM (jax 0.10.2 and 0.7.2);
-  # batch_minor within 6.3e-5 (2.6e-4 of 4.13) on an Intel AVX-512 VM at jax 0.7.2 (issue 16),
+  # the batch-minor layout (since removed) within 6.3e-5 (2.6e-4 of 4.13) on an Intel AVX-512 VM
+  # at jax 0.7.2 (issue 16),
   # whose sequential sums BatchNorm's one-pass variance multiplies (see LOGITS_ACROSS_IMPLS). One
   # padding row let into the statistics moves the logits by 9.0e-2 of the largest, all four by
   # 1.9e-1.
@@ -202,9 +204,9 @@ def test_a_padded_masked_batch_computes_like_the_unpadded_one(impl):
 
 
 def test_the_classifier_sets_its_layout_on_every_layer():
-  model = models.create_model("cnn_pool_bn", rngs=nnx.Rngs(0), impl="batch_minor")
-  assert model.impl == "batch_minor"
-  assert {layer.layout.name for layer in model.layers} == {"batch_minor"}
+  model = models.create_model("cnn_pool_bn", rngs=nnx.Rngs(0), impl="im2col")
+  assert model.impl == "im2col"
+  assert {layer.layout.name for layer in model.layers} == {"im2col"}
   assert models.create_model("mlp", rngs=nnx.Rngs(0)).impl == "lax"  # The default.
 
 
@@ -303,11 +305,9 @@ def test_layer_flops_of_the_family_and_of_stock_flax_layers():
     "linear/bias",
     "linear/kernel",
   ]
-  with pytest.raises(ConfigError, match="impl 'batch_minor': layers Conv, Linear take NHWC only"):
-    models.Classifier("stock", list(stock.layers), impl="batch_minor")
 
 
-@pytest.mark.parametrize("impl", ["lax", "s2d", "batch_minor"])
+@pytest.mark.parametrize("impl", ["lax", "s2d"])
 def test_bfloat16_compute_keeps_float32_params_and_logits_close_to_float32(impl):
   images = jax.random.uniform(jax.random.key(1), (8, 28, 28, 1))
   full = models.create_model("cnn_pool_bn", rngs=nnx.Rngs(0), impl=impl)

@@ -76,7 +76,7 @@ def test_shuffle_is_seeded_and_changes_per_key():
   assert not np.allclose(leaves(run(1)), leaves(run(2)))
 
 
-@pytest.mark.parametrize("impl", ["im2col", "batch_minor"])
+@pytest.mark.parametrize("impl", ["im2col", "s2d"])
 def test_a_padded_masked_batch_steps_like_the_unpadded_one(impl):
   # The epoch pads its last partial batch to the batch size; the mask must make that step the
   # same as a step on the real rows alone: loss mean, gradients, BatchNorm statistics, metrics.
@@ -102,8 +102,8 @@ def test_a_padded_masked_batch_steps_like_the_unpadded_one(impl):
     graphdef, tx, carry, (padded_images, padded_labels, mask)
   )
   # The parameters after one SGD step: the step (the gradients) equal to 1e-4 of its size. The
-  # spread measured: <= 4.5e-7 (jax 0.10, AMD), 2.4e-6 (batch_minor, jax 0.7.2). Under Adam a
-  # near-zero gradient's normalised update differed by 6.9e-4 of the step at jax 0.7.2.
+  # spread measured: <= 4.5e-7 (jax 0.10, AMD), 2.4e-6 (the batch-minor layout since removed, jax
+  # 0.7.2). Under Adam a near-zero gradient's normalised update differed by 6.9e-4 of the step.
   for got, want, before in zip(*map(jax.tree.leaves, (masked.params, plain.params, params))):
     step = np.abs(np.asarray(want) - np.asarray(before)).max()
     assert np.abs(np.asarray(got) - np.asarray(want)).max() <= 1e-4 * step

@@ -1,16 +1,13 @@
-"""The measured choice of a layer implementation: time a few training steps of each candidate.
+"""Layer implementations side by side: a few real training steps of a model under each.
 
-Implementations (``layers.IMPLS``) compute the same function but differ in speed from machine
-to machine (the batch-minor layout won on one AMD VM and lost on another). ``choose_impl``
-compiles the real training epoch (``steps.make_train_epoch``) of the model for each candidate on
-a few batches, times it, and returns the fastest with every timing. Implementations differ in
-the last float bits, so a run should record the choice (and a resumed run reuse it) rather than
-measure again.
+Implementations (``layers.IMPLS``) compute the same function but differ in speed from machine to
+machine. ``time_impls`` compiles the real training epoch (``steps.make_train_epoch``) of the model
+for each candidate on a few batches and times them interleaved: ``benchmarks/time_layouts.py``
+uses it for the table that decides which layouts the project keeps.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -18,13 +15,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
-from etils import epath
 from flax import nnx
 
-from flax_mnist import layers, models, workdir
+from flax_mnist import models
 from flax_mnist import steps as steps_lib
-from flax_mnist.config import RunConfig, impl_candidates
-from flax_mnist.log import Say
 
 
 def time_impls(
@@ -81,46 +75,3 @@ def time_impls(
       jax.block_until_ready(compiled(*arguments))
       best[impl] = min(best[impl], (time.perf_counter() - started) / steps)
   return best
-
-
-def choose_impl(
-  model_name: str, candidates: Sequence[str], **kwargs: Any
-) -> tuple[str, dict[str, float]]:
-  """``(impl, {impl: seconds per step})``: the fastest of ``candidates`` for ``model_name`` on
-  this machine, measured by ``time_impls`` (same keyword arguments), and every timing."""
-  timings = time_impls(model_name, candidates, **kwargs)
-  return min(timings, key=timings.get), timings
-
-
-def measure_impl(
-  run: RunConfig,
-  directories: Sequence[epath.Path],
-  images: jax.Array,
-  labels: jax.Array,
-  say: Say,
-) -> tuple[RunConfig, dict[str, float]]:
-  """``impl="measure"``: the implementation a workdir recorded when it started (a resumed run
-  never measures again: implementations differ in the last float bits), else the fastest of
-  this platform's candidates, timed on a few real training steps of the model. Returns the run
-  with its impl chosen, and the timings (none when recorded)."""
-  for directory in directories:
-    file = directory / workdir.CONFIG_FILE
-    recorded = (workdir.read_config(directory) or {}).get("impl")
-    if recorded in layers.IMPLS:
-      say(f"impl {recorded} (recorded in {file} when the run started; not measured again)")
-      return dataclasses.replace(run, impl=recorded), {}
-  impl, timings = choose_impl(
-    run.model,
-    impl_candidates(),
-    batch_size=run.batch_size,
-    dropout_rng_impl=run.dropout_rng_impl,
-    images=images,
-    labels=labels,
-    model_kwargs=run.model_kwargs,
-  )
-  say(
-    "impl measured: "
-    + ", ".join(f"{name} {1e3 * sec:.1f} ms/step" for name, sec in timings.items())
-    + f": {impl}"
-  )
-  return dataclasses.replace(run, impl=impl), timings

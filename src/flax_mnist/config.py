@@ -23,9 +23,7 @@ import ml_collections
 from flax_mnist import layers, models, optim
 from flax_mnist.errors import ConfigError
 
-IMPLS = ("auto", "measure", *layers.IMPLS)
-# What "measure" times on CPU: XLA's convolution ("lax") is 5-10x slower there, not worth timing.
-MEASURED_ON_CPU = tuple(impl for impl in layers.IMPLS if impl != "lax")
+IMPLS = ("auto", *layers.IMPLS)
 DROPOUT_RNG_IMPLS = ("auto", "rbg", "unsafe_rbg", "threefry2x32")
 SEED_PARALLELISMS = ("auto", "loop", "vmap")
 # The metric that picks the best checkpoint, and its direction. Val accuracy by default; the
@@ -169,21 +167,14 @@ def resolve_impl(name: str) -> str:
   over stacked shifted slices (im2col), and each conv + ReLU + 2x2 max-pool as one
   space-to-depth matmul block (measured per step: cnn_pool 28 -> 12.5 ms, cnn_pool_bn 40 -> 25
   ms; mlp and cnn have no such pair and run exactly the im2col ops); XLA:CPU's convolution
-  gradients inside a compiled loop are 5-10x slower. ``im2col``: without the block.
-  ``batch_minor``: the whole network on (C, H, W, N) activations (fastest on one AMD VM, not on
-  the Intel VM here). ``measure``: timed per model by the trainer (``impl_candidates``).
+  gradients inside a compiled loop are 5-10x slower. ``im2col``: without the block (the same
+  ops as s2d for mlp and cnn, 2x slower for the pooled models:
+  benchmarks/results/layouts_cpu_amd_2core.md).
   """
   _check_choice("impl", name, IMPLS)
-  if name == "measure":  # The trainer times the candidates for the model (impl_candidates).
-    return name
   if name == "auto":
     return "s2d" if jax.default_backend() == "cpu" else "lax"
   return name
-
-
-def impl_candidates() -> tuple[str, ...]:
-  """What ``impl="measure"`` times on this platform (off CPU only XLA's convolution is sane)."""
-  return MEASURED_ON_CPU if jax.default_backend() == "cpu" else ("lax",)
 
 
 def resolve_dropout_rng_impl(name: str) -> str:

@@ -1,4 +1,4 @@
-"""The layers' kernels: valid 3x3 convolutions three ways, max-pooling, and the fused
+"""The layers' kernels: valid 3x3 convolutions two ways, max-pooling, and the fused
 convolution + activation + max-pool block of the ``s2d`` layout.
 
 Pure functions of arrays (no modules): ``flax_mnist.layers`` picks among them per layout. Every
@@ -16,33 +16,22 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def _stacked_slices(images: jax.Array, kernel_h: int, kernel_w: int, axis: int) -> jax.Array:
-  """The valid shifted slices of axes 1 and 2, stacked on the channel ``axis`` (-1 for NHWC, 0
-  for CHWN) in (row, column, channel) order: the order of a row-major reshape of an HWIO kernel.
-  """
+def _stacked_slices(images: jax.Array, kernel_h: int, kernel_w: int) -> jax.Array:
+  """The valid shifted slices of NHWC ``images``, stacked on the channel axis in (row, column,
+  channel) order: the order of a row-major reshape of an HWIO kernel."""
   out_h = images.shape[1] - kernel_h + 1
   out_w = images.shape[2] - kernel_w + 1
   slices = [
     images[:, i : i + out_h, j : j + out_w, :] for i in range(kernel_h) for j in range(kernel_w)
   ]
-  return jnp.concatenate(slices, axis=axis)
+  return jnp.concatenate(slices, axis=-1)
 
 
 def im2col_conv(images: jax.Array, kernel: jax.Array) -> jax.Array:
   """Valid, stride-1 convolution as one matmul over the stacked shifted slices (NHWC, HWIO)."""
   kernel_h, kernel_w, in_features, out_features = kernel.shape
-  patches = _stacked_slices(images, kernel_h, kernel_w, axis=-1)
+  patches = _stacked_slices(images, kernel_h, kernel_w)
   return jnp.dot(patches, kernel.reshape(kernel_h * kernel_w * in_features, out_features))
-
-
-def batch_minor_conv(images: jax.Array, kernel: jax.Array) -> jax.Array:
-  """Valid, stride-1 convolution of CHWN images as one matmul (HWIO kernel): CHWN out."""
-  kernel_h, kernel_w, in_features, out_features = kernel.shape
-  # Slicing leading axes copies whole rows of the batch.
-  patches = _stacked_slices(images, kernel_h, kernel_w, axis=0)
-  return jnp.tensordot(
-    kernel.reshape(kernel_h * kernel_w * in_features, out_features), patches, axes=((0,), (0,))
-  )
 
 
 def lax_conv(images: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -76,7 +65,7 @@ def _kept_apart(index: jax.Array) -> jax.Array:
 
 def max_pool(images: jax.Array, window: int) -> jax.Array:
   """Max over non-overlapping ``window x window`` windows of axes 1 and 2 (valid: odd edges
-  dropped). Axes 1 and 2 are height and width in NHWC and in CHWN alike.
+  dropped): height and width of NHWC images.
 
   Its gradient is ``lax.reduce_window``'s (and TensorFlow's): each output gradient goes to one
   input, the first maximum of its window in row-major order, also where the window holds tied

@@ -12,9 +12,6 @@ function (tested); they differ in speed:
 - ``lax``: NHWC, XLA's convolution (fastest on GPU and TPU).
 - ``im2col``: NHWC, each convolution one matmul over stacked shifted slices, because XLA:CPU's
   convolutions inside a compiled training loop are 5-10x slower.
-- ``batch_minor``: the whole network on (C, H, W, N) activations ((F, N) after Flatten),
-  convolutions as im2col matmuls; with the batch as the minor dimension the elementwise,
-  pooling and BatchNorm work vectorises.
 - ``s2d``: ``im2col``, except that each Conv followed by a MaxPool runs with it as one block
   (``Layout.fused_conv_pools``, ``kernels.conv_pool``): one matmul per pooled output over its
   space-to-depth patch, the pool a max over the window's outputs on the channel axis, bias and
@@ -29,24 +26,18 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
-from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from flax_mnist import kernels
-from flax_mnist.kernels import batch_minor_conv, im2col_conv, lax_conv, max_pool
+from flax_mnist.kernels import im2col_conv, lax_conv, max_pool
 
 _glorot_uniform = nnx.initializers.glorot_uniform()
 _zeros = nnx.initializers.zeros_init()
 
 Activation = Callable[[jax.Array], jax.Array]
-
-
-def _swap_batch_axis(array: jax.Array) -> jax.Array:
-  """NHWC <-> CHWN and (N, F) <-> (F, N): swaps the first and last axes (its own inverse)."""
-  return jnp.swapaxes(array, 0, -1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +48,6 @@ class Layout:
   holds it as a static attribute (part of the graph definition, not of the state).
   """
 
-  nhwc: ClassVar[bool] = True  # Whether activations are NHWC, as stock flax layers take them.
   name: str
   convolve: Callable[[jax.Array, jax.Array], jax.Array] = lax_conv
   # Whether a Conv and the MaxPool right after it run as one block (``fused_conv_pools``).
@@ -70,26 +60,13 @@ class Layout:
     """``arrays`` in the compute dtype (unchanged without one: the float32 path is untouched)."""
     return arrays if self.dtype is None else tuple(array.astype(self.dtype) for array in arrays)
 
-  def arrange(self, array: jax.Array) -> jax.Array:
-    """An NHWC (or (N, F)) array's axes in this layout (its own inverse), dtype unchanged."""
-    return array
-
   def enter(self, array: jax.Array) -> jax.Array:
-    """An NHWC (or (N, F)) array in this layout and compute dtype."""
-    return self.arrange(self.cast(array)[0])
+    """An array in this layout's compute dtype."""
+    return self.cast(array)[0]
 
   def leave(self, array: jax.Array) -> jax.Array:
-    """An array of this layout back in NHWC (or (N, F)) and float32: the inverse of ``enter``."""
-    array = self.arrange(array)
+    """An array back in float32: the inverse of ``enter``."""
     return array if self.dtype is None else array.astype(jnp.float32)
-
-  def batch_axis(self, ndim: int) -> int:
-    """The batch axis of an ``ndim``-dimensional activation."""
-    return 0
-
-  def feature_axis(self, ndim: int) -> int:
-    """The channel (feature) axis of an ``ndim``-dimensional activation."""
-    return ndim - 1
 
   def conv(self, images: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
     """Valid, stride-1 convolution plus bias (HWIO kernel)."""
@@ -136,41 +113,9 @@ class Layout:
     return inputs.reshape(inputs.shape[0], -1)
 
 
-@dataclasses.dataclass(frozen=True)
-class BatchMinorLayout(Layout):
-  """(C, H, W, N) activations, (F, N) after Flatten: the batch is the minor dimension."""
-
-  nhwc: ClassVar[bool] = False
-  convolve: Callable[[jax.Array, jax.Array], jax.Array] = batch_minor_conv
-
-  def arrange(self, array: jax.Array) -> jax.Array:
-    return _swap_batch_axis(array)
-
-  def batch_axis(self, ndim: int) -> int:
-    return ndim - 1
-
-  def feature_axis(self, ndim: int) -> int:
-    return 0
-
-  def conv(self, images: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
-    images, kernel, bias = self.cast(images, kernel, bias)
-    return self.convolve(images, kernel) + bias[:, None, None, None]
-
-  def dense(self, inputs: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
-    inputs, kernel, bias = self.cast(inputs, kernel, bias)
-    return jnp.tensordot(kernel, inputs, axes=((0,), (0,))) + bias[:, None]
-
-  def flatten(self, inputs: jax.Array) -> jax.Array:
-    if inputs.ndim == 2:
-      return inputs
-    # The same (H, W, C) feature order as NHWC, so that weights mean the same in every layout.
-    return jnp.transpose(inputs, (1, 2, 0, 3)).reshape(-1, inputs.shape[-1])
-
-
 LAYOUTS: dict[str, Layout] = {
   "lax": Layout("lax", lax_conv),
   "im2col": Layout("im2col", im2col_conv),
-  "batch_minor": BatchMinorLayout("batch_minor"),
   "s2d": Layout("s2d", im2col_conv, fuses_conv_pool=True),
 }
 IMPLS = tuple(LAYOUTS)
@@ -254,10 +199,7 @@ class Dense(nnx.Module):
 
 
 class MaxPool(nnx.Module):
-  """Keras ``MaxPooling2D(2)``: non-overlapping windows, a trailing odd row/column dropped.
-
-  The same in every layout (height and width are axes 1 and 2 of NHWC and CHWN).
-  """
+  """Keras ``MaxPooling2D(2)``: non-overlapping windows, a trailing odd row/column dropped."""
 
   keras_name = "max_pooling2d"
   layout: Layout = NHWC
@@ -285,7 +227,7 @@ class Dropout(nnx.Dropout):
   A mask element is kept when a 16-bit random integer is below round(keep * 2**16), so the keep
   probability is within 2**-17 of 1 - rate (kept values are scaled by the exact one): half the
   random bits of a float draw, which is most of dropout's cost on CPU. Every layout draws the
-  same mask (in NHWC order, then entered into the layout), so a seed trains the same on any.
+  same mask, so a seed trains the same on any.
   """
 
   keras_name = "dropout"
@@ -296,22 +238,15 @@ class Dropout(nnx.Dropout):
       return inputs
     threshold = round((1.0 - self.rate) * 2**16)
     keep = threshold / 2**16
-    shape = self.layout.arrange(inputs).shape
-    size = math.prod(shape)
+    size = math.prod(inputs.shape)
     words = jax.random.bits(self.rngs(), ((size + 1) // 2,), jnp.uint32)
-    halves = jnp.concatenate([words >> 16, words & 0xFFFF])[:size].reshape(shape)
-    mask = self.layout.arrange(halves < threshold)
+    mask = jnp.concatenate([words >> 16, words & 0xFFFF])[:size].reshape(inputs.shape) < threshold
     return jax.lax.select(mask, inputs / keep, jnp.zeros_like(inputs))
 
 
 class BatchNorm(nnx.BatchNorm):
-  """Keras ``BatchNormalization()``: momentum 0.99, epsilon 1e-3, over the channel axis.
-
-  In an NHWC layout, ``nnx.BatchNorm``'s own call; in another, the same arithmetic (fast
-  variance, clipped at 0) on the layout's channel axis. The two differ only in the order their
-  gradients sum (nnx squares the inputs before it averages them): kept apart, each layout
-  trains bit for bit as it always has.
-  """
+  """Keras ``BatchNormalization()``: momentum 0.99, epsilon 1e-3, over the channel axis
+  (``nnx.BatchNorm``'s own call, with a mask of the padded rows)."""
 
   keras_name = "batch_normalization"
   layout: Layout = NHWC
@@ -325,24 +260,6 @@ class BatchNorm(nnx.BatchNorm):
     of a batch in bfloat16 lose most of their digits) and returned in their dtype."""
     if inputs.dtype != jnp.float32:
       return self(inputs.astype(jnp.float32), mask).astype(inputs.dtype)
-    ndim = inputs.ndim
     if mask is not None:
-      batch_axis = self.layout.batch_axis(ndim)
-      mask = mask.reshape(tuple(-1 if axis == batch_axis else 1 for axis in range(ndim)))
-    if self.layout.nhwc:
-      return super().__call__(inputs, mask=mask)
-    feature_axis = self.layout.feature_axis(ndim)
-    reduction_axes = tuple(axis for axis in range(ndim) if axis != feature_axis)
-    feature_shape = tuple(-1 if axis == feature_axis else 1 for axis in range(ndim))
-    if self.use_running_average:
-      mean, var = self.mean[...], self.var[...]
-    else:
-      mean = inputs.mean(reduction_axes, where=mask)
-      var = jnp.maximum(0.0, jnp.square(inputs).mean(reduction_axes, where=mask) - jnp.square(mean))
-      momentum = self.momentum
-      self.mean[...] = jax.lax.stop_gradient(momentum * self.mean[...] + (1 - momentum) * mean)
-      self.var[...] = jax.lax.stop_gradient(momentum * self.var[...] + (1 - momentum) * var)
-    multiplier = jax.lax.rsqrt(var + self.epsilon) * self.scale[...]
-    centred = inputs - mean.reshape(feature_shape)
-    outputs = centred * multiplier.reshape(feature_shape)
-    return outputs + self.bias[...].reshape(feature_shape)
+      mask = mask.reshape((-1,) + (1,) * (inputs.ndim - 1))
+    return super().__call__(inputs, mask=mask)

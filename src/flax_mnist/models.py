@@ -48,8 +48,8 @@ class Classifier(nnx.Module):
   """A named stack of layers: float NHWC images in, logits (N, 10) out, in layout ``impl``.
 
   The layout is chosen here, once, and set on every layer that has one (``layer.layout``); the
-  images enter it before the first layer and the logits leave it after the last. Layers without
-  a ``layout`` attribute (e.g. a stock ``nnx.Linear``) take NHWC, so only NHWC impls allow them.
+  images enter its compute dtype before the first layer and the logits leave it after the last.
+  Layers without a ``layout`` attribute (e.g. a stock ``nnx.Linear``) run as they are.
   """
 
   def __init__(
@@ -60,9 +60,6 @@ class Classifier(nnx.Module):
     compute_dtype: str = "float32",
   ):
     layout = _check_impl(impl, compute_dtype)
-    foreign = [type(layer).__name__ for layer in layers if not hasattr(layer, "layout")]
-    if foreign and not layout.nhwc:
-      raise ConfigError(f"impl {impl!r}: layers {', '.join(foreign)} take NHWC only")
     for layer in layers:
       if hasattr(layer, "layout"):
         layer.layout = layout

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import optax
 from etils import epath
 
-from flax_mnist import autotune, data, history, log, sharding, steps, workdir
+from flax_mnist import data, history, log, sharding, steps, workdir
 from flax_mnist.config import RunConfig, resolve, result_fields
 from flax_mnist.errors import ConfigError, Interrupted, RunError
 from flax_mnist.history import EpochRecord
@@ -266,9 +266,6 @@ def _train(
   arrays = sharding.place(arrays, mesh)
   run = dataclasses.replace(run, data=mnist.identity(), data_source=mnist.source)
   steps_per_epoch = math.ceil(arrays[0].shape[0] / run.batch_size)
-  measured = {}
-  if run.impl == "measure":
-    run, measured = autotune.measure_impl(run, directories, arrays[0], arrays[1], say)
   recorded = custom.record(run)
   if seeds_workdir is not None:
     record = recorded.for_seed(run.seeds[0]).to_dict()
@@ -297,7 +294,6 @@ def _train(
             "resolved": run.resolved(),
             "data": run.data,
             "data_source": run.data_source,
-            **({"impl_seconds_per_step": measured} if measured else {}),
             "mesh": sharding.mesh_shape(mesh) if mesh is not None else {"seed": 1, "data": 1},
             **log.environment(),
           },
