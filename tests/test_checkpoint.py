@@ -91,6 +91,7 @@ def test_load_model_without_checkpoints_is_a_clear_error(tmp_path):
     checkpoint.load_model(tmp_path, "first")
 
 
+@pytest.mark.integration  # Compiles and trains whole models: seconds each.
 def test_load_model_reproduces_the_recorded_best_val_accuracy(idx_dir, tmp_path):
   history = train.train_and_evaluate(
     small_config(idx_dir, model="cnn_pool_bn", num_epochs=3), tmp_path, print_fn=None

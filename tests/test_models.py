@@ -307,6 +307,7 @@ def test_layer_flops_of_the_family_and_of_stock_flax_layers():
   ]
 
 
+@pytest.mark.integration  # Compiles and trains whole models: seconds each.
 @pytest.mark.parametrize("impl", ["lax", "s2d"])
 def test_bfloat16_compute_keeps_float32_params_and_logits_close_to_float32(impl):
   images = jax.random.uniform(jax.random.key(1), (8, 28, 28, 1))

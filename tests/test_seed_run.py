@@ -13,6 +13,7 @@ from flax_mnist import train
 from flax_mnist.errors import ConfigError
 
 
+@pytest.mark.integration  # Compiles and trains whole models: seconds each.
 def test_resume_continues_the_history_exactly(idx_dir, tmp_path):
   straight = train.train_and_evaluate(
     small_config(idx_dir, num_epochs=3), tmp_path / "a", print_fn=None

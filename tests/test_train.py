@@ -118,6 +118,7 @@ def test_vmapped_seeds_resume_and_refuse_seeds_at_different_epochs(idx_dir, tmp_
     )
 
 
+@pytest.mark.integration  # Compiles and trains whole models: seconds each.
 def test_a_bfloat16_run_trains_and_records_its_compute_dtype(idx_dir, tmp_path):
   config = small_config(idx_dir, model="cnn_pool_bn", compute_dtype="bfloat16", num_epochs=3)
   history = train.train_and_evaluate(config, tmp_path, print_fn=None)
@@ -128,6 +129,7 @@ def test_a_bfloat16_run_trains_and_records_its_compute_dtype(idx_dir, tmp_path):
     config_lib.resolve(small_config(idx_dir, compute_dtype="float16"))
 
 
+@pytest.mark.integration  # Compiles and trains whole models: seconds each.
 def test_a_multi_seed_workdir_refuses_another_model_dropped_seeds_and_a_single_seed(
   idx_dir, tmp_path
 ):
