@@ -42,6 +42,8 @@ def test_markdown_shows_the_keras_ratio_when_there_is_a_baseline():
     "peak_host_memory_mb": 900.0,
     "best_val_accuracy": 0.98,
     "ratio_to_keras": 1.5,
+    "impl": "s2d",
+    "compute_dtype": "float32",
   }
   environment = {
     "platform": "cpu",
@@ -64,6 +66,7 @@ def test_markdown_shows_the_keras_ratio_when_there_is_a_baseline():
   text = benchmark.to_markdown(result)
   assert "| cnn_pool | 2.0 | 3.00 |" in text and "| 2.00 | 1.50x |" in text
   assert "| cnn_pool | conv2d_1 | 0.279 |" in text
+  assert "impl and compute dtype: s2d, float32." in text
   assert (
     "CPU: Test CPU, 2 cores" in text and "f32 matmul peak measured in this run: 200 GFLOP/s" in text
   )  # 2*9*8*16*11*11 FLOPs per image.

@@ -300,7 +300,7 @@ def _footer(result: dict[str, Any]) -> list[str]:
   environment = result["environment"]
   settings = sorted(
     {
-      f"{row.get('impl', '?')}, {row.get('compute_dtype', 'float32')}"
+      f"{row['impl']}, {row['compute_dtype']}"
       for row in result["models"].values()
     }
   )
