@@ -298,12 +298,7 @@ def _timing_table(result: dict[str, Any]) -> list[str]:
 def _footer(result: dict[str, Any]) -> list[str]:
   """What was run, where, with what: impl, dtype, hardware, versions, the matmul peak."""
   environment = result["environment"]
-  settings = sorted(
-    {
-      f"{row['impl']}, {row['compute_dtype']}"
-      for row in result["models"].values()
-    }
-  )
+  settings = sorted({f"{row['impl']}, {row['compute_dtype']}" for row in result["models"].values()})
   lines = [
     "",
     f"impl and compute dtype: {'; '.join(settings)}.",
