@@ -330,3 +330,54 @@ def test_bfloat16_compute_keeps_float32_params_and_logits_close_to_float32(impl)
 
   grads = jax.grad(loss)(nnx.state(half, nnx.Param), half)
   assert {leaf.dtype for leaf in jax.tree.leaves(grads)} == {jnp.dtype(jnp.float32)}
+
+
+def _layer_features(model) -> list[int]:
+  """Each Conv's filters and Dense's outputs, in order."""
+  return [
+    layer.kernel.shape[-1] if isinstance(layer, models.Conv) else layer.linear.out_features
+    for layer in model.layers
+    if isinstance(layer, (models.Conv, models.Dense))
+  ]
+
+
+def test_width_scales_every_conv_and_hidden_dense_layer():
+  wide = models.build_model("cnn_pool", {"width": 2}, rngs=nnx.Rngs(0))
+  assert _layer_features(wide) == [16, 32, 256, 64, 10]
+  assert models.count_params(wide) == (226_954, 0)  # The issue's count.
+  narrow = models.build_model("cnn_pool_bn", {"width": 0.25}, rngs=nnx.Rngs(0))
+  assert _layer_features(narrow) == [2, 4, 32, 8, 10]  # 8 * 0.25, 16 * 0.25, 128 / 4, 32 / 4.
+  assert models.scaled(8, 0.3125) == 3 and models.scaled(8, 0.0625) == 1  # 2.5 up; at least 1.
+  for name, counts in [("mlp", 104_938), ("cnn", 1_185_482), ("cnn_pool", 57_034)]:
+    assert (
+      models.count_params(models.build_model(name, {"width": 1}, rngs=nnx.Rngs(0)))[0] == counts
+    )
+  with pytest.raises(ConfigError, match=r"width 0: expected a positive number"):
+    models.build_model("cnn", {"width": 0}, rngs=nnx.Rngs(0))
+
+
+def test_the_family_adapts_to_the_input_shape_and_number_of_classes():
+  kwargs = {"input_shape": [32, 32, 3], "num_classes": 5}
+  mlp = models.build_model("mlp", kwargs, rngs=nnx.Rngs(0))
+  assert models.count_params(mlp)[0] == 3072 * 128 + 128 + 128 * 32 + 32 + 32 * 5 + 5
+  images = jax.random.uniform(jax.random.key(0), (2, 32, 32, 3))
+  for name in models.model_names():
+    model = models.build_model(name, kwargs, rngs=nnx.Rngs(0))
+    model.eval()
+    assert model(images).shape == (2, 5), name
+  with pytest.raises(ConfigError, match=r"input_shape \[32, 32\]: expected \[height, width"):
+    models.build_model("cnn", {"input_shape": [32, 32]}, rngs=nnx.Rngs(0))
+  with pytest.raises(ConfigError, match=r"num_classes 0: expected a positive integer"):
+    models.build_model("mlp", {"num_classes": 0}, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("name", ["cnn_pool", "cnn_pool_bn"])
+def test_the_fast_cpu_layouts_hold_at_every_width_and_shape(name):
+  kwargs = {"width": 1.5, "input_shape": [20, 24, 2], "num_classes": 3}
+  images = jax.random.uniform(jax.random.key(1), (4, 20, 24, 2))
+  outputs = {}
+  for impl in ("lax", "s2d"):
+    model = models.build_model(name, kwargs, rngs=nnx.Rngs(0), impl=impl)
+    model.eval()
+    outputs[impl] = model(images)
+  _assert_close_to_the_array(outputs["s2d"], outputs["lax"], LOGITS_ACROSS_IMPLS)

@@ -91,36 +91,107 @@ class Classifier(nnx.Module):
 
 
 def _dense_head(
-  in_features: int, *, dropout: float, batch_norm: bool, rngs: nnx.Rngs
+  in_features: int,
+  *,
+  dropout: float,
+  batch_norm: bool,
+  width: float,
+  num_classes: int,
+  rngs: nnx.Rngs,
 ) -> list[nnx.Module]:
-  """The notebook's classifier head: Dense 128, Dense 32 (ReLU), Dense 10 logits."""
+  """The notebook's classifier head: Dense 128, Dense 32 (ReLU, times ``width``), then one logit
+  per class."""
+  if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+    raise ConfigError(f"num_classes {num_classes!r}: expected a positive integer")
   layers: list[nnx.Module] = []
-  for features_in, features_out in ((in_features, 128), (128, 32)):
-    layers.append(Dense(features_in, features_out, activation=nnx.relu, rngs=rngs))
+  features_in = in_features
+  for features in (scaled(128, width), scaled(32, width)):
+    layers.append(Dense(features_in, features, activation=nnx.relu, rngs=rngs))
     if batch_norm:
-      layers.append(BatchNorm(features_out, rngs=rngs))
+      layers.append(BatchNorm(features, rngs=rngs))
     layers.append(Dropout(dropout, rngs=rngs))
-  layers.append(Dense(32, 10, rngs=rngs))
+    features_in = features
+  layers.append(Dense(features_in, num_classes, rngs=rngs))
   return layers
 
 
+def scaled(features: int, width: float) -> int:
+  """``features * width`` rounded to the nearest integer (halves up), at least 1: every hidden
+  width of the family under ``model_kwargs={'width': w}``."""
+  if not (isinstance(width, (int, float)) and not isinstance(width, bool) and width > 0):
+    raise ConfigError(f"model_kwargs width {width!r}: expected a positive number")
+  return max(1, math.floor(features * width + 0.5))
+
+
+def _image_shape(input_shape: Sequence[int]) -> tuple[int, int, int]:
+  """``input_shape`` as (height, width, channels), checked."""
+  shape = tuple(input_shape)
+  if len(shape) != 3 or not all(isinstance(size, int) and size > 0 for size in shape):
+    raise ConfigError(f"input_shape {list(shape)!r}: expected [height, width, channels]")
+  return shape
+
+
+def _pooled(size: int) -> int:
+  """A side after a valid 3x3 convolution and a 2x2 max-pool."""
+  return (size - 2) // 2
+
+
+# Every factory of the family: ``width`` scales each convolution's filters and hidden Dense layer
+# (1: the notebook's counts); ``input_shape`` (H, W, C) and ``num_classes`` adapt it to the data
+# (MNIST's by default; the trainer passes the data's).
+MNIST_SHAPE = (28, 28, 1)
+
+
 @register("mlp")
-def mlp(*, rngs: nnx.Rngs, impl: str = "lax", compute_dtype: str = "float32") -> Classifier:
+def mlp(
+  *,
+  rngs: nnx.Rngs,
+  impl: str = "lax",
+  compute_dtype: str = "float32",
+  width: float = 1.0,
+  input_shape: Sequence[int] = MNIST_SHAPE,
+  num_classes: int = 10,
+) -> Classifier:
   """Flatten, Dense 128, Drop 0.2, Dense 32, Drop 0.2, Dense 10: 104,938 params."""
-  head = _dense_head(28 * 28, dropout=0.2, batch_norm=False, rngs=rngs)
+  height, side, channels = _image_shape(input_shape)
+  head = _dense_head(
+    height * side * channels,
+    dropout=0.2,
+    batch_norm=False,
+    width=width,
+    num_classes=num_classes,
+    rngs=rngs,
+  )
   return Classifier("mlp", [Flatten(), *head], impl, compute_dtype)
 
 
 @register("cnn")
-def cnn(*, rngs: nnx.Rngs, impl: str = "lax", compute_dtype: str = "float32") -> Classifier:
+def cnn(
+  *,
+  rngs: nnx.Rngs,
+  impl: str = "lax",
+  compute_dtype: str = "float32",
+  width: float = 1.0,
+  input_shape: Sequence[int] = MNIST_SHAPE,
+  num_classes: int = 10,
+) -> Classifier:
   """Conv 8, Conv 16, then the mlp head on 24*24*16 features: 1,185,482 params."""
+  height, side, channels = _image_shape(input_shape)
+  filters = (scaled(8, width), scaled(16, width))
   return Classifier(
     "cnn",
     [
-      Conv(1, 8, rngs=rngs),
-      Conv(8, 16, rngs=rngs),
+      Conv(channels, filters[0], rngs=rngs),
+      Conv(filters[0], filters[1], rngs=rngs),
       Flatten(),
-      *_dense_head(24 * 24 * 16, dropout=0.2, batch_norm=False, rngs=rngs),
+      *_dense_head(
+        (height - 4) * (side - 4) * filters[1],
+        dropout=0.2,
+        batch_norm=False,
+        width=width,
+        num_classes=num_classes,
+        rngs=rngs,
+      ),
     ],
     impl,
     compute_dtype,
@@ -128,17 +199,34 @@ def cnn(*, rngs: nnx.Rngs, impl: str = "lax", compute_dtype: str = "float32") ->
 
 
 @register("cnn_pool")
-def cnn_pool(*, rngs: nnx.Rngs, impl: str = "lax", compute_dtype: str = "float32") -> Classifier:
+def cnn_pool(
+  *,
+  rngs: nnx.Rngs,
+  impl: str = "lax",
+  compute_dtype: str = "float32",
+  width: float = 1.0,
+  input_shape: Sequence[int] = MNIST_SHAPE,
+  num_classes: int = 10,
+) -> Classifier:
   """Conv 8, MaxPool, Conv 16, MaxPool, then the mlp head on 5*5*16: 57,034 params."""
+  height, side, channels = _image_shape(input_shape)
+  filters = (scaled(8, width), scaled(16, width))
   return Classifier(
     "cnn_pool",
     [
-      Conv(1, 8, rngs=rngs),
+      Conv(channels, filters[0], rngs=rngs),
       MaxPool(),
-      Conv(8, 16, rngs=rngs),
+      Conv(filters[0], filters[1], rngs=rngs),
       MaxPool(),
       Flatten(),
-      *_dense_head(5 * 5 * 16, dropout=0.2, batch_norm=False, rngs=rngs),
+      *_dense_head(
+        _pooled(_pooled(height)) * _pooled(_pooled(side)) * filters[1],
+        dropout=0.2,
+        batch_norm=False,
+        width=width,
+        num_classes=num_classes,
+        rngs=rngs,
+      ),
     ],
     impl,
     compute_dtype,
@@ -146,24 +234,41 @@ def cnn_pool(*, rngs: nnx.Rngs, impl: str = "lax", compute_dtype: str = "float32
 
 
 @register("cnn_pool_bn")
-def cnn_pool_bn(*, rngs: nnx.Rngs, impl: str = "lax", compute_dtype: str = "float32") -> Classifier:
+def cnn_pool_bn(
+  *,
+  rngs: nnx.Rngs,
+  impl: str = "lax",
+  compute_dtype: str = "float32",
+  width: float = 1.0,
+  input_shape: Sequence[int] = MNIST_SHAPE,
+  num_classes: int = 10,
+) -> Classifier:
   """cnn_pool with BatchNorm + Dropout 0.2 after each pool, BatchNorm + Dropout 0.5 in the head.
 
   57,402 trainable params and 368 BatchNorm statistics.
   """
+  height, side, channels = _image_shape(input_shape)
+  filters = (scaled(8, width), scaled(16, width))
   return Classifier(
     "cnn_pool_bn",
     [
-      Conv(1, 8, rngs=rngs),
+      Conv(channels, filters[0], rngs=rngs),
       MaxPool(),
-      BatchNorm(8, rngs=rngs),
+      BatchNorm(filters[0], rngs=rngs),
       Dropout(0.2, rngs=rngs),
-      Conv(8, 16, rngs=rngs),
+      Conv(filters[0], filters[1], rngs=rngs),
       MaxPool(),
-      BatchNorm(16, rngs=rngs),
+      BatchNorm(filters[1], rngs=rngs),
       Dropout(0.2, rngs=rngs),
       Flatten(),
-      *_dense_head(5 * 5 * 16, dropout=0.5, batch_norm=True, rngs=rngs),
+      *_dense_head(
+        _pooled(_pooled(height)) * _pooled(_pooled(side)) * filters[1],
+        dropout=0.5,
+        batch_norm=True,
+        width=width,
+        num_classes=num_classes,
+        rngs=rngs,
+      ),
     ],
     impl,
     compute_dtype,
