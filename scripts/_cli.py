@@ -38,7 +38,7 @@ from absl import app, flags, logging
 from ml_collections.config_flags import config_flags
 
 from flax_mnist import FlaxMnistError, models
-from flax_mnist.config import check_fields, config_file_raised, load_config_file
+from flax_mnist.config import config_file_raised, load_config_file
 from flax_mnist.errors import ConfigError, Interrupted
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -257,8 +257,8 @@ def _parse_flags(argv: list[str]) -> list[str]:
     print(str(interrupt), file=sys.stderr)
     sys.exit(interrupt.exit_code)
   except _BadConfigFile as bad:
-    if _debugging(argv):
-      raise bad.error from None
+    if _debugging(argv):  # The config file's own traceback, chained.
+      raise bad.error from bad.error.__cause__
     fail(str(bad.error), bad.error.exit_code)
   except flags.Error as error:
     if _debugging(argv):
@@ -292,7 +292,7 @@ class _ConfigFileParser(config_flags.ConfigFileFlagParser):
 
   def parse(self, value: str) -> Any:
     try:
-      config = _load_config(self.flag.name, value, super().parse)
+      config = _load_config(self.flag.name, value)
       path = value.partition(":")[0]
       for arg in self.argv:
         match = re.match(rf"--?(?:no)?{re.escape(self.flag.name)}\.([^=]+)", arg)
@@ -318,33 +318,27 @@ def _install_config_parsers(argv: Sequence[str]) -> dict[str, _ConfigFileParser]
   return parsers
 
 
-def _load_config(name: str, value: str, parse_with_argument: Callable[[str], Any]) -> Any:
-  """The config ``--<name>=value`` names, every failure one line: ``path`` through the
-  project's loader, ``path:arg`` through ml_collections' (``parse_with_argument``), which
-  passes ``arg`` to ``get_config``. A file that raises SystemExit or KeyboardInterrupt while it
-  loads is a broken config file (exit 2), not a request to stop with nothing said."""
+def _load_config(name: str, value: str) -> Any:
+  """The config ``--<name>=value`` names (``path`` or ml_collections' ``path:arg``, which passes
+  ``arg`` to ``get_config``), through the project's loader: every failure one line. A file that
+  raises KeyboardInterrupt while it loads is a broken config file (exit 2), not a Ctrl-C."""
   path, colon, arg = value.partition(":")
   try:
-    if not colon:
-      return load_config_file(path)
-    if not os.path.isfile(path):
-      load_config_file(path)  # Raises its one line: no such config file.
-    config = parse_with_argument(value)
-  except (FlaxMnistError, Interrupted):  # Interrupted: a real Ctrl-C (``_interrupted``).
-    raise
-  except (TypeError, ValueError) as error:  # ml_collections re-raises them with traceback text.
-    cause = error.__context__ or error
-    if isinstance(cause, TypeError) and not _raised_in(cause, path):  # The call itself failed.
+    return load_config_file(path, arg if colon else None)
+  except ConfigError as error:
+    cause = error.__cause__
+    if colon and isinstance(cause, TypeError) and not _raised_in(cause, path):  # The call failed.
       raise ConfigError(
-        f"--{name}={value}: ml_collections passes '{arg}' to get_config(), which cannot "
-        f"take it ({_first_line(cause)}); expected --{name}={path}, with fields set as "
+        f"--{name}={value}: ml_collections passes '{arg}' to get_config(), which cannot take it "
+        f"({_first_line(cause)}); expected --{name}={path}, with fields set as "
         f"--{name}.<field>=value"
-      ) from None
-    raise ConfigError(config_file_raised(path, cause, f"get_config({arg!r})")) from None
-  except (Exception, SystemExit, KeyboardInterrupt) as error:  # The file itself raised.
-    raise ConfigError(config_file_raised(path, error, "loading it")) from None
-  check_fields(config, value)
-  return config
+      ) from cause
+    raise
+  except Interrupted:  # A real Ctrl-C (``_interrupted``).
+    raise
+  except KeyboardInterrupt as error:  # Raised by the file itself.
+    what = f"get_config({arg!r})" if colon else "loading it"
+    raise ConfigError(config_file_raised(path, error, what)) from error
 
 
 def _raised_in(error: BaseException, path: str) -> bool:

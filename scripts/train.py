@@ -22,6 +22,7 @@ a second process 0 on another host), it prints its own fatal line and exits 134:
 Python can catch it.
 """
 
+import atexit
 import faulthandler
 import fcntl
 import inspect
@@ -85,7 +86,18 @@ def _initialize_distributed() -> None:
   _cli.end_promptly_on_signals(0)  # While connecting there is nothing to save.
   client, index, count = _connect(_TIMEOUT.value)
   _check_process_counts_agree(client, index, count, _TIMEOUT.value)
-  signalled = threading.Event()
+  signalled = threading.Event()  # This process is ending: signalled, or done (at exit).
+
+  def done() -> None:
+    """At exit, before JAX's own shutdown (atexit runs last-registered first): the watcher stops,
+    and the others stop counting this process as silent."""
+    signalled.set()
+    try:
+      client.key_value_set(f"{_KEYS}/done/{index}", "1", allow_overwrite=True)
+    except Exception:  # noqa: BLE001 (the coordinator may be gone already)
+      pass
+
+  atexit.register(done)
 
   def announce(signum: int) -> None:
     signalled.set()
@@ -225,7 +237,9 @@ def _watch_peers(client, index: int, count: int, silent_s: float, signalled) -> 
     try:
       client.key_value_set(f"{_KEYS}/alive/{index}", str(beat), allow_overwrite=True)
       announced = client.key_value_dir_get(f"{_KEYS}/failed/")
-      silent = _silent(client.key_value_dir_get(f"{_KEYS}/alive/"), changed, silent_s)
+      finished = {key.rsplit("/", 1)[-1] for key, _ in client.key_value_dir_get(f"{_KEYS}/done/")}
+      stamps = client.key_value_dir_get(f"{_KEYS}/alive/")
+      silent = [peer for peer in _silent(stamps, changed, silent_s) if peer not in finished]
     except Exception as error:  # noqa: BLE001 (any failure to reach the coordinator)
       if signalled.is_set():
         return

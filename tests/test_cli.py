@@ -170,7 +170,7 @@ def test_a_config_file_runs_once_per_command(tmp_path):
   # An unknown model is refused after the flags are parsed, before anything is trained.
   result = _run("train.py", f"--config={config}", "--workdir", tmp_path / "w", "--config.model=vgg")
   _assert_one_line(result, 2, r"error: config.model 'vgg': .*")
-  assert runs.read_text() == "run\n"  # It ran twice: once to check, once through absl.
+  assert runs.read_text() == "run\n"  # Once (it ran twice before: once to check, once in absl).
 
 
 def test_ctrl_c_while_a_config_file_loads_is_an_interruption_not_a_config_error(tmp_path):

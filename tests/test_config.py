@@ -96,6 +96,8 @@ def test_the_run_config_has_every_config_field_and_resolves_the_seeds():
   config.seed, config.num_seeds = 3, 2
   run = config_lib.resolve(config)
   assert run.seeds == (3, 4) and run.num_seeds == 2
+  config.seeds = (5,)  # config.seeds names the seeds, config.seed then says nothing.
+  assert (config_lib.resolve(config).seed, config_lib.resolve(config).seeds) == (5, (5,))
   seed_run = run.for_seed(4)
   assert (seed_run.seed, seed_run.seeds, seed_run.num_seeds) == (4, (4,), 1)
   assert set(seed_run.to_dict()) == set(config.keys())  # data, loss: only once set.

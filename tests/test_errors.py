@@ -366,10 +366,10 @@ CASES = [
         "integer like its default 11",
       ),
       (
-        "family-model-takes-no-kwargs",
-        ("--config.model_kwargs={{'width': 2}}",),
-        "config.model_kwargs of model 'mlp': 'width' is not an argument of its factory; it takes "
-        "none",
+        "family-model-kwarg-misspelt",
+        ("--config.model_kwargs={{'widht': 2}}",),
+        "config.model_kwargs of model 'mlp': 'widht' is not an argument of its factory; expected "
+        "one of input_shape, num_classes, width",
       ),
     ]
   ],

@@ -1,10 +1,12 @@
-"""Tests for flax_mnist.registry: a name read from a workdir imports nothing untrusted, and
-model_kwargs fit the factory's signature before it is called."""
+"""Tests for flax_mnist.registry: a name read from a workdir imports nothing untrusted,
+model_kwargs fit the factory's signature before it is called, every key comes from the seed."""
 
 from __future__ import annotations
 
 import sys
 
+import jax
+import numpy as np
 import pytest
 from flax import nnx
 
@@ -76,3 +78,17 @@ def test_a_factory_that_raises_or_returns_no_module_is_one_line(monkeypatch):
     monkeypatch.setitem(registry._REGISTRY, factory.__name__, factory)
     with pytest.raises(ConfigError, match=message):
       registry.create_model(factory.__name__, rngs=nnx.Rngs(0))
+
+
+def test_every_key_is_derived_from_the_seed_in_one_place():
+  keys = registry.seed_keys(3, "rbg")
+  data = lambda key: np.asarray(jax.random.key_data(key))
+  np.testing.assert_array_equal(data(keys.params), data(jax.random.fold_in(jax.random.key(3), 0)))
+  np.testing.assert_array_equal(data(keys.shuffle), data(jax.random.fold_in(jax.random.key(3), 2)))
+  rbg = jax.random.fold_in(jax.random.key(3, impl="rbg"), 1)
+  assert jax.random.key_impl(keys.dropout) == jax.random.key_impl(rbg)
+  np.testing.assert_array_equal(data(keys.dropout), data(rbg))
+  epoch_2 = registry.epoch_shuffle_key(keys.shuffle, 2)
+  np.testing.assert_array_equal(data(epoch_2), data(jax.random.fold_in(keys.shuffle, 2)))
+  assert not np.array_equal(data(epoch_2), data(registry.epoch_shuffle_key(keys.shuffle, 3)))
+  assert not np.array_equal(data(registry.seed_keys(4, "rbg").params), data(keys.params))

@@ -33,6 +33,7 @@ def test_resume_continues_the_history_exactly(idx_dir, tmp_path):
   assert without_timing(again) == without_timing(straight)
 
 
+@pytest.mark.integration  # Trains and resumes whole runs.
 def test_workdir_of_another_model_or_seed_is_refused(idx_dir, tmp_path):
   train.train_and_evaluate(small_config(idx_dir, num_epochs=1), tmp_path / "run", print_fn=None)
   with pytest.raises(ConfigError, match="holds a run with model 'mlp', config.model is 'cnn_pool'"):
@@ -43,6 +44,7 @@ def test_workdir_of_another_model_or_seed_is_refused(idx_dir, tmp_path):
     train.train_and_evaluate(small_config(idx_dir, seed=1), tmp_path / "run", print_fn=None)
 
 
+@pytest.mark.integration  # Trains and resumes whole runs.
 def test_the_data_is_recorded_and_a_resume_on_other_data_is_refused(idx_dir, tmp_path):
   run = tmp_path / "run"
   train.train_and_evaluate(small_config(idx_dir, num_epochs=1), run, print_fn=None)

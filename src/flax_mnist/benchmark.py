@@ -298,7 +298,13 @@ def _timing_table(result: dict[str, Any]) -> list[str]:
 def _footer(result: dict[str, Any]) -> list[str]:
   """What was run, where, with what: impl, dtype, hardware, versions, the matmul peak."""
   environment = result["environment"]
-  settings = sorted({f"{row['impl']}, {row['compute_dtype']}" for row in result["models"].values()})
+  # Results written before these fields (the committed Intel runs) say "?".
+  settings = sorted(
+    {
+      f"{row.get('impl', '?')}, {row.get('compute_dtype', '?')}"
+      for row in result["models"].values()
+    }
+  )
   lines = [
     "",
     f"impl and compute dtype: {'; '.join(settings)}.",

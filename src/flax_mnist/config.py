@@ -226,6 +226,7 @@ def resolve(config: Mapping[str, Any]) -> RunConfig:
   run = dataclasses.replace(
     run,
     model_kwargs=plain["model_kwargs"] or {},
+    seed=seeds[0],  # config.seeds, when set, names the seeds: (5,) trains seed 5.
     seeds=seeds,
     num_seeds=len(seeds),
     impl=resolve_impl(run.impl),
@@ -393,26 +394,40 @@ def check_fields(config: Mapping[str, Any], where: str) -> None:
       raise ConfigError(f"{where}: unknown field config.{field}{hint}")
 
 
-def load_config_file(path: str | os.PathLike) -> ml_collections.ConfigDict:
-  """Runs a config file's ``get_config()``; a missing or broken file is a one-line error."""
+def load_config_file(
+  path: str | os.PathLike, argument: str | None = None
+) -> ml_collections.ConfigDict:
+  """Runs a config file's ``get_config()``, or ``get_config(argument)`` (ml_collections'
+  ``--config=path:argument``). A missing or broken file, a raise or exit while it loads, and
+  anything but a ConfigDict back are one-line ConfigErrors (the file's own error chained)."""
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise ConfigError(f"{path}: no such config file (expected a file like configs/cnn.py)")
   spec = importlib.util.spec_from_file_location(f"_flax_mnist_config_{abs(hash(path))}", path)
   module = importlib.util.module_from_spec(spec)
+  what = "loading it"
   try:
     spec.loader.exec_module(module)
     if not callable(getattr(module, "get_config", None)):
       raise ConfigError(f"{path}: defines no get_config() (expected one returning a ConfigDict)")
-    config = module.get_config()
+    if argument is None:
+      config = module.get_config()
+    else:
+      what = f"get_config({argument!r})"
+      config = module.get_config(argument)
   except ConfigError:
     raise
   except SyntaxError as error:
-    raise ConfigError(f"{path}:{error.lineno}: syntax error ({error.msg})") from None
+    raise ConfigError(f"{path}:{error.lineno}: syntax error ({error.msg})") from error
   except (Exception, SystemExit) as error:  # noqa: BLE001 (a config file may raise anything)
     # SystemExit too: sys.exit(0) in a config file would otherwise end the run with status 0,
     # having trained nothing.
-    raise ConfigError(config_file_raised(path, error, "loading it")) from None
+    raise ConfigError(config_file_raised(path, error, what)) from error
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ConfigError(
+      f"{path}: {what.replace('loading it', 'get_config()')} returned {type(config).__name__}, "
+      "expected a ConfigDict"
+    )
   check_fields(config, path)
   return config
 

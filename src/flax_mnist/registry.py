@@ -222,7 +222,7 @@ class SeedKeys(NamedTuple):
 
   params: jax.Array  # The initial parameters.
   dropout: jax.Array  # Dropout masks (its own PRNG implementation: rbg on CPU).
-  shuffle: jax.Array  # Each epoch's order: fold_in(shuffle, epoch).
+  shuffle: jax.Array  # Each epoch's order: ``epoch_shuffle_key``.
 
 
 def seed_keys(seed: int, dropout_rng_impl: str) -> SeedKeys:
@@ -234,6 +234,12 @@ def seed_keys(seed: int, dropout_rng_impl: str) -> SeedKeys:
     dropout=jax.random.fold_in(jax.random.key(seed, impl=dropout_rng_impl), 1),
     shuffle=jax.random.fold_in(seed_key, 2),
   )
+
+
+def epoch_shuffle_key(shuffle_key: jax.Array, epoch: int) -> jax.Array:
+  """The key of epoch ``epoch``'s order (1-based): ``fold_in(shuffle_key, epoch)``, so a resumed
+  run draws the order the uninterrupted one would have."""
+  return jax.random.fold_in(shuffle_key, epoch)
 
 
 def init_model(

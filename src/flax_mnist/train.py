@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import optax
 from etils import epath
 
-from flax_mnist import data, history, log, sharding, steps, workdir
+from flax_mnist import data, history, log, registry, sharding, steps, workdir
 from flax_mnist.config import RunConfig, resolve, result_fields
 from flax_mnist.errors import ConfigError, Interrupted, RunError
 from flax_mnist.history import EpochRecord
@@ -153,7 +153,7 @@ class _Trainer:
       for epoch in range(seed_run.start_epoch + 1, self.num_epochs + 1):
         self.current = (seed_run, epoch)
         self.progress.start(epoch, self.num_epochs)
-        key = jax.random.fold_in(self.keys[seed_run.seed], epoch)
+        key = registry.epoch_shuffle_key(self.keys[seed_run.seed], epoch)
         state, train_metrics, val_metrics, timings = self.timed_epoch(state, key)
         self.progress.close()
         self._finish_epoch(seed_run, epoch, state, train_metrics, val_metrics, timings)
@@ -173,7 +173,7 @@ class _Trainer:
     states, keys = self._stacked_states()
     for epoch in range(pending[0].start_epoch + 1, self.num_epochs + 1):
       self.current = (pending[0], epoch)
-      epoch_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, epoch)
+      epoch_keys = jax.vmap(registry.epoch_shuffle_key, in_axes=(0, None))(keys, epoch)
       states, train_metrics, val_metrics, timings = self.timed_epoch(states, epoch_keys)
       for index, seed_run in enumerate(pending):
         if seed_run.stopped:  # Early stopping: its later epochs are computed but not kept.
