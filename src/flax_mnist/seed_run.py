@@ -125,18 +125,20 @@ class SeedRun:
   ) -> None:
     """Records an epoch the loop finished: history (in its checkpoint and history.json), the
     best and latest checkpoints, TensorBoard."""
-    self.history.append(record)
-    self.state = state
-    if record.get("stopped_early"):
-      self.stopped = True
+    records = [*self.history, record]
     meta = {
       "epoch": record["epoch"],
       "model": self.run.model,
       "config": self.record,
       **{key: record[key] for key in history.AGGREGATED},
-      "history": self.history,
+      "history": records,
     }
     self.checkpoints.save_epoch(record["epoch"], state._asdict(), meta)
+    # Only once its checkpoint is saved (or being saved: closing waits for it) is the epoch in
+    # the history that an interruption reports as saved.
+    self.history, self.state = records, state
+    if record.get("stopped_early"):
+      self.stopped = True
     if self.is_writer:
       self._write_history(record["epoch"])
       if self.tensorboard is None:

@@ -135,11 +135,15 @@ class _Trainer:
       self.run_vmapped() if self.over_seeds else self.run_looped()
     except KeyboardInterrupt as interrupt:
       exit_code = getattr(interrupt, "exit_code", 130)
-      seed_run, epoch = self.current
+      seed_run, started = self.current
+      # What is saved is what the seed's run recorded: the signal may come after an epoch's
+      # record and before the next epoch starts.
+      saved_epoch = seed_run.history[-1]["epoch"] if seed_run.history else 0
+      epoch = saved_epoch + 1
       step = f", step {self.progress.last_step} of {self.steps_per_epoch}"
-      where = f"epoch {epoch}{step if self.progress.last_step else ''}"
+      where = f"epoch {epoch}{step if self.progress.last_step and started == epoch else ''}"
       seed = f" (seed {seed_run.seed})" if len(self.runs) > 1 else ""
-      saved = f"epoch {epoch - 1} is saved" if epoch > 1 else "no epoch is saved yet"
+      saved = f"epoch {saved_epoch} is saved" if saved_epoch else "no epoch is saved yet"
       raise Interrupted(
         f"interrupted at {where}{seed}: {saved}; rerun the same command to resume", exit_code
       ) from None
