@@ -91,8 +91,8 @@ def test_resolve_records_every_auto_as_a_concrete_choice():
 def test_the_run_config_has_every_config_field_and_resolves_the_seeds():
   fields = [field.name for field in dataclasses.fields(config_lib.RunConfig)]
   config = config_lib.default_config()
-  added = {"process_count", "data", "data_source", "loss"}  # What a run adds.
-  assert set(fields) - added == set(config.keys()) and len(fields) == len(config.keys()) + 4
+  added = {"process_count", "data", "data_source", "input_shape", "num_classes", "loss"}
+  assert set(fields) - added == set(config.keys()) and len(fields) == len(config.keys()) + 6
   config.seed, config.num_seeds = 3, 2
   run = config_lib.resolve(config)
   assert run.seeds == (3, 4) and run.num_seeds == 2

@@ -207,3 +207,59 @@ def test_a_split_of_zero_images_is_refused_naming_the_file(tmp_path):
   write_idx(directory / "t10k-labels-idx1-ubyte", np.zeros(0, np.uint8))
   with pytest.raises(DatasetError, match=r"t10k-images-idx3-ubyte: 0 images, expected at least"):
     data.load_idx_dir(directory)
+
+
+def _arrays(num_train=40, num_test=20, shape=(12, 10, 3), num_classes=4, seed=0):
+  rng = np.random.default_rng(seed)
+  return (
+    rng.integers(0, 256, (num_train, *shape), dtype=np.uint8),
+    rng.integers(0, num_classes, num_train),
+    rng.integers(0, 256, (num_test, *shape), dtype=np.uint8),
+    rng.integers(0, num_classes, num_test),
+  )
+
+
+def test_a_dataset_from_arrays_keeps_its_shape_classes_and_identity():
+  arrays = _arrays()
+  dataset = data.from_arrays(*arrays, name="tiles")
+  assert dataset.image_shape == (12, 10, 3) and dataset.num_classes == 4
+  assert dataset.train.labels.dtype == np.int32 and dataset.source == "arrays (tiles)"
+  assert dataset.identity().startswith("tiles: 40 train + 20 test images of 12x10x3, 4 classes")
+  assert data.from_arrays(*arrays, name="tiles", num_classes=7).num_classes == 7
+  changed = (arrays[0].copy(), *arrays[1:])
+  changed[0][0, 0, 0, 0] ^= 1  # One bit of one pixel: another dataset.
+  assert data.from_arrays(*changed, name="tiles").identity() != dataset.identity()
+  floats = data.from_arrays(arrays[0] / 255.0, arrays[1], arrays[2] / 255.0, arrays[3], name="f")
+  assert floats.train.images.dtype == np.float32
+  np.testing.assert_allclose(
+    np.asarray(data.normalize_images(jnp.asarray(floats.train.images))),
+    np.asarray(data.normalize_images(jnp.asarray(arrays[0]))),
+    rtol=1e-6,
+  )  # Floats in [0, 1] are used as they are, uint8 scaled by 1/255: the same images.
+
+
+@pytest.mark.parametrize(
+  "change, message",
+  [
+    ({0: np.zeros((40, 12, 10), np.uint8)}, r"train_images: shape \(40, 12, 10\), expected \(N,"),
+    ({2: np.zeros((20, 12, 10, 3), np.int16)}, r"test_images: int16, expected uint8 or floats"),
+    ({0: np.full((40, 12, 10, 3), 2.0)}, r"train_images: values in \[2, 2\], expected floats in"),
+    ({2: np.zeros((20, 8, 10, 3), np.uint8)}, r"test_images: images of \(8, 10, 3\), expected"),
+    ({1: np.zeros((40, 1), int)}, r"train_labels: shape \(40, 1\), expected \(N,\) integer"),
+    ({3: np.full(20, -1)}, r"test_labels: int64 labels, expected non-negative integers"),
+    ({3: np.zeros(19, int)}, r"test_labels: 19 labels, expected 20 to match the images"),
+    ({"num_classes": 3}, r"(train|test)_labels: label 3 at index \d+, expected 0..2"),
+    ({"name": ""}, r"name '': expected a non-empty string"),
+  ],
+  ids=["3d", "int16", "range", "shapes", "labels-2d", "negative", "count", "classes", "name"],
+)
+def test_bad_arrays_are_one_line_naming_the_array(change, message):
+  arrays = list(_arrays())
+  keywords = {"name": "tiles"}
+  for key, value in change.items():
+    if isinstance(key, int):
+      arrays[key] = value
+    else:
+      keywords[key] = value
+  with pytest.raises(DatasetError, match=message):
+    data.from_arrays(*arrays, **keywords)

@@ -147,7 +147,9 @@ def test_bad_optimizer_fields_are_named(field, value, message):
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("recipe", ["own_model", "adamw_warmup_cosine", "frozen_layer", "own_loss"])
+@pytest.mark.parametrize(
+  "recipe", ["own_model", "adamw_warmup_cosine", "frozen_layer", "own_loss", "own_data"]
+)
 def test_each_example_runs(recipe, idx_dir, tmp_path):
   workdir = tmp_path / recipe
   result = _run([EXAMPLES / f"{recipe}.py", workdir, 1], idx_dir)
@@ -165,3 +167,10 @@ def test_each_example_runs(recipe, idx_dir, tmp_path):
     assert recorded["loss"] == "custom: focal_loss"
   if recipe == "own_model":
     assert "reloaded WideCnn" in result.stdout
+  if recipe == "own_data":
+    assert recorded["num_classes"] == 5 and recorded["model_kwargs"] == {"width": 0.5}
+    assert recorded["data_source"] == "arrays (rotated_digits_0to4)"
+    model, _ = checkpoint.load_model(workdir)
+    assert models.count_params(model)[0] == (
+      4 * 9 + 4 + 8 * 4 * 9 + 8 + 200 * 64 + 64 + 64 * 16 + 16 + 16 * 5 + 5
+    )  # Half width on 5 classes: conv 4 and 8, a 5x5x8 flatten, Dense 64 and 16.

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import TIMING_KEYS, small_config, without_timing
 
+from flax_mnist import checkpoint, data, evaluation, train
 from flax_mnist import config as config_lib
-from flax_mnist import train
 from flax_mnist.errors import ConfigError, RunError, WorkdirError
 
 
@@ -167,3 +168,33 @@ def test_divergence_is_reported(idx_dir, tmp_path):
     train.train_and_evaluate(
       small_config(idx_dir, learning_rate=1e30, num_epochs=1), tmp_path / "run", print_fn=None
     )
+
+
+@pytest.mark.integration  # Trains, loads and resumes whole runs.
+def test_your_own_arrays_train_load_and_resume_and_other_data_is_refused(idx_dir, tmp_path):
+  rng = np.random.default_rng(0)
+  labels = rng.integers(0, 5, 220)
+  # Five classes told apart by the brightness of one channel: learnable in a few epochs.
+  images = rng.integers(0, 30, (220, 16, 14, 3), dtype=np.uint8)
+  images[..., 1] += (labels * 55).astype(np.uint8)[:, None, None]
+  dataset = data.from_arrays(images[:160], labels[:160], images[160:], labels[160:], name="bars")
+  config = small_config(idx_dir, model="cnn_pool", num_epochs=1, batch_size=16, learning_rate=3e-3)
+  run = tmp_path / "run"
+  first = train.train_and_evaluate(config, run, data=dataset, print_fn=None)
+  recorded = json.loads((run / "config.json").read_text())
+  assert recorded["input_shape"] == [16, 14, 3] and recorded["num_classes"] == 5
+  assert recorded["data_source"] == "arrays (bars)" and recorded["data"].startswith("bars: ")
+  model, info = checkpoint.load_model(run)
+  assert model(jnp.zeros((2, 16, 14, 3))).shape == (2, 5)
+  result = evaluation.evaluate_model(model, dataset.test.images, dataset.test.labels)
+  assert result["accuracy"] == info["val_accuracy"]  # The recorded best, reproduced.
+  config.num_epochs = 3
+  resumed = train.train_and_evaluate(config, run, data=dataset, print_fn=None)
+  assert without_timing(resumed[:1]) == without_timing(first)
+  assert resumed[-1]["val_accuracy"] > 0.5  # Chance is 0.2; this run reached 1.0 (AMD).
+  other = data.from_arrays(images[:150], labels[:150], images[160:], labels[160:], name="bars")
+  config.num_epochs = 4
+  with pytest.raises(ConfigError, match=r"holds a run with data 'bars: 160 train"):
+    train.train_and_evaluate(config, run, data=other, print_fn=None)
+  with pytest.raises(ConfigError, match=r"holds a run with data 'bars: .*this run's data"):
+    train.train_and_evaluate(config, run, print_fn=None)  # MNIST now: refused too.

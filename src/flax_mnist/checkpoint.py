@@ -446,6 +446,9 @@ def _load(
       model_kwargs=config["model_kwargs"],
       compute_dtype=config["compute_dtype"],
       trust_code=trust_model_code,
+      # The data's shape and classes (absent from runs recorded before: MNIST's, the defaults).
+      input_shape=config.get("input_shape"),
+      num_classes=config.get("num_classes"),
     )
   except FlaxMnistError as error:  # Named for the checkpoint that recorded the model.
     raise type(error)(f"{checkpoints.step_dir(which)}: {error}") from None

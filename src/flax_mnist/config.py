@@ -125,6 +125,8 @@ class RunConfig:
   process_count: int = 1
   data: str | None = None  # The data's identity (sizes and a fingerprint): a resume field.
   data_source: str | None = None
+  input_shape: tuple[int, ...] | None = None  # The data's images (H, W, C), for the model.
+  num_classes: int | None = None  # The data's, for the model's last layer.
   loss: str | None = None  # "custom: <name>" for a loss_fn passed from Python.
 
   def for_seed(self, seed: int) -> RunConfig:
@@ -146,7 +148,7 @@ class RunConfig:
     return {name: getattr(self, name) for name in _RESOLVED} | {"seeds": list(self.seeds)}
 
 
-_RECORDED_ONCE_SET = ("data", "data_source", "loss")
+_RECORDED_ONCE_SET = ("data", "data_source", "input_shape", "num_classes", "loss")
 _RESOLVED = (
   "model",
   "seeds",

@@ -40,7 +40,7 @@ _GZIP_MAGIC = b"\x1f\x8b"
 
 @dataclasses.dataclass(frozen=True)
 class Split:
-  """One split of MNIST on the host: uint8 NHWC images and int32 labels."""
+  """One split on the host: NHWC images (uint8, or float32 in [0, 1] from arrays), int32 labels."""
 
   images: np.ndarray
   labels: np.ndarray
@@ -50,12 +50,20 @@ class Split:
 
 
 @dataclasses.dataclass(frozen=True)
-class Mnist:
-  """Both splits and a human-readable description of where they came from."""
+class Dataset:
+  """Both splits, a human-readable description of where they came from, and what the images
+  are: MNIST from its files, or a user's arrays (``from_arrays``)."""
 
   train: Split
   test: Split
   source: str
+  name: str = "mnist"
+  num_classes: int = NUM_CLASSES
+
+  @property
+  def image_shape(self) -> tuple[int, ...]:
+    """(height, width, channels) of every image."""
+    return tuple(int(size) for size in self.train.images.shape[1:])
 
   def identity(self) -> str:
     """What the data is, whatever its path: split sizes and a content fingerprint (BLAKE2b of
@@ -66,9 +74,105 @@ class Mnist:
       for array in (split.images, split.labels):
         digest.update(repr((array.shape, array.dtype.str)).encode())
         digest.update(np.ascontiguousarray(array).data)
-    return (
-      f"{len(self.train):,} train + {len(self.test):,} test images, blake2b {digest.hexdigest()}"
+    figures = f"{len(self.train):,} train + {len(self.test):,} test images"
+    if self.name != "mnist":  # (MNIST's identity reads as it always has: its workdirs resume.)
+      figures = f"{self.name}: {figures} of {'x'.join(map(str, self.image_shape))}, "
+      figures += f"{self.num_classes} classes"
+    return f"{figures}, blake2b {digest.hexdigest()}"
+
+
+Mnist = Dataset  # The name before other data could be trained on.
+
+
+def from_arrays(
+  train_images: np.ndarray,
+  train_labels: np.ndarray,
+  test_images: np.ndarray,
+  test_labels: np.ndarray,
+  *,
+  name: str,
+  num_classes: int | None = None,
+) -> Dataset:
+  """A dataset of your own arrays, for ``train.train_and_evaluate(config, workdir, data=...)``
+  and ``train_seeds``: images ``(N, H, W, C)`` as uint8 (scaled by 1/255 on device, as MNIST)
+  or floats in [0, 1] (used as they are), integer labels in ``0..num_classes - 1``
+  (``num_classes`` defaults to the largest label + 1). Any H, W, C; the family adapts to them.
+  Each bad array is a one-line DatasetError naming it and what was expected."""
+  if not isinstance(name, str) or not name.strip():
+    raise DatasetError(f"name {name!r}: expected a non-empty string naming the dataset")
+  arrays = {
+    "train_images": _checked_images("train_images", train_images),
+    "test_images": _checked_images("test_images", test_images),
+    "train_labels": _checked_labels("train_labels", train_labels),
+    "test_labels": _checked_labels("test_labels", test_labels),
+  }
+  if arrays["train_images"].shape[1:] != arrays["test_images"].shape[1:]:
+    raise DatasetError(
+      f"test_images: images of {arrays['test_images'].shape[1:]}, expected "
+      f"{arrays['train_images'].shape[1:]} as train_images"
     )
+  if arrays["train_images"].dtype != arrays["test_images"].dtype:
+    raise DatasetError(
+      f"test_images: {arrays['test_images'].dtype}, expected {arrays['train_images'].dtype} as "
+      "train_images"
+    )
+  largest = max(int(arrays["train_labels"].max()), int(arrays["test_labels"].max()))
+  if num_classes is None:
+    num_classes = largest + 1
+  elif not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+    raise DatasetError(f"num_classes {num_classes!r}: expected a positive integer")
+  for split in ("train", "test"):
+    labels = arrays[f"{split}_labels"]
+    if labels.max() >= num_classes:
+      index = int(np.argmax(labels >= num_classes))
+      raise DatasetError(
+        f"{split}_labels: label {labels[index]} at index {index}, expected 0..{num_classes - 1}"
+      )
+  splits = {
+    split: make_split(
+      arrays[f"{split}_images"],
+      arrays[f"{split}_labels"],
+      images_name=f"{split}_images",
+      labels_name=f"{split}_labels",
+    )
+    for split in ("train", "test")
+  }
+  return Dataset(
+    train=splits["train"],
+    test=splits["test"],
+    source=f"arrays ({name})",
+    name=name,
+    num_classes=num_classes,
+  )
+
+
+def _checked_images(name: str, images: np.ndarray) -> np.ndarray:
+  """``images`` as uint8 or float32 (N, H, W, C), or a DatasetError naming ``name``."""
+  images = np.asarray(images)
+  if images.ndim != 4 or 0 in images.shape[1:]:
+    raise DatasetError(
+      f"{name}: shape {images.shape}, expected (N, height, width, channels), e.g. (N, 28, 28, 1)"
+    )
+  if images.dtype == np.uint8:
+    return images
+  if not np.issubdtype(images.dtype, np.floating):
+    raise DatasetError(f"{name}: {images.dtype}, expected uint8 or floats in [0, 1]")
+  if images.size and not (np.isfinite(images).all() and images.min() >= 0 and images.max() <= 1):
+    raise DatasetError(
+      f"{name}: values in [{np.nanmin(images):g}, {np.nanmax(images):g}], expected floats in "
+      "[0, 1] (or uint8 0..255)"
+    )
+  return images.astype(np.float32)
+
+
+def _checked_labels(name: str, labels: np.ndarray) -> np.ndarray:
+  """``labels`` as int32 (N,) of non-negative integers, or a DatasetError naming ``name``."""
+  labels = np.asarray(labels)
+  if labels.ndim != 1 or labels.size == 0:
+    raise DatasetError(f"{name}: shape {labels.shape}, expected (N,) integer labels, N >= 1")
+  if not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0:
+    raise DatasetError(f"{name}: {labels.dtype} labels, expected non-negative integers")
+  return labels.astype(np.int32)
 
 
 def _read_bytes(path: Path) -> bytes:
@@ -181,9 +285,9 @@ def load_idx_split(directory: str | os.PathLike, split: str) -> Split:
   )
 
 
-def load_idx_dir(directory: str | os.PathLike) -> Mnist:
+def load_idx_dir(directory: str | os.PathLike) -> Dataset:
   """Loads train and test from a directory of IDX files."""
-  return Mnist(
+  return Dataset(
     train=load_idx_split(directory, "train"),
     test=load_idx_split(directory, "test"),
     source=f"IDX files in {Path(directory).resolve()}",
@@ -192,7 +296,7 @@ def load_idx_dir(directory: str | os.PathLike) -> Mnist:
 
 def load_mnist(
   data_dir: str | os.PathLike | None = None, *, tfds_data_dir: str | os.PathLike | None = None
-) -> Mnist:
+) -> Dataset:
   """Loads MNIST from the first available source (see the module docstring)."""
   if data_dir:
     return load_idx_dir(data_dir)
@@ -206,5 +310,8 @@ def load_mnist(
 
 
 def normalize_images(images: jnp.ndarray) -> jnp.ndarray:
-  """Scales uint8 images to float32 in [0, 1] (x / 255), as the notebook does; runs on device."""
+  """Scales uint8 images to float32 in [0, 1] (x / 255), as the notebook does; runs on device.
+  Float images (``from_arrays``) are in [0, 1] already and pass as they are."""
+  if jnp.issubdtype(images.dtype, jnp.floating):
+    return images.astype(jnp.float32)
   return images.astype(jnp.float32) / 255.0

@@ -7,6 +7,8 @@ images in [0, 1] and returns logits ``(N, 10)``, in one of the layouts of ``laye
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -131,19 +133,32 @@ def _image_shape(input_shape: Sequence[int]) -> tuple[int, int, int]:
   return shape
 
 
-def _pooled(size: int) -> int:
-  """A side after a valid 3x3 convolution and a 2x2 max-pool."""
-  return (size - 2) // 2
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+  """One model of the family: its convolutions (8 and 16 filters at width 1), whether a 2x2
+  max-pool follows each, whether BatchNorm (+ Dropout 0.2) follows each pool and each hidden
+  Dense, and the head's dropout."""
+
+  convs: int
+  pooled: bool = False
+  batch_norm: bool = False
+  head_dropout: float = 0.2
 
 
-# Every factory of the family: ``width`` scales each convolution's filters and hidden Dense layer
-# (1: the notebook's counts); ``input_shape`` (H, W, C) and ``num_classes`` adapt it to the data
-# (MNIST's by default; the trainer passes the data's).
+# The notebook's four models. Parameters at width 1 on MNIST: mlp 104,938; cnn 1,185,482;
+# cnn_pool 57,034; cnn_pool_bn 57,402 trainable and 368 BatchNorm statistics.
+FAMILY = {
+  "mlp": _Plan(convs=0),  # Flatten, Dense 128, Drop 0.2, Dense 32, Drop 0.2, Dense 10.
+  "cnn": _Plan(convs=2),  # Conv 8, Conv 16, then the mlp head.
+  "cnn_pool": _Plan(convs=2, pooled=True),  # Conv 8, MaxPool, Conv 16, MaxPool, the mlp head.
+  # cnn_pool with BatchNorm + Dropout 0.2 after each pool, BatchNorm + Dropout 0.5 in the head.
+  "cnn_pool_bn": _Plan(convs=2, pooled=True, batch_norm=True, head_dropout=0.5),
+}
 MNIST_SHAPE = (28, 28, 1)
 
 
-@register("mlp")
-def mlp(
+def family_model(
+  name: str,
   *,
   rngs: nnx.Rngs,
   impl: str = "lax",
@@ -152,127 +167,37 @@ def mlp(
   input_shape: Sequence[int] = MNIST_SHAPE,
   num_classes: int = 10,
 ) -> Classifier:
-  """Flatten, Dense 128, Drop 0.2, Dense 32, Drop 0.2, Dense 10: 104,938 params."""
-  height, side, channels = _image_shape(input_shape)
-  head = _dense_head(
-    height * side * channels,
-    dropout=0.2,
-    batch_norm=False,
+  """Model ``name`` of the notebook's family (``FAMILY``). ``width`` scales each convolution's
+  filters and hidden Dense layer (1: the notebook's counts); ``input_shape`` (H, W, C) and
+  ``num_classes`` adapt it to the data (MNIST's by default; the trainer passes the data's)."""
+  plan = FAMILY[name]
+  height, side, features = _image_shape(input_shape)
+  layers: list[nnx.Module] = []
+  for filters in (scaled(8, width), scaled(16, width))[: plan.convs]:
+    layers.append(Conv(features, filters, rngs=rngs))  # Valid 3x3.
+    height, side, features = height - 2, side - 2, filters
+    if plan.pooled:
+      layers.append(MaxPool())
+      height, side = height // 2, side // 2
+    if plan.batch_norm:
+      layers += [BatchNorm(filters, rngs=rngs), Dropout(0.2, rngs=rngs)]
+  layers.append(Flatten())
+  layers += _dense_head(
+    height * side * features,
+    dropout=plan.head_dropout,
+    batch_norm=plan.batch_norm,
     width=width,
     num_classes=num_classes,
     rngs=rngs,
   )
-  return Classifier("mlp", [Flatten(), *head], impl, compute_dtype)
+  return Classifier(name, layers, impl, compute_dtype)
 
 
-@register("cnn")
-def cnn(
-  *,
-  rngs: nnx.Rngs,
-  impl: str = "lax",
-  compute_dtype: str = "float32",
-  width: float = 1.0,
-  input_shape: Sequence[int] = MNIST_SHAPE,
-  num_classes: int = 10,
-) -> Classifier:
-  """Conv 8, Conv 16, then the mlp head on 24*24*16 features: 1,185,482 params."""
-  height, side, channels = _image_shape(input_shape)
-  filters = (scaled(8, width), scaled(16, width))
-  return Classifier(
-    "cnn",
-    [
-      Conv(channels, filters[0], rngs=rngs),
-      Conv(filters[0], filters[1], rngs=rngs),
-      Flatten(),
-      *_dense_head(
-        (height - 4) * (side - 4) * filters[1],
-        dropout=0.2,
-        batch_norm=False,
-        width=width,
-        num_classes=num_classes,
-        rngs=rngs,
-      ),
-    ],
-    impl,
-    compute_dtype,
-  )
-
-
-@register("cnn_pool")
-def cnn_pool(
-  *,
-  rngs: nnx.Rngs,
-  impl: str = "lax",
-  compute_dtype: str = "float32",
-  width: float = 1.0,
-  input_shape: Sequence[int] = MNIST_SHAPE,
-  num_classes: int = 10,
-) -> Classifier:
-  """Conv 8, MaxPool, Conv 16, MaxPool, then the mlp head on 5*5*16: 57,034 params."""
-  height, side, channels = _image_shape(input_shape)
-  filters = (scaled(8, width), scaled(16, width))
-  return Classifier(
-    "cnn_pool",
-    [
-      Conv(channels, filters[0], rngs=rngs),
-      MaxPool(),
-      Conv(filters[0], filters[1], rngs=rngs),
-      MaxPool(),
-      Flatten(),
-      *_dense_head(
-        _pooled(_pooled(height)) * _pooled(_pooled(side)) * filters[1],
-        dropout=0.2,
-        batch_norm=False,
-        width=width,
-        num_classes=num_classes,
-        rngs=rngs,
-      ),
-    ],
-    impl,
-    compute_dtype,
-  )
-
-
-@register("cnn_pool_bn")
-def cnn_pool_bn(
-  *,
-  rngs: nnx.Rngs,
-  impl: str = "lax",
-  compute_dtype: str = "float32",
-  width: float = 1.0,
-  input_shape: Sequence[int] = MNIST_SHAPE,
-  num_classes: int = 10,
-) -> Classifier:
-  """cnn_pool with BatchNorm + Dropout 0.2 after each pool, BatchNorm + Dropout 0.5 in the head.
-
-  57,402 trainable params and 368 BatchNorm statistics.
-  """
-  height, side, channels = _image_shape(input_shape)
-  filters = (scaled(8, width), scaled(16, width))
-  return Classifier(
-    "cnn_pool_bn",
-    [
-      Conv(channels, filters[0], rngs=rngs),
-      MaxPool(),
-      BatchNorm(filters[0], rngs=rngs),
-      Dropout(0.2, rngs=rngs),
-      Conv(filters[0], filters[1], rngs=rngs),
-      MaxPool(),
-      BatchNorm(filters[1], rngs=rngs),
-      Dropout(0.2, rngs=rngs),
-      Flatten(),
-      *_dense_head(
-        _pooled(_pooled(height)) * _pooled(_pooled(side)) * filters[1],
-        dropout=0.5,
-        batch_norm=True,
-        width=width,
-        num_classes=num_classes,
-        rngs=rngs,
-      ),
-    ],
-    impl,
-    compute_dtype,
-  )
+# Registered in the notebook's order, each a factory fn(*, rngs, **kwargs) like any other.
+mlp = register("mlp")(functools.partial(family_model, "mlp"))
+cnn = register("cnn")(functools.partial(family_model, "cnn"))
+cnn_pool = register("cnn_pool")(functools.partial(family_model, "cnn_pool"))
+cnn_pool_bn = register("cnn_pool_bn")(functools.partial(family_model, "cnn_pool_bn"))
 
 
 # Introspection. ``model`` is a Classifier, or any module with a ``layers`` sequence of NHWC
@@ -436,9 +361,10 @@ def training_flops(model: nnx.Module) -> tuple[int, int]:
   return 3 * forward - (flops[0] if flops else 0), forward
 
 
-def describe(model: nnx.Module) -> str:
-  """The Keras-like summary of a stack of layers; the parameter count of any other module."""
+def describe(model: nnx.Module, image_shape: Sequence[int] = MNIST_SHAPE) -> str:
+  """The Keras-like summary of a stack of layers (on images of ``image_shape``); the parameter
+  count of any other module."""
   if hasattr(model, "layers"):
-    return summary(model)
+    return summary(model, (1, *image_shape))
   trainable, non_trainable = count_params(model)
   return f"Model {type(model).__name__}: {trainable:,} trainable, {non_trainable:,} other params"

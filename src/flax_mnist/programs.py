@@ -45,7 +45,6 @@ class Programs:
     steps_per_epoch: int,
     custom: Custom,
     say: Say,
-    image_shape: tuple[int, ...] = data.IMAGE_SHAPE,
   ):
     self.tx = custom.optimizer or optim.make_optimizer(run, steps_per_epoch)
     self.loss_fn = custom.loss_fn or steps.smoothed_cross_entropy(run.label_smoothing)
@@ -59,20 +58,32 @@ class Programs:
         dropout_rng_impl=run.dropout_rng_impl,
         model_kwargs=run.model_kwargs,
         compute_dtype=run.compute_dtype,
+        input_shape=run.input_shape,
+        num_classes=run.num_classes,
       )
       self.train_graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
       state = TrainState(params, model_state, self.tx.init(params))
       self.templates.append(sharding.replicate(state, mesh))
       shuffle_key = registry.seed_keys(seed, run.dropout_rng_impl).shuffle
       self.shuffle_keys.append(sharding.replicate(shuffle_key, mesh))
-    say(models.describe(model))
+    say(models.describe(model, run.input_shape or data.IMAGE_SHAPE))
     model.eval()
     self.eval_graphdef = nnx.graphdef(model)
-    check_logits(run.model, self.eval_graphdef, self.templates[0], image_shape)
+    check_logits(
+      run.model,
+      self.eval_graphdef,
+      self.templates[0],
+      run.input_shape or data.IMAGE_SHAPE,
+      run.num_classes or data.NUM_CLASSES,
+    )
 
 
 def check_logits(
-  name: str, eval_graphdef: nnx.GraphDef, state: TrainState, image_shape: tuple[int, ...]
+  name: str,
+  eval_graphdef: nnx.GraphDef,
+  state: TrainState,
+  image_shape: tuple[int, ...],
+  num_classes: int,
 ) -> None:
   """The model maps a batch of images to one logit per class, checked on shapes alone before
   anything is compiled: logits (N,) or (N, 5) would otherwise end in a traceback or a false
@@ -87,10 +98,10 @@ def check_logits(
     raise ConfigError(
       f"model {name!r}: calling it on images of shape {images.shape} raised {reason}"
     ) from error
-  expected = (images.shape[0], data.NUM_CLASSES)
+  expected = (images.shape[0], num_classes)
   if getattr(logits, "shape", None) != expected:
     got = getattr(logits, "shape", type(logits).__name__)
     raise ConfigError(
       f"model {name!r}: returns logits of shape {got} for images of shape {images.shape}, "
-      f"expected {expected} (one logit per class of {data.NUM_CLASSES})"
+      f"expected {expected} (one logit per class of {num_classes})"
     )

@@ -17,7 +17,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -120,11 +120,14 @@ def build_model(
   impl: str = "lax",
   compute_dtype: str = "float32",
   trust_code: bool = True,
+  input_shape: Sequence[int] | None = None,
+  num_classes: int | None = None,
 ) -> nnx.Module:
   """``create_model`` with the factory's arguments as one mapping (as a config or a workdir
   holds them): ``model_kwargs`` are checked against the factory's signature first, and whatever
   the factory raises or returns instead of a module is one line (ConfigError).
-  ``trust_code=False``: ``name`` was read from a file (``resolve_model``)."""
+  ``trust_code=False``: ``name`` was read from a file (``resolve_model``). ``input_shape`` and
+  ``num_classes`` (the data's) go to a factory that takes them, unless model_kwargs set them."""
   factory = resolve_model(name, trust_code=trust_code)
   if hasattr(model_kwargs, "to_dict"):  # A ConfigDict: its plain values.
     model_kwargs = model_kwargs.to_dict()
@@ -135,6 +138,9 @@ def build_model(
     kwargs["impl"] = impl
   if "compute_dtype" in parameters:
     kwargs["compute_dtype"] = compute_dtype
+  for key, value in (("input_shape", input_shape), ("num_classes", num_classes)):
+    if value is not None and key in parameters and key not in kwargs:
+      kwargs[key] = list(value) if key == "input_shape" else value
   try:
     model = factory(rngs=rngs, **kwargs)
   except ConfigError:
@@ -251,6 +257,8 @@ def init_model(
   model_kwargs: Mapping[str, Any] | None = None,
   compute_dtype: str = "float32",
   trust_code: bool = True,
+  input_shape: Sequence[int] | None = None,
+  num_classes: int | None = None,
 ) -> nnx.Module:
   """Model ``name`` initialised from ``seed`` (its params and dropout keys, ``seed_keys``), in
   train mode.
@@ -268,6 +276,8 @@ def init_model(
     impl=impl,
     compute_dtype=compute_dtype,
     trust_code=trust_code,
+    input_shape=input_shape,
+    num_classes=num_classes,
   )
   model.train()
   return model

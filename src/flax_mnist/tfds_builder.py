@@ -195,7 +195,7 @@ def prepare(
 
 def load(
   data_dir: str | os.PathLike | None = None, manual_dir: str | os.PathLike | None = None
-) -> data.Mnist:
+) -> data.Dataset:
   """Loads both splits through TFDS's array_record data source, as uint8 NHWC and int32."""
   builder = prepare(data_dir, manual_dir)
   sources = builder.as_data_source()
@@ -207,6 +207,6 @@ def load(
     splits[split] = data.make_split(
       images, labels, images_name=f"tfds:{split}/image", labels_name=f"tfds:{split}/label"
     )
-  return data.Mnist(
+  return data.Dataset(
     train=splits["train"], test=splits["test"], source=f"TFDS mnist_idx in {builder.data_dir}"
   )

@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import optax
 from etils import epath
 
-from flax_mnist import data, history, log, registry, sharding, steps, workdir
+from flax_mnist import data as data_lib
+from flax_mnist import history, log, registry, sharding, steps, workdir
 from flax_mnist.config import RunConfig, resolve, result_fields
 from flax_mnist.errors import ConfigError, Interrupted, RunError
 from flax_mnist.history import EpochRecord
@@ -255,26 +256,35 @@ def _train(
   custom: Custom,
   say: Say,
   seeds_workdir: epath.Path | None = None,
+  dataset: data_lib.Dataset | None = None,
 ) -> list[list[EpochRecord]]:
   """Trains one copy of ``run.model`` per seed, each into its directory (the seed directories
-  of ``seeds_workdir``, for several seeds); returns the histories."""
+  of ``seeds_workdir``, for several seeds), on ``dataset`` (default: MNIST from the config's
+  sources); returns the histories."""
   is_writer = jax.process_index() == 0
   if seeds_workdir is None:
     workdir.check_single_seed(directories[0])
   else:
     workdir.check_contained(seeds_workdir)
   mesh = sharding.training_mesh(run.seed_devices, run.data_devices)
-  mnist = data.load_mnist(run.data_dir or None, tfds_data_dir=run.tfds_data_dir or None)
-  say(f"data: {mnist.source}: {len(mnist.train):,} train, {len(mnist.test):,} test images")
-  arrays = (mnist.train.images, mnist.train.labels, mnist.test.images, mnist.test.labels)
+  if dataset is None:
+    dataset = data_lib.load_mnist(run.data_dir or None, tfds_data_dir=run.tfds_data_dir or None)
+  say(f"data: {dataset.source}: {len(dataset.train):,} train, {len(dataset.test):,} test images")
+  arrays = (dataset.train.images, dataset.train.labels, dataset.test.images, dataset.test.labels)
   arrays = sharding.place(arrays, mesh)
-  run = dataclasses.replace(run, data=mnist.identity(), data_source=mnist.source)
+  run = dataclasses.replace(
+    run,
+    data=dataset.identity(),
+    data_source=dataset.source,
+    input_shape=dataset.image_shape,
+    num_classes=dataset.num_classes,
+  )
   steps_per_epoch = math.ceil(arrays[0].shape[0] / run.batch_size)
   recorded = custom.record(run)
   if seeds_workdir is not None:
     record = recorded.for_seed(run.seeds[0]).to_dict()
     workdir.check_multi_seed(seeds_workdir, run.seeds, record, result_fields(run.lr_schedule))
-  programs = Programs(run, mesh, steps_per_epoch, custom, say, arrays[0].shape[1:])
+  programs = Programs(run, mesh, steps_per_epoch, custom, say)
   runs: list[SeedRun] = []
   try:
     for seed, directory, template in zip(run.seeds, directories, programs.templates):
@@ -345,6 +355,7 @@ def train_and_evaluate(
   config: Any,
   workdir: str | os.PathLike,
   *,
+  data: data_lib.Dataset | None = None,
   print_fn: Say | None = print,
   optimizer: optax.GradientTransformation | None = None,
   loss_fn: steps.LossFn | None = None,
@@ -359,16 +370,17 @@ def train_and_evaluate(
   excluded), train_seconds, eval_seconds, parallel_seeds (1 here) and images_per_second
   (training throughput), and ``stopped_early`` on the epoch where early stopping ended it.
 
-  ``optimizer`` (any optax transformation) replaces the config's; ``loss_fn(logits, labels)
-  -> per-example losses`` replaces cross-entropy (for training and the val loss). config.json
-  then records "custom" for them.
+  ``data`` (``data.from_arrays``): train on your own arrays instead of MNIST; its identity is
+  recorded, and a resume on other data is refused. ``optimizer`` (any optax transformation)
+  replaces the config's; ``loss_fn(logits, labels) -> per-example losses`` replaces
+  cross-entropy (for training and the val loss). config.json then records "custom" for them.
   """
   run = resolve(config)
   if len(run.seeds) > 1:
     raise ConfigError(f"config trains seeds {list(run.seeds)}: use train_seeds for several seeds")
   say = _sayer(print_fn)
   run = dataclasses.replace(run, seed_parallelism="loop")  # One seed: nothing to vmap over.
-  [records] = _train(run, [epath.Path(workdir)], Custom(optimizer, loss_fn), say)
+  [records] = _train(run, [epath.Path(workdir)], Custom(optimizer, loss_fn), say, dataset=data)
   _say_best(records, say)
   return records
 
@@ -377,6 +389,7 @@ def train_seeds(
   config: Any,
   workdir_path: str | os.PathLike,
   *,
+  data: data_lib.Dataset | None = None,
   print_fn: Say | None = print,
   optimizer: optax.GradientTransformation | None = None,
   loss_fn: steps.LossFn | None = None,
@@ -387,13 +400,14 @@ def train_seeds(
   and best checkpoint as ``train_and_evaluate`` with that seed would write, to float tolerance
   under vmap and exactly in a loop); ``workdir/seeds.json`` holds the aggregate over seeds
   (``history.aggregate_seeds``). ``config.seed_parallelism`` picks vmap or loop. Returns
-  {seed: history}. ``optimizer``, ``loss_fn``: as ``train_and_evaluate``.
+  {seed: history}. ``data``, ``optimizer``, ``loss_fn``: as ``train_and_evaluate``.
   """
   run = resolve(config)
   say = _sayer(print_fn)
   say(f"seeds {', '.join(map(str, run.seeds))} ({run.seed_parallelism})")
   directories = [workdir.seed_dir(workdir_path, seed) for seed in run.seeds]
-  histories = _train(run, directories, Custom(optimizer, loss_fn), say, workdir.path(workdir_path))
+  custom = Custom(optimizer, loss_fn)
+  histories = _train(run, directories, custom, say, workdir.path(workdir_path), data)
   by_seed = dict(zip(run.seeds, histories))
   for seed, records in by_seed.items():
     _say_best(records, say, prefix=f"seed {seed}: ")
