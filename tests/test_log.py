@@ -9,7 +9,7 @@ import pytest
 from conftest import small_config
 from tensorboardX.proto import event_pb2
 
-from flax_mnist import log, train
+from flax_mnist import log, optim, train
 
 
 def read_events(logdir):
@@ -50,6 +50,7 @@ def test_tensorboard_is_laid_out_as_keras_writes_it(idx_dir, tmp_path):
     assert train_scalars[(epoch, "epoch_seconds")] == pytest.approx(record["seconds"], rel=1e-6)
   assert not val_histograms
   assert not {tag for _, tag in train_scalars} & {"parallel_seeds", "epoch_parallel_seeds"}
+  assert "epoch_learning_rate" not in {tag for _, tag in train_scalars}  # Constant: not logged.
   # 6 kernels + 6 biases (conv, dense), 4 BatchNorm scales + 4 biases, and their moving
   # mean and variance, every epoch.
   expected_tags = {
@@ -67,6 +68,19 @@ def test_tensorboard_is_laid_out_as_keras_writes_it(idx_dir, tmp_path):
   assert histograms[(1, "dense/kernel")].sum != histograms[(2, "dense/kernel")].sum  # Trained.
   mean = "batch_normalization/mean"
   assert histograms[(1, mean)].sum != histograms[(2, mean)].sum  # The moving statistics move.
+
+
+def test_a_scheduled_learning_rate_is_logged_per_epoch_as_keras_does(idx_dir, tmp_path):
+  config = small_config(idx_dir, lr_schedule="cosine", learning_rate=0.01, num_epochs=3)
+  train.train_and_evaluate(config, tmp_path, print_fn=None)
+  scalars, _ = _run_values(tmp_path / "tensorboard" / "train")
+  steps_per_epoch = 5  # 300 images at batch 64.
+  schedule = optim.make_schedule(config, steps_per_epoch)
+  logged = [scalars[(epoch, "epoch_learning_rate")] for epoch in (1, 2, 3)]
+  # The rate of each epoch's last step (the optimizer's count before its update).
+  want = [float(schedule(epoch * steps_per_epoch - 1)) for epoch in (1, 2, 3)]
+  assert logged == pytest.approx(want, rel=1e-6)
+  assert logged[0] > logged[1] > logged[2] > 0  # Cosine decay to 0 at step 15.
 
 
 def test_format_epoch_line():

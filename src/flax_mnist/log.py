@@ -132,9 +132,15 @@ class TensorBoard:
     )
 
   def write_epoch(
-    self, epoch: int, record: Mapping[str, Any], histograms: Mapping[str, Any]
+    self,
+    epoch: int,
+    record: Mapping[str, Any],
+    histograms: Mapping[str, Any],
+    learning_rate: float | None = None,
   ) -> None:
-    """Writes the epoch's scalars and one histogram per named array (``{"dense/kernel": ...}``)."""
+    """Writes the epoch's scalars and one histogram per named array (``{"dense/kernel": ...}``);
+    ``learning_rate`` (the last step's, where a schedule moves it) as ``epoch_learning_rate`` in
+    ``train``, as Keras logs it."""
     if not self.writers:
       return
     for run, tags in KERAS_SCALARS.items():
@@ -143,6 +149,8 @@ class TensorBoard:
     train = self.writers["train"]
     for key in TIMING_SCALARS:
       train.add_scalar(f"epoch_{key}", record[key], epoch)
+    if learning_rate is not None:
+      train.add_scalar("epoch_learning_rate", learning_rate, epoch)
     for name, value in histograms.items():
       train.add_histogram(name, np.asarray(value), epoch)
     for writer in self.writers.values():

@@ -47,6 +47,7 @@ class Programs:
     say: Say,
   ):
     self.tx = custom.optimizer or optim.make_optimizer(run, steps_per_epoch)
+    self.custom_optimizer = custom.optimizer is not None
     self.loss_fn = custom.loss_fn or steps.smoothed_cross_entropy(run.label_smoothing)
     self.templates: list[TrainState] = []
     self.shuffle_keys: list[jax.Array] = []

@@ -121,10 +121,14 @@ class SeedRun:
       self.say(f"rebuilt {file} from the checkpoint (epochs 1..{self.start_epoch})")
 
   def record_epoch(
-    self, record: EpochRecord, state: TrainState, train_graphdef: nnx.GraphDef
+    self,
+    record: EpochRecord,
+    state: TrainState,
+    train_graphdef: nnx.GraphDef,
+    learning_rate: float | None = None,
   ) -> None:
     """Records an epoch the loop finished: history (in its checkpoint and history.json), the
-    best and latest checkpoints, TensorBoard."""
+    best and latest checkpoints, TensorBoard (with ``learning_rate``, if the schedule moves it)."""
     records = [*self.history, record]
     meta = {
       "epoch": record["epoch"],
@@ -145,7 +149,7 @@ class SeedRun:
         self.tensorboard = log.TensorBoard(self.workdir / workdir.TENSORBOARD_DIR)
       model = nnx.merge(train_graphdef, state.params, state.model_state)
       arrays = {**models.named_params(model), **models.named_batch_stats(model)}
-      self.tensorboard.write_epoch(record["epoch"], record, sharding.to_host(arrays))
+      self.tensorboard.write_epoch(record["epoch"], record, sharding.to_host(arrays), learning_rate)
 
   def _write_history(self, epoch: int) -> None:
     try:

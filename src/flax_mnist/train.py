@@ -22,7 +22,7 @@ import optax
 from etils import epath
 
 from flax_mnist import data as data_lib
-from flax_mnist import history, log, registry, sharding, steps, workdir
+from flax_mnist import history, log, optim, registry, sharding, steps, workdir
 from flax_mnist.config import RunConfig, resolve, result_fields
 from flax_mnist.errors import ConfigError, Interrupted, RunError
 from flax_mnist.history import EpochRecord
@@ -70,6 +70,7 @@ class _Trainer:
     self.progress = log.ProgressBar(
       self.steps_per_epoch, enabled=run.progress_bar and not self.over_seeds
     )
+    self.schedule = _schedule_lr(run, self.steps_per_epoch, programs.custom_optimizer)
 
   def compile(self) -> dict[str, float]:
     """Compiles the train epoch and evaluation for the pending seeds' shapes; returns seconds."""
@@ -194,6 +195,13 @@ class _Trainer:
       if all(seed_run.stopped for seed_run in pending):
         break
 
+  def _learning_rate(self, epoch: int) -> float | None:
+    """The rate of the epoch's last step (step ``epoch * steps_per_epoch - 1``), as Keras logs
+    it at the epoch's end; None when it does not move."""
+    if self.schedule is None:
+      return None
+    return float(self.schedule(epoch * self.steps_per_epoch - 1))
+
   def _finish_epoch(
     self,
     seed_run: SeedRun,
@@ -210,7 +218,7 @@ class _Trainer:
       best = history.best_record([*seed_run.history, record], self.run.best_metric)
       if epoch - best["epoch"] >= patience:
         record["stopped_early"] = True
-    seed_run.record_epoch(record, state, self.programs.train_graphdef)
+    seed_run.record_epoch(record, state, self.programs.train_graphdef, self._learning_rate(epoch))
     prefix = f"seed {seed_run.seed}: " if len(self.runs) > 1 else ""
     self.say(prefix + log.format_epoch(record, self.num_epochs))
     if record.get("stopped_early"):
@@ -220,6 +228,16 @@ class _Trainer:
         f"{prefix}stopped early at epoch {record['epoch']}: no better {metric} for "
         f"{self.run.early_stopping_patience} epochs (best at epoch {best['epoch']})"
       )
+
+
+def _schedule_lr(
+  run: RunConfig, steps_per_epoch: int, custom_optimizer: bool
+) -> optax.Schedule | None:
+  """The learning rate by step where the config's schedule moves it; None for a constant rate (a
+  flat line says nothing) or a caller's own optimizer (its rate is its own)."""
+  if custom_optimizer or run.lr_schedule == "constant":
+    return None
+  return optim.make_schedule(run, steps_per_epoch)
 
 
 def _epoch_record(
