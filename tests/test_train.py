@@ -8,7 +8,7 @@ import json
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import TIMING_KEYS, small_config, without_timing
+from conftest import REPO_ROOT, TIMING_KEYS, small_config, without_timing
 
 from flax_mnist import checkpoint, data, evaluation, train
 from flax_mnist import config as config_lib
@@ -198,3 +198,23 @@ def test_your_own_arrays_train_load_and_resume_and_other_data_is_refused(idx_dir
     train.train_and_evaluate(config, run, data=other, print_fn=None)
   with pytest.raises(ConfigError, match=r"holds a run with data 'bars: .*this run's data"):
     train.train_and_evaluate(config, run, print_fn=None)  # MNIST now: refused too.
+
+
+@pytest.mark.integration  # Trains a whole (small) model.
+def test_a_model_that_ignores_compute_dtype_is_warned_and_recorded_as_float32(
+  idx_dir, tmp_path, monkeypatch
+):
+  monkeypatch.syspath_prepend(str(REPO_ROOT / "examples"))  # my_models: stock nnx layers.
+  config = small_config(
+    idx_dir, model="my_models:wide_cnn", model_kwargs={"width": 2}, compute_dtype="bfloat16"
+  )
+  config.num_epochs = 1
+  lines = []
+  train.train_and_evaluate(config, tmp_path, print_fn=lines.append)
+  warning = (
+    "warning: model 'my_models:wide_cnn' does not take compute_dtype, so config.compute_dtype "
+    "'bfloat16' is not applied (it computes in its own dtype); recorded as float32"
+  )
+  assert warning in lines
+  assert json.loads((tmp_path / "config.json").read_text())["compute_dtype"] == "float32"
+  assert json.loads((tmp_path / "run.json").read_text())["resolved"]["compute_dtype"] == "float32"

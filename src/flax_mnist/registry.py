@@ -283,6 +283,12 @@ def init_model(
   return model
 
 
+def takes_argument(name: str, argument: str) -> bool:
+  """Whether the factory of model ``name`` takes the keyword ``argument`` (``compute_dtype``,
+  ``input_shape``...): only then does ``build_model`` pass it."""
+  return argument in _parameters(resolve_model(name))
+
+
 def takes_mask(model: nnx.Module) -> bool:
   """Whether ``model(images, mask=...)`` is accepted (the family's Classifier: a padded last
   batch's padding then stays out of BatchNorm's statistics)."""

@@ -230,6 +230,19 @@ class _Trainer:
       )
 
 
+def _applied_compute_dtype(run: RunConfig, say: Say) -> RunConfig:
+  """The run with the compute dtype its model applies: a model whose factory does not take
+  ``compute_dtype`` computes in its own (float32 unless it says otherwise), with a warning, and
+  config.json records float32 rather than a dtype that was never used."""
+  if run.compute_dtype == "float32" or registry.takes_argument(run.model, "compute_dtype"):
+    return run
+  say(
+    f"warning: model {run.model!r} does not take compute_dtype, so config.compute_dtype "
+    f"{run.compute_dtype!r} is not applied (it computes in its own dtype); recorded as float32"
+  )
+  return dataclasses.replace(run, compute_dtype="float32")
+
+
 def _schedule_lr(
   run: RunConfig, steps_per_epoch: int, custom_optimizer: bool
 ) -> optax.Schedule | None:
@@ -298,6 +311,7 @@ def _train(
     num_classes=dataset.num_classes,
   )
   steps_per_epoch = math.ceil(arrays[0].shape[0] / run.batch_size)
+  run = _applied_compute_dtype(run, say)
   recorded = custom.record(run)
   if seeds_workdir is not None:
     record = recorded.for_seed(run.seeds[0]).to_dict()
