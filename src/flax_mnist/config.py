@@ -51,6 +51,9 @@ def default_config() -> ml_collections.ConfigDict:
   config.label_smoothing = 0.0
   # Stop after this many epochs without a better best_metric (Keras's EarlyStopping); 0: never.
   config.early_stopping_patience = 0
+  # On-device augmentation of the training images, per image, per step: off by default (the
+  # notebook has none). shift: random integer shifts of up to this many pixels (0: none).
+  config.augment = ml_collections.ConfigDict({"shift": 0})
   config.batch_size = 512
   config.eval_batch_size = 1000
   config.num_epochs = 20
@@ -105,6 +108,7 @@ class RunConfig:
   grad_clip_norm: float
   label_smoothing: float
   early_stopping_patience: int
+  augment: dict[str, Any]
   batch_size: int
   eval_batch_size: int
   num_epochs: int
@@ -348,6 +352,9 @@ def validate_config(config: Mapping[str, Any]) -> None:
   _check_positive_int(config, "eval_batch_size")
   _check_positive_int(config, "num_epochs", minimum=0)
   _check_positive_int(config, "early_stopping_patience", minimum=0)
+  shift = config["augment"]["shift"]
+  if not isinstance(shift, int) or isinstance(shift, bool) or not 0 <= shift <= 8:
+    raise ConfigError(f"config.augment.shift {shift!r}: expected an integer in 0..8 (pixels)")
   _check_optimizer(config)
   _check_choice("impl", config["impl"], IMPLS)
   _check_choice("compute_dtype", config["compute_dtype"], layers.COMPUTE_DTYPES)
@@ -372,6 +379,7 @@ def result_fields(lr_schedule: str) -> tuple[str, ...]:
     "batch_size",
     "shuffle",
     "label_smoothing",
+    "augment",
     "loss",
     "data",  # Not a config field: the data's identity, recorded by the trainer.
     *optim.OPTIMIZER_FIELDS,

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from flax_mnist import data, registry, sharding
+from flax_mnist import augment, data, registry, sharding
 
 Metrics = dict[str, jax.Array]
 
@@ -201,9 +201,14 @@ def make_train_epoch(
   over_seeds: bool = False,
   mesh: jax.sharding.Mesh | None = None,
   loss_fn: LossFn = cross_entropy,
+  max_shift: int = 0,
 ) -> Callable[..., tuple]:
   """Returns the jitted ``train_epoch(state, images, labels, key) -> (state, metrics)``, the
   metrics summed (loss, correct count).
+
+  ``max_shift`` > 0: each training image is moved by up to that many pixels
+  (``augment.random_shifts``), with a key per step from ``fold_in(key, 1)``; the order still
+  comes from ``key`` itself, so without shifts the program is the one it always was.
 
   ``progress(step, loss_sum, correct, count)``, if given, is called on the host after each step.
   ``over_seeds``: the states, the key and the returned metrics carry a leading seed axis (vmap);
@@ -225,8 +230,18 @@ def make_train_epoch(
   def train_epoch(state, images, labels, key):
     order = jax.random.permutation(key, images.shape[0]) if shuffle else None
     carry = (state, zero_metrics())
+    epoch_step = step
+    if max_shift:
+      augment_key = jax.random.fold_in(key, 1)
+
+      def epoch_step(carry, batch):
+        batch_images, batch_labels, mask = batch
+        step_key = jax.random.fold_in(augment_key, carry[1]["steps"])
+        shifted = augment.random_shifts(batch_images, step_key, max_shift)
+        return step(carry, (shifted, batch_labels, mask))
+
     return scan_batches(
-      step, carry, images, labels, batch_size, order, sharding.batch_sharding(mesh)
+      epoch_step, carry, images, labels, batch_size, order, sharding.batch_sharding(mesh)
     )
 
   if over_seeds:

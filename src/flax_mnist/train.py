@@ -85,6 +85,7 @@ class _Trainer:
       over_seeds=self.over_seeds,
       mesh=self.mesh,
       loss_fn=programs.loss_fn,
+      max_shift=run.augment["shift"],
     )
     evaluate = steps.make_evaluate(
       programs.eval_graphdef, run.eval_batch_size, over_seeds=self.over_seeds, mesh=self.mesh

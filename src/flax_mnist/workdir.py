@@ -228,6 +228,11 @@ def check_contained(workdir: PathLike) -> None:
         )
 
 
+# What a run recorded before a result field existed computed: its value then (no augmentation),
+# so that such a workdir resumes under the same settings and is refused under others.
+RECORDED_BEFORE_THE_FIELD = {"augment": {"shift": 0}}
+
+
 def check_resumable(
   where: str,
   previous: Mapping[str, Any],
@@ -241,6 +246,7 @@ def check_resumable(
   training computes): a one-line error names every field that differs. A field recorded on one
   side only differs too. ``names``: how to name this run's value of a field that is not a config
   field (default ``config.<field> is``)."""
+  previous = {**RECORDED_BEFORE_THE_FIELD, **previous}
   changed = []
   for field in fields:
     if field not in config and field not in previous:
