@@ -9,7 +9,7 @@ import jax
 import optax
 from flax import nnx
 
-from flax_mnist import data, models, optim, registry, sharding, steps
+from flax_mnist import models, optim, registry, sharding, steps
 from flax_mnist.config import RunConfig
 from flax_mnist.errors import ConfigError
 from flax_mnist.log import Say
@@ -36,7 +36,9 @@ class Custom:
 
 
 class Programs:
-  """The model's graphdefs, the optimizer, each seed's initial state and shuffle key."""
+  """The model's graphdefs, the optimizer (and its schedule), each seed's initial state and
+  shuffle key. ``run`` carries the data's ``input_shape`` and ``num_classes`` (the trainer sets
+  them from the data)."""
 
   def __init__(
     self,
@@ -47,7 +49,10 @@ class Programs:
     say: Say,
   ):
     self.tx = custom.optimizer or optim.make_optimizer(run, steps_per_epoch)
-    self.custom_optimizer = custom.optimizer is not None
+    # The rate by step where the config's schedule moves it (logged per epoch); None for a
+    # constant rate (a flat line says nothing) or a caller's optimizer (its rate is its own).
+    moves = custom.optimizer is None and run.lr_schedule != "constant"
+    self.schedule = optim.make_schedule(run, steps_per_epoch) if moves else None
     self.loss_fn = custom.loss_fn or steps.smoothed_cross_entropy(run.label_smoothing)
     self.templates: list[TrainState] = []
     self.shuffle_keys: list[jax.Array] = []
@@ -67,16 +72,10 @@ class Programs:
       self.templates.append(sharding.replicate(state, mesh))
       shuffle_key = registry.seed_keys(seed, run.dropout_rng_impl).shuffle
       self.shuffle_keys.append(sharding.replicate(shuffle_key, mesh))
-    say(models.describe(model, run.input_shape or data.IMAGE_SHAPE))
+    say(models.describe(model, run.input_shape))
     model.eval()
     self.eval_graphdef = nnx.graphdef(model)
-    check_logits(
-      run.model,
-      self.eval_graphdef,
-      self.templates[0],
-      run.input_shape or data.IMAGE_SHAPE,
-      run.num_classes or data.NUM_CLASSES,
-    )
+    check_logits(run.model, self.eval_graphdef, self.templates[0], run.input_shape, run.num_classes)
 
 
 def check_logits(

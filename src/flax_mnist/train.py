@@ -22,7 +22,7 @@ import optax
 from etils import epath
 
 from flax_mnist import data as data_lib
-from flax_mnist import history, log, optim, registry, sharding, steps, workdir
+from flax_mnist import history, log, registry, sharding, steps, workdir
 from flax_mnist.config import RunConfig, resolve, result_fields
 from flax_mnist.errors import ConfigError, Interrupted, RunError
 from flax_mnist.history import EpochRecord
@@ -58,8 +58,11 @@ class _Trainer:
     self.num_epochs = run.num_epochs
     self.over_seeds = run.seed_parallelism == "vmap"
     self.keys = dict(zip(run.seeds, programs.shuffle_keys))
-    self.pending = [seed_run for seed_run in runs if seed_run.start_epoch < run.num_epochs]
-    self.pending = [seed_run for seed_run in self.pending if not seed_run.stopped]
+    self.pending = [
+      seed_run
+      for seed_run in runs
+      if seed_run.start_epoch < run.num_epochs and not seed_run.stopped
+    ]
     if self.over_seeds and len({seed_run.start_epoch for seed_run in runs}) > 1:
       raise ConfigError(
         "seed_parallelism 'vmap' resumes only seeds stopped at the same epoch; these are at "
@@ -70,7 +73,6 @@ class _Trainer:
     self.progress = log.ProgressBar(
       self.steps_per_epoch, enabled=run.progress_bar and not self.over_seeds
     )
-    self.schedule = _schedule_lr(run, self.steps_per_epoch, programs.custom_optimizer)
 
   def compile(self) -> dict[str, float]:
     """Compiles the train epoch and evaluation for the pending seeds' shapes; returns seconds."""
@@ -199,9 +201,8 @@ class _Trainer:
   def _learning_rate(self, epoch: int) -> float | None:
     """The rate of the epoch's last step (step ``epoch * steps_per_epoch - 1``), as Keras logs
     it at the epoch's end; None when it does not move."""
-    if self.schedule is None:
-      return None
-    return float(self.schedule(epoch * self.steps_per_epoch - 1))
+    schedule = self.programs.schedule
+    return None if schedule is None else float(schedule(epoch * self.steps_per_epoch - 1))
 
   def _finish_epoch(
     self,
@@ -242,16 +243,6 @@ def _applied_compute_dtype(run: RunConfig, say: Say) -> RunConfig:
     f"{run.compute_dtype!r} is not applied (it computes in its own dtype); recorded as float32"
   )
   return dataclasses.replace(run, compute_dtype="float32")
-
-
-def _schedule_lr(
-  run: RunConfig, steps_per_epoch: int, custom_optimizer: bool
-) -> optax.Schedule | None:
-  """The learning rate by step where the config's schedule moves it; None for a constant rate (a
-  flat line says nothing) or a caller's own optimizer (its rate is its own)."""
-  if custom_optimizer or run.lr_schedule == "constant":
-    return None
-  return optim.make_schedule(run, steps_per_epoch)
 
 
 def _epoch_record(
