@@ -66,9 +66,7 @@ def main() -> None:
     report_dir = _cli.check_writable_dir(
       _REPORT_DIR.value or Path(_WORKDIR.value) / "report", "--report_dir"
     )
-  mnist = data.load_mnist(
-    _DATA_DIR.value or config.get("data_dir"), tfds_data_dir=config.get("tfds_data_dir")
-  )
+  mnist = _trained_data(config)
   result = evaluation.evaluate_model(
     model, mnist.test.images, mnist.test.labels, batch_size=config["eval_batch_size"]
   )
@@ -93,6 +91,27 @@ def main() -> None:
       f"test_loss {result['loss']:.4f}  test_accuracy {result['accuracy']:.4f} "
       f"({result['correct']:,}/{result['count']:,})"
     )
+
+
+def _trained_data(config: dict) -> data.Dataset:
+  """The data the workdir's model was trained on (config.json's ``dataset``; MNIST in a record
+  from before the field), from --data_dir, the recorded directory or the usual sources; refused
+  when it is not what the run recorded (other files, or a caller's own arrays)."""
+  dataset = config.get("dataset", "mnist")
+  if dataset not in data.DATASETS:
+    _cli.fail(
+      f"{_WORKDIR.value}: trained on your own arrays ({dataset!r}), which evaluate.py cannot "
+      "load; evaluate from Python with flax_mnist.evaluation.evaluate_model"
+    )
+  loaded = data.load(
+    dataset, _DATA_DIR.value or config.get("data_dir"), tfds_data_dir=config.get("tfds_data_dir")
+  )
+  if config.get("data") not in (None, loaded.identity()):
+    _cli.fail(
+      f"{loaded.source}: {loaded.identity()}, expected the data {_WORKDIR.value} was trained on "
+      f"({config['data']}); pass --data_dir with those files"
+    )
+  return loaded
 
 
 def _user_image():

@@ -132,7 +132,9 @@ def test_source_order_config_then_env_then_tfds(tmp_path, monkeypatch):
   calls = []
   from flax_mnist import tfds_builder
 
-  monkeypatch.setattr(tfds_builder, "load", lambda data_dir=None: calls.append(data_dir) or "tfds")
+  monkeypatch.setattr(
+    tfds_builder, "load", lambda data_dir=None, dataset="mnist": calls.append(data_dir) or "tfds"
+  )
   assert data.load_mnist(None, tfds_data_dir=tmp_path / "tfds") == "tfds"
   assert calls == [tmp_path / "tfds"]
 
@@ -185,14 +187,14 @@ def test_tfds_download_failure_is_one_clear_line(tmp_path, monkeypatch):
   from flax_mnist import tfds_builder
 
   # Nothing listens there: the probe is refused at once.
-  monkeypatch.setattr(tfds_builder, "DOWNLOAD_URL", "http://127.0.0.1:9/mnist/")
+  monkeypatch.setitem(tfds_builder.DOWNLOAD_URLS, "mnist", "http://127.0.0.1:9/mnist/")
   with pytest.raises(DatasetError, match="127.0.0.1:9 cannot be reached") as info:
     tfds_builder.load(data_dir=tmp_path / "tfds")
   message = str(info.value)
   assert "--config.data_dir=DIR" in message and "FLAX_MNIST_DATA_DIR=DIR" in message
   assert "\n" not in message and not (tmp_path / "tfds").exists()
   # The probe passes, the download fails: the same hint, and no partial download left.
-  monkeypatch.setattr(tfds_builder, "probe_download", lambda: None)
+  monkeypatch.setattr(tfds_builder, "probe_download", lambda dataset: None)
   monkeypatch.setattr(downloader, "MAX_RETRIES", 0)  # TFDS would back off for minutes first.
   with pytest.raises(
     DatasetError, match="could not download or prepare .*--config.data_dir=DIR"
@@ -263,3 +265,55 @@ def test_bad_arrays_are_one_line_naming_the_array(change, message):
       keywords[key] = value
   with pytest.raises(DatasetError, match=message):
     data.from_arrays(*arrays, **keywords)
+
+
+@pytest.mark.parametrize("dataset", ["fashion_mnist", "kmnist"])
+def test_the_drop_in_datasets_load_from_their_idx_directory_never_from_mnists(
+  dataset, tmp_path, monkeypatch
+):
+  directory = write_mnist_dir(tmp_path / dataset, num_train=12, num_test=5)
+  mnist_dir = write_mnist_dir(tmp_path / "mnist", num_train=7, num_test=3)
+  monkeypatch.setenv(data.DATA_DIR_ENV, str(mnist_dir))
+  loaded = data.load(dataset, directory)
+  assert loaded.name == dataset and len(loaded.train) == 12
+  assert loaded.identity().startswith(f"{dataset}: 12 train + 5 test images of 28x28x1")
+  assert loaded.identity() != data.load_idx_dir(directory).identity()  # MNIST's of these files.
+  calls = []
+  from flax_mnist import tfds_builder
+
+  monkeypatch.setattr(
+    tfds_builder, "load", lambda data_dir=None, dataset="mnist": calls.append(dataset) or "tfds"
+  )
+  assert data.load(dataset) == "tfds" and calls == [dataset]  # $FLAX_MNIST_DATA_DIR is MNIST's.
+  assert len(data.load("mnist").train) == 7
+
+
+def test_an_unknown_dataset_is_named():
+  with pytest.raises(DatasetError, match="dataset 'cifar10': unknown, expected one of mnist, fash"):
+    data.load("cifar10")
+
+
+def test_a_drop_in_dataset_prepares_through_its_own_tfds_builder(tmp_path):
+  from flax_mnist import tfds_builder
+
+  manual_dir = write_mnist_dir(tmp_path / "manual", num_train=20, num_test=6)
+  kmnist = tfds_builder.load(data_dir=tmp_path / "tfds", manual_dir=manual_dir, dataset="kmnist")
+  assert kmnist.name == "kmnist" and kmnist.source.startswith("TFDS kmnist_idx")
+  np.testing.assert_array_equal(kmnist.train.images, data.load_idx_dir(manual_dir).train.images)
+  assert (tmp_path / "tfds" / "kmnist_idx" / "1.0.0").is_dir()
+  assert not (tmp_path / "tfds" / "mnist_idx").exists()
+
+
+@pytest.mark.parametrize("dataset", ["fashion_mnist", "kmnist"])
+def test_a_drop_in_dataset_without_files_fails_offline_at_once_naming_it(
+  dataset, tmp_path, monkeypatch
+):
+  from flax_mnist import tfds_builder
+
+  monkeypatch.setitem(tfds_builder.DOWNLOAD_URLS, dataset, f"http://127.0.0.1:9/{dataset}/")
+  with pytest.raises(DatasetError) as info:
+    data.load(dataset, tfds_data_dir=tmp_path / "tfds")
+  message = str(info.value)
+  assert message.startswith(f"no {dataset} files given, and 127.0.0.1:9 cannot be reached")
+  assert "--config.data_dir=DIR" in message and data.DATA_DIR_ENV not in message
+  assert not (tmp_path / "tfds").exists()

@@ -7,11 +7,12 @@ import json
 import os
 import subprocess
 import sys
+import time
 import warnings
 
 import numpy as np
 import pytest
-from conftest import REPO_ROOT, small_config
+from conftest import REPO_ROOT, small_config, write_mnist_dir
 from flax import nnx
 
 from flax_mnist import checkpoint, models, train
@@ -174,3 +175,35 @@ def test_each_example_runs(recipe, idx_dir, tmp_path):
     assert models.count_params(model)[0] == (
       4 * 9 + 4 + 8 * 4 * 9 + 8 + 200 * 64 + 64 + 64 * 16 + 16 + 16 * 5 + 5
     )  # Half width on 5 classes: conv 4 and 8, a 5x5x8 flatten, Dense 64 and 16.
+
+
+@pytest.mark.integration
+def test_fashion_mnist_trains_from_its_idx_directory_and_fails_offline_at_once_without(tmp_path):
+  fashion_dir = write_mnist_dir(tmp_path / "fashion", num_train=64, num_test=32)
+  workdir = tmp_path / "fashion_run"
+  flags = ["--config.batch_size=32", "--config.eval_batch_size=32", "--config.progress_bar=False"]
+  train_args = [REPO_ROOT / "scripts" / "train.py", "--config", REPO_ROOT / "configs" / "mlp.py"]
+  fashion = ["--config.dataset=fashion_mnist", f"--config.data_dir={fashion_dir}"]
+  result = _run([*train_args, *fashion, *flags, "--config.num_epochs=1", "--workdir", workdir], "")
+  assert result.returncode == 0, result.stderr[-3000:]
+  recorded = json.loads((workdir / "config.json").read_text())
+  assert recorded["dataset"] == "fashion_mnist"
+  assert recorded["data"].startswith("fashion_mnist: 64 train + 32 test images of 28x28x1")
+  evaluated = _run([REPO_ROOT / "scripts" / "evaluate.py", "--workdir", workdir, "--json"], "")
+  assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+  assert json.loads(evaluated.stdout)["count"] == 32
+  # The same files as MNIST are other data: no resume on them.
+  as_mnist = [f"--config.data_dir={fashion_dir}", "--config.num_epochs=2", "--workdir", workdir]
+  refused = _run([*train_args, *as_mnist, *flags], "")
+  assert refused.returncode == 2 and "data" in refused.stderr, refused.stderr[-3000:]
+  # No files and no network (every download refused by a dead proxy): one line, in seconds.
+  offline = {"http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"}
+  offline |= {"HTTP_PROXY": offline["http_proxy"], "HTTPS_PROXY": offline["https_proxy"]}
+  offline |= {"no_proxy": "", "NO_PROXY": ""}
+  no_files = [f"--config.tfds_data_dir={tmp_path / 'tfds'}", "--workdir", tmp_path / "none"]
+  started = time.monotonic()
+  failed = _run([*train_args, "--config.dataset=fashion_mnist", *no_files], "", **offline)
+  assert time.monotonic() - started < 60  # TFDS's own retries take minutes.
+  assert failed.returncode == 2, failed.stderr[-3000:]
+  assert failed.stderr.startswith("error: no fashion_mnist files given"), failed.stderr[-3000:]
+  assert failed.stderr.count("\n") == 1 and "Traceback" not in failed.stderr

@@ -20,7 +20,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from flax_mnist import layers, models, optim
+from flax_mnist import data, layers, models, optim
 from flax_mnist.errors import ConfigError
 
 IMPLS = ("auto", *layers.IMPLS)
@@ -59,7 +59,9 @@ def default_config() -> ml_collections.ConfigDict:
   config.num_epochs = 20
   config.shuffle = True
   config.best_metric = "val_accuracy"  # Or "val_loss" (what the notebook's ModelCheckpoint kept).
-  # Where the data is. IDX directory; unset: $FLAX_MNIST_DATA_DIR, else TFDS.
+  # What the data is: "mnist", or a drop-in of its format, "fashion_mnist" or "kmnist".
+  config.dataset = "mnist"
+  # Where the data is. Its IDX directory; unset: $FLAX_MNIST_DATA_DIR (MNIST only), else TFDS.
   config.data_dir = ml_collections.config_dict.placeholder(str)
   config.tfds_data_dir = ml_collections.config_dict.placeholder(str)  # Unset: TFDS's default.
   # How it is executed: none of these changes what a seed computes beyond the last float bits.
@@ -114,6 +116,7 @@ class RunConfig:
   num_epochs: int
   shuffle: bool
   best_metric: str
+  dataset: str  # The data's name: config.dataset's, or a caller's arrays' (from_arrays).
   data_dir: str | None
   tfds_data_dir: str | None
   impl: str
@@ -361,6 +364,7 @@ def validate_config(config: Mapping[str, Any]) -> None:
   _check_choice("dropout_rng_impl", config["dropout_rng_impl"], DROPOUT_RNG_IMPLS)
   _check_choice("seed_parallelism", config["seed_parallelism"], SEED_PARALLELISMS)
   _check_choice("best_metric", config["best_metric"], tuple(BEST_METRICS))
+  _check_choice("dataset", config["dataset"], data.DATASETS)
   _check_positive_int(config, "num_seeds")
   _check_positive_int(config, "data_devices", minimum=0)
   _check_positive_int(config, "seed_devices")

@@ -1,14 +1,16 @@
-"""MNIST data: where it comes from, IDX parsing with validation, and normalisation.
+"""The data: where it comes from, IDX parsing with validation, and normalisation.
 
-Images are kept as uint8 NHWC ``(N, 28, 28, 1)`` and labels as int32, in the original
-order of the files; scaling to [0, 1] happens on device (``normalize_images``) so the
-host never holds a float copy of the dataset.
+MNIST, or a drop-in of its format (``DATASETS``: Fashion-MNIST and KMNIST ship the same four IDX
+file names), or a user's own arrays (``from_arrays``). Images are kept as uint8 NHWC
+``(N, 28, 28, 1)`` and labels as int32, in the original order of the files; scaling to [0, 1]
+happens on device (``normalize_images``) so the host never holds a float copy of the dataset.
 
-Sources, first match wins (``load_mnist``):
+Sources, first match wins (``load``):
   1. an explicit ``data_dir`` (``config.data_dir``) holding the four IDX files;
-  2. the environment variable ``FLAX_MNIST_DATA_DIR``;
-  3. TFDS: the ``mnist_idx`` builder of ``flax_mnist.tfds_builder``, prepared as
-     array_record (downloads on a machine with internet; no TensorFlow needed).
+  2. for MNIST only, the environment variable ``FLAX_MNIST_DATA_DIR``;
+  3. TFDS: the ``<dataset>_idx`` builder of ``flax_mnist.tfds_builder``, prepared as
+     array_record (downloads on a machine with internet, fails in seconds without; no
+     TensorFlow needed).
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ import numpy as np
 
 from flax_mnist.errors import DatasetError
 
-DATA_DIR_ENV = "FLAX_MNIST_DATA_DIR"
+DATA_DIR_ENV = "FLAX_MNIST_DATA_DIR"  # MNIST's IDX directory (not the other datasets').
+# The datasets of MNIST's format ``config.dataset`` names: 28x28x1 uint8 images, 10 classes.
+DATASETS = ("mnist", "fashion_mnist", "kmnist")
 NUM_CLASSES = 10
 IMAGE_SHAPE = (28, 28, 1)
 SPLITS = ("train", "test")
@@ -250,7 +254,7 @@ def find_idx_file(directory: str | os.PathLike, stem: str) -> Path:
     if (directory / name).is_file():
       return directory / name
   if not directory.is_dir():
-    raise DatasetError(f"{directory}: not a directory (expected one holding the MNIST IDX files)")
+    raise DatasetError(f"{directory}: not a directory (expected one holding the four IDX files)")
   raise DatasetError(f"{directory / stem}: missing, expected {stem} or {stem}.gz in {directory}")
 
 
@@ -285,28 +289,42 @@ def load_idx_split(directory: str | os.PathLike, split: str) -> Split:
   )
 
 
-def load_idx_dir(directory: str | os.PathLike) -> Dataset:
-  """Loads train and test from a directory of IDX files."""
+def load_idx_dir(directory: str | os.PathLike, name: str = "mnist") -> Dataset:
+  """Loads train and test from a directory of IDX files, as the dataset ``name``."""
   return Dataset(
     train=load_idx_split(directory, "train"),
     test=load_idx_split(directory, "test"),
     source=f"IDX files in {Path(directory).resolve()}",
+    name=name,
   )
 
 
-def load_mnist(
-  data_dir: str | os.PathLike | None = None, *, tfds_data_dir: str | os.PathLike | None = None
+def load(
+  dataset: str = "mnist",
+  data_dir: str | os.PathLike | None = None,
+  *,
+  tfds_data_dir: str | os.PathLike | None = None,
 ) -> Dataset:
-  """Loads MNIST from the first available source (see the module docstring)."""
+  """Loads ``dataset`` (one of ``DATASETS``) from the first available source (see the module
+  docstring)."""
+  if dataset not in DATASETS:
+    raise DatasetError(f"dataset {dataset!r}: unknown, expected one of {', '.join(DATASETS)}")
   if data_dir:
-    return load_idx_dir(data_dir)
-  env_dir = os.environ.get(DATA_DIR_ENV)
+    return load_idx_dir(data_dir, dataset)
+  env_dir = os.environ.get(DATA_DIR_ENV) if dataset == "mnist" else None
   if env_dir:
     return load_idx_dir(env_dir)
   # Imported here so that the IDX path never pays for importing TFDS.
   from flax_mnist import tfds_builder
 
-  return tfds_builder.load(data_dir=tfds_data_dir)
+  return tfds_builder.load(data_dir=tfds_data_dir, dataset=dataset)
+
+
+def load_mnist(
+  data_dir: str | os.PathLike | None = None, *, tfds_data_dir: str | os.PathLike | None = None
+) -> Dataset:
+  """Loads MNIST from the first available source: ``load("mnist", ...)``."""
+  return load("mnist", data_dir, tfds_data_dir=tfds_data_dir)
 
 
 def normalize_images(images: jnp.ndarray) -> jnp.ndarray:

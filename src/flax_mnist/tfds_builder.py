@@ -1,9 +1,11 @@
-"""A TFDS builder for MNIST that prepares array_record from the IDX files, without TensorFlow.
+"""TFDS builders for MNIST and its drop-ins that prepare array_record from the IDX files, without
+TensorFlow.
 
-TFDS's stock ``mnist`` builder prepares through TensorFlow and ``tfds.load`` needs it too;
-this builder parses the IDX files with ``flax_mnist.data`` (so the same validation applies)
-and is read back with ``as_data_source`` (array_record), which needs no TensorFlow either.
-Importing this module registers the builder with TFDS under the name ``mnist_idx``.
+TFDS's stock ``mnist`` (``fashion_mnist``, ``kmnist``) builders prepare through TensorFlow and
+``tfds.load`` needs it too; these builders parse the IDX files with ``flax_mnist.data`` (so the
+same validation applies) and are read back with ``as_data_source`` (array_record), which needs no
+TensorFlow either. Importing this module registers them with TFDS as ``mnist_idx``,
+``fashion_mnist_idx`` and ``kmnist_idx``: the three datasets ship the same four IDX file names.
 
 Without a network, preparing fails in seconds, not after TFDS's minutes of retries: the download
 host is probed first (``PROBE_TIMEOUT_S``). A failed preparation leaves nothing behind in the TFDS
@@ -25,30 +27,41 @@ import tensorflow_datasets as tfds
 from flax_mnist import data
 from flax_mnist.errors import DatasetError
 
-# The mirror the stock TFDS builder downloads from.
-DOWNLOAD_URL = "https://storage.googleapis.com/cvdf-datasets/mnist/"
+# Where the stock TFDS builders download each dataset's four IDX files from.
+DOWNLOAD_URLS = {
+  "mnist": "https://storage.googleapis.com/cvdf-datasets/mnist/",
+  "fashion_mnist": "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+  "kmnist": "http://codh.rois.ac.jp/kmnist/dataset/kmnist/",
+}
 # How long the download host may take to answer before the download is abandoned.
 PROBE_TIMEOUT_S = 5.0
-# The ways to give the files instead, said by every failure to download them.
-DATA_HINT = (
-  "give a directory of the four MNIST IDX files with --config.data_dir=DIR (--data_dir=DIR to "
-  f"evaluate.py, compare.py, benchmark.py) or {data.DATA_DIR_ENV}=DIR"
-)
 
 
-class MnistIdx(tfds.core.GeneratorBasedBuilder):
-  """MNIST from the four original IDX files, in the original order."""
+def data_hint(dataset: str = "mnist") -> str:
+  """The ways to give ``dataset``'s files instead, said by every failure to download them."""
+  hint = (
+    f"give a directory of the four {dataset} IDX files with --config.data_dir=DIR (--data_dir=DIR "
+    "to evaluate.py, compare.py, benchmark.py)"
+  )
+  return hint + (f" or {data.DATA_DIR_ENV}=DIR" if dataset == "mnist" else "")
 
+
+class _IdxBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """A dataset of the four IDX files, in the original order; a subclass names it."""
+
+  dataset = "mnist"  # A key of DOWNLOAD_URLS.
+  DESCRIPTION = ""
+  HOMEPAGE = ""
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "First release: uint8 (28, 28, 1) images, original order."}
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
-    "Optional: put the four MNIST IDX files (gzipped or not) in the manual dir to prepare offline."
+    "Optional: put the four IDX files (gzipped or not) in the manual dir to prepare offline."
   )
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
       builder=self,
-      description="MNIST handwritten digits (LeCun, Cortes, Burges), from the IDX files.",
+      description=self.DESCRIPTION,
       features=tfds.features.FeaturesDict(
         {
           "image": tfds.features.Tensor(shape=data.IMAGE_SHAPE, dtype=np.uint8),
@@ -58,14 +71,14 @@ class MnistIdx(tfds.core.GeneratorBasedBuilder):
       supervised_keys=("image", "label"),
       # Keep the original file order; TFDS would otherwise shuffle records by key hash.
       disable_shuffling=True,
-      homepage="http://yann.lecun.com/exdb/mnist/",
+      homepage=self.HOMEPAGE,
     )
 
   def _split_generators(self, dl_manager):
     paths = self._local_files(dl_manager)
     if paths is None:
       urls = {
-        stem: DOWNLOAD_URL + stem + ".gz" for stems in data.IDX_FILES.values() for stem in stems
+        stem: DOWNLOAD_URLS[self.dataset] + stem + ".gz" for stems in data.IDX_FILES.values() for stem in stems
       }
       paths = {stem: Path(path) for stem, path in dl_manager.download(urls).items()}
     return {
@@ -93,6 +106,35 @@ class MnistIdx(tfds.core.GeneratorBasedBuilder):
       yield index, {"image": split.images[index], "label": int(split.labels[index])}
 
 
+class MnistIdx(_IdxBuilder):
+  """MNIST from the four original IDX files, in the original order."""
+
+  dataset = "mnist"
+  DESCRIPTION = "MNIST handwritten digits (LeCun, Cortes, Burges), from the IDX files."
+  HOMEPAGE = "http://yann.lecun.com/exdb/mnist/"
+
+
+class FashionMnistIdx(_IdxBuilder):
+  """Fashion-MNIST (Zalando) from its four IDX files, in the original order."""
+
+  dataset = "fashion_mnist"
+  DESCRIPTION = "Fashion-MNIST: Zalando's article images, MNIST's format (Xiao et al., 2017)."
+  HOMEPAGE = "https://github.com/zalandoresearch/fashion-mnist"
+
+
+class KmnistIdx(_IdxBuilder):
+  """Kuzushiji-MNIST from its four IDX files, in the original order."""
+
+  dataset = "kmnist"
+  DESCRIPTION = "Kuzushiji-MNIST: cursive Japanese characters, MNIST's format (Clanuwat et al.)."
+  HOMEPAGE = "https://github.com/rois-codh/kmnist"
+
+
+BUILDERS: dict[str, type[_IdxBuilder]] = {
+  builder.dataset: builder for builder in (MnistIdx, FashionMnistIdx, KmnistIdx)
+}
+
+
 def _manual_files(manual_dir: str | os.PathLike | None) -> dict[str, Path] | None:
   """The four IDX files in ``manual_dir``, or None if it is not given or lacks one."""
   if manual_dir is None or not Path(manual_dir).is_dir():
@@ -107,11 +149,11 @@ def _manual_files(manual_dir: str | os.PathLike | None) -> dict[str, Path] | Non
     return None
 
 
-def probe_download(url: str | None = None, timeout: float = PROBE_TIMEOUT_S) -> None:
-  """Raises DatasetError, with ``DATA_HINT``, when the host of ``url`` (``DOWNLOAD_URL``) does not
-  answer within ``timeout`` seconds (no network, no DNS, a firewall); the environment's proxies
-  apply."""
-  url = url or DOWNLOAD_URL
+def probe_download(dataset: str = "mnist", timeout: float = PROBE_TIMEOUT_S) -> None:
+  """Raises DatasetError naming ``dataset``, with ``data_hint``, when the host it downloads from
+  (``DOWNLOAD_URLS``) does not answer within ``timeout`` seconds (no network, no DNS, a firewall);
+  the environment's proxies apply."""
+  url = DOWNLOAD_URLS[dataset]
   host = urllib.parse.urlsplit(url).netloc
   request = urllib.request.Request(url + data.IDX_FILES["test"][1] + ".gz", method="HEAD")
   try:
@@ -123,30 +165,27 @@ def probe_download(url: str | None = None, timeout: float = PROBE_TIMEOUT_S) -> 
     reason = getattr(error, "reason", None) or error
     reason = getattr(reason, "strerror", None) or str(reason) or type(error).__name__
     raise DatasetError(
-      f"no MNIST files given, and {host} cannot be reached to download them ({reason}); {DATA_HINT}"
+      f"no {dataset} files given, and {host} cannot be reached to download them ({reason}); "
+      f"{data_hint(dataset)}"
     ) from None
 
 
-def _entries(root: Path) -> set[Path]:
-  """What a preparation may add under the TFDS data dir ``root``: its downloads and mnist_idx
-  directories and their direct entries (not the rest of a shared TFDS dir)."""
+def _entries(root: Path, name: str) -> set[Path]:
+  """What preparing the builder ``name`` may add under the TFDS data dir ``root``: its downloads
+  and builder directories and their direct entries (not the rest of a shared TFDS dir)."""
   found = set()
-  for directory in (
-    root,
-    root / "downloads",
-    root / "downloads" / MnistIdx.name,
-    root / MnistIdx.name,
-  ):
+  for directory in (root, root / "downloads", root / "downloads" / name, root / name):
     if directory.is_dir():
       found.add(directory)
       found.update(directory.iterdir())
   return found
 
 
-def _remove_new(root: Path, before: set[Path]) -> None:
-  """Removes what a failed preparation added under ``root`` (partial downloads, incomplete
-  directories), deepest first, and ``root`` itself if it was made for it and is left empty."""
-  for entry in sorted(_entries(root) - before, key=lambda entry: -len(entry.parts)):
+def _remove_new(root: Path, name: str, before: set[Path]) -> None:
+  """Removes what a failed preparation of ``name`` added under ``root`` (partial downloads,
+  incomplete directories), deepest first, and ``root`` itself if it was made for it and is left
+  empty."""
+  for entry in sorted(_entries(root, name) - before, key=lambda entry: -len(entry.parts)):
     if entry == root:
       continue
     if entry.is_dir() and not entry.is_symlink():
@@ -158,46 +197,54 @@ def _remove_new(root: Path, before: set[Path]) -> None:
 
 
 def prepare(
-  data_dir: str | os.PathLike | None = None, manual_dir: str | os.PathLike | None = None
-) -> MnistIdx:
-  """Prepares (once) and returns the builder; from ``manual_dir`` if given, else by download.
+  data_dir: str | os.PathLike | None = None,
+  manual_dir: str | os.PathLike | None = None,
+  *,
+  dataset: str = "mnist",
+) -> _IdxBuilder:
+  """Prepares (once) and returns ``dataset``'s builder; from ``manual_dir`` if given, else by
+  download.
 
-  Fails in seconds without a network (DatasetError naming ``--config.data_dir`` and
-  ``FLAX_MNIST_DATA_DIR``), and leaves no partial download behind on any failure.
+  Fails in seconds without a network (DatasetError naming the dataset, ``--config.data_dir``
+  and, for MNIST, ``FLAX_MNIST_DATA_DIR``), and leaves no partial download behind on any failure.
   """
-  builder = MnistIdx(
+  builder = BUILDERS[dataset](
     data_dir=None if data_dir is None else os.fspath(data_dir), file_format="array_record"
   )
   if builder.data_path.exists() and builder.is_prepared():  # (is_prepared warns if not there.)
     return builder
   root = Path(os.fspath(builder.data_dir_root))
-  before = _entries(root)
+  before = _entries(root, builder.name)
   download_config = tfds.download.DownloadConfig(
     manual_dir=None if manual_dir is None else os.fspath(manual_dir),
-    try_download_gcs=False,  # mnist_idx is ours: no prepared copy on TFDS's bucket to look for.
+    try_download_gcs=False,  # The builders are ours: no prepared copy on TFDS's bucket to find.
   )
   try:
     if _manual_files(manual_dir) is None:
-      probe_download()
+      probe_download(dataset)
     builder.download_and_prepare(download_config=download_config)
   except BaseException as error:  # Ctrl-C included: nothing partial stays behind.
-    _remove_new(root, before)
+    _remove_new(root, builder.name, before)
     if isinstance(error, DatasetError) or not isinstance(error, Exception):
       raise
     # Network, disk and TFDS errors alike: one line that says what to do.
     reason = (str(error).strip().splitlines() or [""])[0][:300]
     raise DatasetError(
-      f"TFDS mnist_idx in {builder.data_dir}: could not download or prepare "
-      f"({type(error).__name__}: {reason}); {DATA_HINT}"
+      f"TFDS {builder.name} in {builder.data_dir}: could not download or prepare "
+      f"({type(error).__name__}: {reason}); {data_hint(dataset)}"
     ) from None
   return builder
 
 
 def load(
-  data_dir: str | os.PathLike | None = None, manual_dir: str | os.PathLike | None = None
+  data_dir: str | os.PathLike | None = None,
+  manual_dir: str | os.PathLike | None = None,
+  *,
+  dataset: str = "mnist",
 ) -> data.Dataset:
-  """Loads both splits through TFDS's array_record data source, as uint8 NHWC and int32."""
-  builder = prepare(data_dir, manual_dir)
+  """Loads both splits of ``dataset`` (a key of ``BUILDERS``) through TFDS's array_record data
+  source, as uint8 NHWC and int32."""
+  builder = prepare(data_dir, manual_dir, dataset=dataset)
   sources = builder.as_data_source()
   splits = {}
   for split in data.SPLITS:
@@ -208,5 +255,8 @@ def load(
       images, labels, images_name=f"tfds:{split}/image", labels_name=f"tfds:{split}/label"
     )
   return data.Dataset(
-    train=splits["train"], test=splits["test"], source=f"TFDS mnist_idx in {builder.data_dir}"
+    train=splits["train"],
+    test=splits["test"],
+    source=f"TFDS {builder.name} in {builder.data_dir}",
+    name=dataset,
   )

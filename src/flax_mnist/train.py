@@ -291,12 +291,18 @@ def _train(
     workdir.check_contained(seeds_workdir)
   mesh = sharding.training_mesh(run.seed_devices, run.data_devices)
   if dataset is None:
-    dataset = data_lib.load_mnist(run.data_dir or None, tfds_data_dir=run.tfds_data_dir or None)
+    dataset = data_lib.load(run.dataset, run.data_dir, tfds_data_dir=run.tfds_data_dir or None)
+  elif run.dataset != "mnist":
+    raise ConfigError(
+      f"config.dataset {run.dataset!r} and data={dataset.name!r} given: expected one of them "
+      "(leave config.dataset unset to train on your arrays)"
+    )
   say(f"data: {dataset.source}: {len(dataset.train):,} train, {len(dataset.test):,} test images")
   arrays = (dataset.train.images, dataset.train.labels, dataset.test.images, dataset.test.labels)
   arrays = sharding.place(arrays, mesh)
   run = dataclasses.replace(
     run,
+    dataset=dataset.name,
     data=dataset.identity(),
     data_source=dataset.source,
     input_shape=dataset.image_shape,
