@@ -78,7 +78,9 @@ class _IdxBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     paths = self._local_files(dl_manager)
     if paths is None:
       urls = {
-        stem: DOWNLOAD_URLS[self.dataset] + stem + ".gz" for stems in data.IDX_FILES.values() for stem in stems
+        stem: DOWNLOAD_URLS[self.dataset] + stem + ".gz"
+        for stems in data.IDX_FILES.values()
+        for stem in stems
       }
       paths = {stem: Path(path) for stem, path in dl_manager.download(urls).items()}
     return {
