@@ -5,11 +5,13 @@ from __future__ import annotations
 import io
 import struct
 
+import jax.numpy as jnp
 import pytest
 from conftest import small_config
 from tensorboardX.proto import event_pb2
 
 from flax_mnist import log, optim, train
+from flax_mnist.errors import ConfigError
 
 
 def read_events(logdir):
@@ -81,6 +83,57 @@ def test_a_scheduled_learning_rate_is_logged_per_epoch_as_keras_does(idx_dir, tm
   want = [float(schedule(epoch * steps_per_epoch - 1)) for epoch in (1, 2, 3)]
   assert logged == pytest.approx(want, rel=1e-6)
   assert logged[0] > logged[1] > logged[2] > 0  # Cosine decay to 0 at step 15.
+
+
+def _agreement_and_top2(logits, labels):
+  """A metric that must equal the built-in accuracy, and one that must not fall below it."""
+  top2 = jnp.argsort(logits, axis=-1)[:, -2:]
+  return {
+    "agreement": jnp.argmax(logits, axis=-1) == labels,
+    "top2": jnp.any(top2 == labels[:, None], axis=-1),
+  }
+
+
+def test_metrics_fn_and_per_step_losses_reach_history_and_tensorboard(idx_dir, tmp_path):
+  config = small_config(idx_dir, model="cnn_pool_bn", log_every_steps=1)
+  history = train.train_and_evaluate(
+    config, tmp_path, print_fn=None, metrics_fn=_agreement_and_top2
+  )
+  train_scalars, _ = _run_values(tmp_path / "tensorboard" / "train")
+  val_scalars, _ = _run_values(tmp_path / "tensorboard" / "validation")
+  sizes = [64, 64, 64, 64, 44]  # 300 images at batch 64: the last step is padded and masked.
+  for record in history:
+    epoch = record["epoch"]
+    for split, scalars in (("train", train_scalars), ("val", val_scalars)):
+      # Counted over the real rows only, as the accuracy: equal to it, padding and all.
+      assert record[f"{split}_agreement"] == record[f"{split}_accuracy"]
+      assert 1.0 >= record[f"{split}_top2"] >= record[f"{split}_accuracy"]
+      assert scalars[(epoch, "epoch_top2")] == pytest.approx(record[f"{split}_top2"], rel=1e-6)
+    # Each step's mean loss, weighted by its real rows, is the epoch's train loss.
+    first = (epoch - 1) * len(sizes)
+    losses = [train_scalars[(first + index + 1, "batch_loss")] for index in range(len(sizes))]
+    weighted = sum(loss * size for loss, size in zip(losses, sizes)) / sum(sizes)
+    assert weighted == pytest.approx(record["train_loss"], rel=1e-5)
+  logged_steps = sorted(step for step, tag in train_scalars if tag == "batch_loss")
+  assert logged_steps == list(range(1, 11))
+
+
+def test_a_bad_metrics_fn_is_named_before_anything_compiles(idx_dir, tmp_path):
+  config = small_config(idx_dir, num_epochs=1)
+  cases = {
+    "expected a non-empty dict": lambda logits, labels: logits.sum(),
+    r"metric 'mean' has shape \(\) for a batch of 2, expected \(2,\)": (
+      lambda logits, labels: {"mean": logits.mean()}
+    ),
+    "metric name 'loss': expected an identifier other than": (
+      lambda logits, labels: {"loss": labels}
+    ),
+  }
+  for message, metrics_fn in cases.items():
+    with pytest.raises(ConfigError, match=f"metrics_fn <lambda>: .*{message}"):
+      train.train_and_evaluate(config, tmp_path / "bad", print_fn=None, metrics_fn=metrics_fn)
+  with pytest.raises(TypeError, match="unexpected keyword argument 'metric_fn': expected data"):
+    train.train_and_evaluate(config, tmp_path / "bad", metric_fn=_agreement_and_top2)
 
 
 def test_format_epoch_line():

@@ -74,6 +74,8 @@ def default_config() -> ml_collections.ConfigDict:
   # because rbg draws other bits under vmap, and seeds are vmapped there (seed_parallelism).
   config.dropout_rng_impl = "auto"
   config.progress_bar = True  # Shown only on a terminal.
+  # TensorBoard's batch_loss every this many steps (each step's mean loss); 0: epochs only.
+  config.log_every_steps = 0
   # Several seeds: seeds seed, seed + 1, ... unless ``seeds`` lists them. "vmap" trains them in
   # one compiled program, "loop" one after the other with one compiled program; "auto": loop on
   # CPU (vmapping measured no gain there), vmap elsewhere. Either way a seed's results equal its
@@ -123,6 +125,7 @@ class RunConfig:
   compute_dtype: str
   dropout_rng_impl: str
   progress_bar: bool
+  log_every_steps: int
   num_seeds: int
   seeds: tuple[int, ...]  # Every seed the run trains, resolved (never empty).
   seed_parallelism: str
@@ -355,6 +358,7 @@ def validate_config(config: Mapping[str, Any]) -> None:
   _check_positive_int(config, "eval_batch_size")
   _check_positive_int(config, "num_epochs", minimum=0)
   _check_positive_int(config, "early_stopping_patience", minimum=0)
+  _check_positive_int(config, "log_every_steps", minimum=0)
   shift = config["augment"]["shift"]
   if not isinstance(shift, int) or isinstance(shift, bool) or not 0 <= shift <= 8:
     raise ConfigError(f"config.augment.shift {shift!r}: expected an integer in 0..8 (pixels)")

@@ -137,13 +137,21 @@ class TensorBoard:
     record: Mapping[str, Any],
     histograms: Mapping[str, Any],
     learning_rate: float | None = None,
+    step_losses: Mapping[int, float] | None = None,
   ) -> None:
     """Writes the epoch's scalars and one histogram per named array (``{"dense/kernel": ...}``);
     ``learning_rate`` (the last step's, where a schedule moves it) as ``epoch_learning_rate`` in
-    ``train``, as Keras logs it."""
+    ``train``, as Keras logs it. A metrics_fn's figures (``train_<name>``, ``val_<name>``) go
+    where Keras puts a compiled metric: ``epoch_<name>`` in ``train`` and ``validation``;
+    ``step_losses`` ({global step: mean loss}) as ``batch_loss`` in ``train``, as Keras's
+    ``update_freq`` does."""
     if not self.writers:
       return
+    extra = [key[len("val_") :] for key in record if key.startswith("val_")]
+    extra = [name for name in extra if name not in ("loss", "accuracy")]
     for run, tags in KERAS_SCALARS.items():
+      prefix = "train_" if run == "train" else "val_"
+      tags = {**tags, **{f"epoch_{name}": prefix + name for name in extra}}
       for tag, key in tags.items():
         self.writers[run].add_scalar(tag, record[key], epoch)
     train = self.writers["train"]
@@ -151,6 +159,8 @@ class TensorBoard:
       train.add_scalar(f"epoch_{key}", record[key], epoch)
     if learning_rate is not None:
       train.add_scalar("epoch_learning_rate", learning_rate, epoch)
+    for step, loss in (step_losses or {}).items():
+      train.add_scalar("batch_loss", loss, step)
     for name, value in histograms.items():
       train.add_histogram(name, np.asarray(value), epoch)
     for writer in self.writers.values():

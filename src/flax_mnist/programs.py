@@ -18,10 +18,12 @@ from flax_mnist.steps import TrainState
 
 @dataclasses.dataclass(frozen=True)
 class Custom:
-  """What a caller passes from Python instead of the config: an optax optimizer, a loss."""
+  """What a caller passes from Python beside the config: an optax optimizer and a loss (instead
+  of the config's), extra metrics."""
 
   optimizer: optax.GradientTransformation | None = None
   loss_fn: steps.LossFn | None = None
+  metrics_fn: steps.MetricsFn | None = None
 
   def record(self, run: RunConfig) -> RunConfig:
     """The run as config.json records it: where the config was overridden (a resume then
@@ -76,6 +78,8 @@ class Programs:
     model.eval()
     self.eval_graphdef = nnx.graphdef(model)
     check_logits(run.model, self.eval_graphdef, self.templates[0], run.input_shape, run.num_classes)
+    self.metrics_fn = custom.metrics_fn
+    self.metric_names = metric_names(custom.metrics_fn, run.num_classes)
 
 
 def check_logits(
@@ -105,3 +109,42 @@ def check_logits(
       f"model {name!r}: returns logits of shape {got} for images of shape {images.shape}, "
       f"expected {expected} (one logit per class of {num_classes})"
     )
+
+
+# Names a metrics_fn may not take: the record's own figures (train_<name>, val_<name>).
+_RECORDED_METRICS = ("loss", "accuracy", "seconds")
+
+
+def metric_names(metrics_fn: steps.MetricsFn | None, num_classes: int) -> tuple[str, ...]:
+  """The names of ``metrics_fn``'s metrics, checked on shapes alone before anything compiles:
+  it must map (logits, labels) of a batch to a dict of one value per example."""
+  if metrics_fn is None:
+    return ()
+  name = getattr(metrics_fn, "__name__", repr(metrics_fn))
+  logits = jax.ShapeDtypeStruct((2, num_classes), jax.numpy.float32)
+  labels = jax.ShapeDtypeStruct((2,), jax.numpy.int32)
+  try:
+    values = jax.eval_shape(metrics_fn, logits, labels)
+  except Exception as error:  # noqa: BLE001 (a user's function may raise anything)
+    lines = str(error).strip().splitlines()
+    reason = f"{type(error).__name__}: {lines[0][:200] if lines else ''}"
+    raise ConfigError(
+      f"metrics_fn {name}: calling it on logits (2, {num_classes}) raised {reason}"
+    ) from error
+  if not isinstance(values, dict) or not values:
+    raise ConfigError(
+      f"metrics_fn {name}: returned {type(values).__name__}, expected a non-empty dict "
+      "{name: one value per example}"
+    )
+  for key, value in values.items():
+    if not isinstance(key, str) or not key.isidentifier() or key in _RECORDED_METRICS:
+      raise ConfigError(
+        f"metrics_fn {name}: metric name {key!r}: expected an identifier other than "
+        f"{', '.join(_RECORDED_METRICS)}"
+      )
+    if getattr(value, "shape", None) != (2,):
+      raise ConfigError(
+        f"metrics_fn {name}: metric {key!r} has shape {getattr(value, 'shape', None)} for a "
+        "batch of 2, expected (2,): one value per example (the epoch's figure is their mean)"
+      )
+  return tuple(sorted(values))

@@ -126,9 +126,11 @@ class SeedRun:
     state: TrainState,
     train_graphdef: nnx.GraphDef,
     learning_rate: float | None = None,
+    step_losses: dict[int, float] | None = None,
   ) -> None:
     """Records an epoch the loop finished: history (in its checkpoint and history.json), the
-    best and latest checkpoints, TensorBoard (with ``learning_rate``, if the schedule moves it)."""
+    best and latest checkpoints, TensorBoard (with ``learning_rate``, if the schedule moves it,
+    and ``step_losses``, {global step: mean loss}, if any)."""
     records = [*self.history, record]
     meta = {
       "epoch": record["epoch"],
@@ -149,7 +151,9 @@ class SeedRun:
         self.tensorboard = log.TensorBoard(self.workdir / workdir.TENSORBOARD_DIR)
       model = nnx.merge(train_graphdef, state.params, state.model_state)
       arrays = {**models.named_params(model), **models.named_batch_stats(model)}
-      self.tensorboard.write_epoch(record["epoch"], record, sharding.to_host(arrays), learning_rate)
+      self.tensorboard.write_epoch(
+        record["epoch"], record, sharding.to_host(arrays), learning_rate, step_losses
+      )
 
   def _write_history(self, epoch: int) -> None:
     try:

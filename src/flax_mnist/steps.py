@@ -11,7 +11,7 @@ image the same way, in eval mode (no dropout, BatchNorm moving statistics).
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -35,6 +35,9 @@ class TrainState(NamedTuple):
 Batch = tuple[jax.Array, jax.Array, jax.Array | None]
 # loss_fn(logits, labels) -> one loss per example; the step averages it (over the real rows).
 LossFn = Callable[[jax.Array, jax.Array], jax.Array]
+# metrics_fn(logits, labels) -> {name: one value per example}: extra figures, each averaged over
+# the epoch's examples (the real rows) inside the compiled programs, like the loss.
+MetricsFn = Callable[[jax.Array, jax.Array], Mapping[str, jax.Array]]
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -65,14 +68,21 @@ def apply_model(model: nnx.Module, images: jax.Array, mask: jax.Array | None) ->
   return model(inputs)
 
 
-def zero_metrics() -> Metrics:
-  """Empty running sums: summed loss, correct count, example count, steps."""
-  return {
+def zero_metrics(extra: Sequence[str] = (), num_steps: int = 0) -> Metrics:
+  """Empty running sums: summed loss, correct count, example count, steps; the sums of the
+  ``extra`` metrics (a ``metrics_fn``'s names) under ``"extra"``; and, for ``num_steps`` > 0,
+  each step's mean loss under ``"step_losses"`` (``config.log_every_steps``)."""
+  metrics = {
     "loss_sum": jnp.zeros((), jnp.float32),
     "correct": jnp.zeros((), jnp.int32),
     "count": jnp.zeros((), jnp.int32),
     "steps": jnp.zeros((), jnp.int32),
   }
+  if extra:
+    metrics["extra"] = {name: jnp.zeros((), jnp.float32) for name in extra}
+  if num_steps:
+    metrics["step_losses"] = jnp.zeros((num_steps,), jnp.float32)
+  return metrics
 
 
 def accumulate(
@@ -81,20 +91,31 @@ def accumulate(
   logits: jax.Array,
   labels: jax.Array,
   mask: jax.Array | None,
+  metrics_fn: MetricsFn | None = None,
 ) -> Metrics:
-  """Adds a batch's summed loss and correct count; rows where ``mask`` is False are padding."""
+  """Adds a batch's summed loss and correct count (and the sums of ``metrics_fn``'s per-example
+  values); rows where ``mask`` is False are padding."""
   hits = jnp.argmax(logits, axis=-1) == labels
+  real = (lambda values: values) if mask is None else (lambda values: jnp.where(mask, values, 0))
   if mask is None:
     loss_sum, correct, count = losses.sum(), jnp.sum(hits, dtype=jnp.int32), labels.shape[0]
   else:
     loss_sum = jnp.where(mask, losses, 0.0).sum()
     correct, count = jnp.sum(hits & mask, dtype=jnp.int32), jnp.sum(mask, dtype=jnp.int32)
-  return {
+  summed = {
+    **metrics,
     "loss_sum": metrics["loss_sum"] + loss_sum,
     "correct": metrics["correct"] + correct,
     "count": metrics["count"] + count,
     "steps": metrics["steps"] + 1,
   }
+  if metrics_fn is not None:
+    values = metrics_fn(logits, labels)
+    summed["extra"] = {
+      name: total + real(jnp.asarray(values[name], jnp.float32)).sum()
+      for name, total in metrics["extra"].items()
+    }
+  return summed
 
 
 def scan_batches(
@@ -145,11 +166,13 @@ def train_step(
   carry: tuple[TrainState, Metrics],
   batch: Batch,
   loss_fn: LossFn = cross_entropy,
+  metrics_fn: MetricsFn | None = None,
 ) -> tuple[TrainState, Metrics]:
   """One optimizer step on a batch of uint8 images: a pure function of (state, metrics).
 
   ``batch`` is (images, labels, mask): where ``mask`` is given, only its True rows count (in the
   loss, its mean, BatchNorm's statistics and the metrics), as if the batch held just those.
+  Metrics holding ``"step_losses"`` get this step's mean loss at the step's index.
   """
   state, metrics = carry
   images, labels, mask = batch
@@ -166,14 +189,15 @@ def train_step(
     _, _, new_model_state = nnx.split(model, nnx.Param, ...)
     return loss, (losses, logits, new_model_state)
 
-  (_, (losses, logits, model_state)), grads = jax.value_and_grad(mean_loss, has_aux=True)(
+  (loss, (losses, logits, model_state)), grads = jax.value_and_grad(mean_loss, has_aux=True)(
     state.params
   )
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  return TrainState(params, model_state, opt_state), accumulate(
-    metrics, losses, logits, labels, mask
-  )
+  summed = accumulate(metrics, losses, logits, labels, mask, metrics_fn)
+  if "step_losses" in metrics:
+    summed["step_losses"] = metrics["step_losses"].at[metrics["steps"]].set(loss)
+  return TrainState(params, model_state, opt_state), summed
 
 
 def eval_step(
@@ -183,12 +207,13 @@ def eval_step(
   metrics: Metrics,
   batch: Batch,
   loss_fn: LossFn = cross_entropy,
+  metrics_fn: MetricsFn | None = None,
 ) -> Metrics:
   """Adds a batch's summed loss and correct count (eval-mode ``graphdef``) to ``metrics``."""
   images, labels, mask = batch
   logits = apply_model(nnx.merge(graphdef, params, model_state, copy=True), images, None)
   losses = loss_fn(logits, labels)
-  return accumulate(metrics, losses, logits, labels, mask)
+  return accumulate(metrics, losses, logits, labels, mask, metrics_fn)
 
 
 def make_train_epoch(
@@ -202,6 +227,9 @@ def make_train_epoch(
   mesh: jax.sharding.Mesh | None = None,
   loss_fn: LossFn = cross_entropy,
   max_shift: int = 0,
+  metrics_fn: MetricsFn | None = None,
+  metric_names: Sequence[str] = (),
+  step_losses: bool = False,
 ) -> Callable[..., tuple]:
   """Returns the jitted ``train_epoch(state, images, labels, key) -> (state, metrics)``, the
   metrics summed (loss, correct count).
@@ -209,6 +237,10 @@ def make_train_epoch(
   ``max_shift`` > 0: each training image is moved by up to that many pixels
   (``augment.random_shifts``), with a key per step from ``fold_in(key, 1)``; the order still
   comes from ``key`` itself, so without shifts the program is the one it always was.
+
+  ``metrics_fn`` (its ``metric_names``): extra per-example figures, summed in ``"extra"``.
+  ``step_losses``: the metrics hold each step's mean loss (``"step_losses"``, one per step).
+  Neither changes what is trained: without them the program is the one it always was.
 
   ``progress(step, loss_sum, correct, count)``, if given, is called on the host after each step.
   ``over_seeds``: the states, the key and the returned metrics carry a leading seed axis (vmap);
@@ -219,7 +251,7 @@ def make_train_epoch(
     raise ValueError("progress is not supported over seeds (the callback would run per seed)")
 
   def step(carry, batch):
-    carry = train_step(graphdef, tx, carry, batch, loss_fn)
+    carry = train_step(graphdef, tx, carry, batch, loss_fn, metrics_fn)
     if progress is not None:
       metrics = carry[1]
       jax.debug.callback(
@@ -229,7 +261,8 @@ def make_train_epoch(
 
   def train_epoch(state, images, labels, key):
     order = jax.random.permutation(key, images.shape[0]) if shuffle else None
-    carry = (state, zero_metrics())
+    num_steps = -(-images.shape[0] // batch_size) if step_losses else 0
+    carry = (state, zero_metrics(metric_names, num_steps))
     epoch_step = step
     if max_shift:
       augment_key = jax.random.fold_in(key, 1)
@@ -258,16 +291,26 @@ def make_evaluate(
   over_seeds: bool = False,
   mesh: jax.sharding.Mesh | None = None,
   loss_fn: LossFn = cross_entropy,
+  metrics_fn: MetricsFn | None = None,
+  metric_names: Sequence[str] = (),
 ) -> Callable[..., Metrics]:
   """Returns the jitted ``evaluate(params, model_state, images, labels) -> metrics`` over every
   image. ``over_seeds``: the states and the returned metrics carry a leading seed axis (vmap).
-  ``mesh``: as ``make_train_epoch``.
+  ``mesh``, ``metrics_fn``, ``metric_names``: as ``make_train_epoch``.
   """
 
   def evaluate(params, model_state, images, labels):
-    step = functools.partial(eval_step, graphdef, params, model_state, loss_fn=loss_fn)
+    step = functools.partial(
+      eval_step, graphdef, params, model_state, loss_fn=loss_fn, metrics_fn=metrics_fn
+    )
     return scan_batches(
-      step, zero_metrics(), images, labels, batch_size, None, sharding.batch_sharding(mesh)
+      step,
+      zero_metrics(metric_names),
+      images,
+      labels,
+      batch_size,
+      None,
+      sharding.batch_sharding(mesh),
     )
 
   if over_seeds:
@@ -278,11 +321,13 @@ def make_evaluate(
 
 
 def summarize(metrics: Metrics) -> dict[str, float]:
-  """Mean loss and accuracy from summed metrics (fetched to the host)."""
+  """Mean loss and accuracy from summed metrics (fetched to the host), and the mean of each
+  extra metric under its name."""
   count = int(metrics["count"])
   return {
     "loss": float(metrics["loss_sum"]) / count,
     "accuracy": int(metrics["correct"]) / count,
     "correct": int(metrics["correct"]),
     "count": count,
+    **{name: float(total) / count for name, total in metrics.get("extra", {}).items()},
   }

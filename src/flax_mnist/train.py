@@ -14,10 +14,11 @@ import math
 import os
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from etils import epath
 
@@ -88,9 +89,18 @@ class _Trainer:
       mesh=self.mesh,
       loss_fn=programs.loss_fn,
       max_shift=run.augment["shift"],
+      metrics_fn=programs.metrics_fn,
+      metric_names=programs.metric_names,
+      step_losses=run.log_every_steps > 0,
     )
     evaluate = steps.make_evaluate(
-      programs.eval_graphdef, run.eval_batch_size, over_seeds=self.over_seeds, mesh=self.mesh
+      programs.eval_graphdef,
+      run.eval_batch_size,
+      over_seeds=self.over_seeds,
+      mesh=self.mesh,
+      loss_fn=programs.loss_fn,
+      metrics_fn=programs.metrics_fn,
+      metric_names=programs.metric_names,
     )
     if self.over_seeds:
       example, example_key = self._stacked_states()
@@ -204,6 +214,20 @@ class _Trainer:
     schedule = self.programs.schedule
     return None if schedule is None else float(schedule(epoch * self.steps_per_epoch - 1))
 
+  def _step_losses(self, epoch: int, train_metrics: steps.Metrics) -> dict[int, float]:
+    """Every ``config.log_every_steps``-th step's mean loss by global step (counted from 1),
+    for TensorBoard; empty when it is 0."""
+    every = self.run.log_every_steps
+    if not every:
+      return {}
+    first = (epoch - 1) * self.steps_per_epoch
+    losses = np.asarray(train_metrics["step_losses"])
+    return {
+      first + index + 1: float(losses[index])
+      for index in range(len(losses))
+      if (first + index + 1) % every == 0
+    }
+
   def _finish_epoch(
     self,
     seed_run: SeedRun,
@@ -220,7 +244,13 @@ class _Trainer:
       best = history.best_record([*seed_run.history, record], self.run.best_metric)
       if epoch - best["epoch"] >= patience:
         record["stopped_early"] = True
-    seed_run.record_epoch(record, state, self.programs.train_graphdef, self._learning_rate(epoch))
+    seed_run.record_epoch(
+      record,
+      state,
+      self.programs.train_graphdef,
+      self._learning_rate(epoch),
+      self._step_losses(epoch, train_metrics),
+    )
     prefix = f"seed {seed_run.seed}: " if len(self.runs) > 1 else ""
     self.say(prefix + log.format_epoch(record, self.num_epochs))
     if record.get("stopped_early"):
@@ -270,7 +300,16 @@ def _epoch_record(
     eval_seconds=timings["eval_seconds"],
     parallel_seeds=timings["parallel_seeds"],
     images_per_second=timings["parallel_seeds"] * train["count"] / timings["train_seconds"],
+    # A metrics_fn's figures, as train_<name> and val_<name>.
+    **{
+      f"{split}_{name}": figures[name]
+      for split, figures in (("train", train), ("val", val))
+      for name in sorted(figures.keys() - _SUMMARY_FIELDS)
+    },
   )
+
+
+_SUMMARY_FIELDS = {"loss", "accuracy", "correct", "count"}  # What steps.summarize always gives.
 
 
 def _train(
@@ -381,48 +420,62 @@ def _say_best(records: list[EpochRecord], say: Say, prefix: str = "") -> None:
     )
 
 
+class Options(TypedDict, total=False):
+  """What ``train_and_evaluate`` and ``train_seeds`` take from Python beside the config, each
+  optional. The optimizer and loss replace the config's (config.json then records "custom" for
+  them, and a resume checks that); the rest changes nothing that is trained."""
+
+  # data.from_arrays: train on your own arrays instead of config.dataset; the family adapts to
+  # their shape and classes, their identity is recorded, and a resume on other data is refused.
+  data: data_lib.Dataset
+  print_fn: Say | None  # Where the progress lines go: print by default, None for none.
+  optimizer: optax.GradientTransformation  # Any optax transformation.
+  loss_fn: steps.LossFn  # (logits, labels) -> per-example losses: training and the val loss.
+  # (logits, labels) -> {name: one value per example}, computed inside the compiled programs:
+  # the epoch's mean over the train and test images is recorded as train_<name> and val_<name>
+  # in the history and as epoch_<name> in TensorBoard.
+  metrics_fn: steps.MetricsFn
+
+
+def _unpack(options: Options) -> tuple[data_lib.Dataset | None, Say, Custom]:
+  """The data, the printer and the custom parts of ``options``; a TypeError for any other."""
+  unknown = sorted(options.keys() - Options.__optional_keys__)
+  if unknown:
+    raise TypeError(
+      f"unexpected keyword argument {', '.join(map(repr, unknown))}: expected "
+      f"{', '.join(sorted(Options.__optional_keys__))}"
+    )
+  custom = Custom(options.get("optimizer"), options.get("loss_fn"), options.get("metrics_fn"))
+  return options.get("data"), _sayer(options.get("print_fn", print)), custom
+
+
 def train_and_evaluate(
-  config: Any,
-  workdir: str | os.PathLike,
-  *,
-  data: data_lib.Dataset | None = None,
-  print_fn: Say | None = print,
-  optimizer: optax.GradientTransformation | None = None,
-  loss_fn: steps.LossFn | None = None,
+  config: Any, workdir: str | os.PathLike, **options: Unpack[Options]
 ) -> list[EpochRecord]:
   """Trains ``config.model`` from ``config.seed`` for ``config.num_epochs``, validating on the
-  test set after each epoch. (Several seeds: ``train_seeds``.)
+  test set after each epoch. (Several seeds: ``train_seeds``.) ``options``: see ``Options``
+  (your data, optimizer, loss, metrics, printer).
 
   Writes into ``workdir`` (a local path or ``gs://...``): config.json, history.json, run.json
   (compile seconds, hardware, versions), checkpoints/{best,latest}, tensorboard/.
   Resumes from ``checkpoints/latest`` if present. Returns the history, one dict per epoch with
   epoch, train_loss, train_accuracy, val_loss, val_accuracy, seconds (train + eval, compile
   excluded), train_seconds, eval_seconds, parallel_seeds (1 here) and images_per_second
-  (training throughput), and ``stopped_early`` on the epoch where early stopping ended it.
-
-  ``data`` (``data.from_arrays``): train on your own arrays instead of MNIST; its identity is
-  recorded, and a resume on other data is refused. ``optimizer`` (any optax transformation)
-  replaces the config's; ``loss_fn(logits, labels) -> per-example losses`` replaces
-  cross-entropy (for training and the val loss). config.json then records "custom" for them.
+  (training throughput), a metrics_fn's train_<name> and val_<name>, and ``stopped_early`` on
+  the epoch where early stopping ended it.
   """
+  dataset, say, custom = _unpack(options)
   run = resolve(config)
   if len(run.seeds) > 1:
     raise ConfigError(f"config trains seeds {list(run.seeds)}: use train_seeds for several seeds")
-  say = _sayer(print_fn)
   run = dataclasses.replace(run, seed_parallelism="loop")  # One seed: nothing to vmap over.
-  [records] = _train(run, [epath.Path(workdir)], Custom(optimizer, loss_fn), say, dataset=data)
+  [records] = _train(run, [epath.Path(workdir)], custom, say, dataset=dataset)
   _say_best(records, say)
   return records
 
 
 def train_seeds(
-  config: Any,
-  workdir_path: str | os.PathLike,
-  *,
-  data: data_lib.Dataset | None = None,
-  print_fn: Say | None = print,
-  optimizer: optax.GradientTransformation | None = None,
-  loss_fn: steps.LossFn | None = None,
+  config: Any, workdir_path: str | os.PathLike, **options: Unpack[Options]
 ) -> dict[int, list[EpochRecord]]:
   """Trains ``config.model`` from each seed of ``config.seed_list(config)``, compiling once.
 
@@ -430,14 +483,13 @@ def train_seeds(
   and best checkpoint as ``train_and_evaluate`` with that seed would write, to float tolerance
   under vmap and exactly in a loop); ``workdir/seeds.json`` holds the aggregate over seeds
   (``history.aggregate_seeds``). ``config.seed_parallelism`` picks vmap or loop. Returns
-  {seed: history}. ``data``, ``optimizer``, ``loss_fn``: as ``train_and_evaluate``.
+  {seed: history}. ``options``: as ``train_and_evaluate``.
   """
+  dataset, say, custom = _unpack(options)
   run = resolve(config)
-  say = _sayer(print_fn)
   say(f"seeds {', '.join(map(str, run.seeds))} ({run.seed_parallelism})")
   directories = [workdir.seed_dir(workdir_path, seed) for seed in run.seeds]
-  custom = Custom(optimizer, loss_fn)
-  histories = _train(run, directories, custom, say, workdir.path(workdir_path), data)
+  histories = _train(run, directories, custom, say, workdir.path(workdir_path), dataset)
   by_seed = dict(zip(run.seeds, histories))
   for seed, records in by_seed.items():
     _say_best(records, say, prefix=f"seed {seed}: ")
