@@ -149,7 +149,8 @@ def test_bad_optimizer_fields_are_named(field, value, message):
 
 @pytest.mark.integration
 @pytest.mark.parametrize(
-  "recipe", ["own_model", "adamw_warmup_cosine", "frozen_layer", "own_loss", "own_data"]
+  "recipe",
+  ["own_model", "adamw_warmup_cosine", "frozen_layer", "own_loss", "own_data", "dropin_layers"],
 )
 def test_each_example_runs(recipe, idx_dir, tmp_path):
   workdir = tmp_path / recipe
@@ -168,6 +169,8 @@ def test_each_example_runs(recipe, idx_dir, tmp_path):
     assert recorded["loss"] == "custom: focal_loss"
   if recipe == "own_model":
     assert "reloaded WideCnn" in result.stdout
+  if recipe == "dropin_layers":  # The fused drop-ins: no warning about stock layers.
+    assert recorded["model_kwargs"] == {"mode": "fused"} and "stock" not in result.stdout
   if recipe == "own_data":
     assert recorded["num_classes"] == 5 and recorded["model_kwargs"] == {"width": 0.5}
     assert recorded["data_source"] == "arrays (rotated_digits_0to4)"
@@ -207,3 +210,21 @@ def test_fashion_mnist_trains_from_its_idx_directory_and_fails_offline_at_once_w
   assert failed.returncode == 2, failed.stderr[-3000:]
   assert failed.stderr.startswith("error: no fashion_mnist files given"), failed.stderr[-3000:]
   assert failed.stderr.count("\n") == 1 and "Traceback" not in failed.stderr
+
+
+@pytest.mark.integration
+def test_a_model_of_stock_nnx_convs_gets_one_warning_on_cpu_naming_the_drop_in(idx_dir, tmp_path):
+  sys.path.insert(0, str(EXAMPLES))
+  try:
+    config = small_config(idx_dir, model="dropin_layers:cnn_pool", num_epochs=1)
+    for mode, warned in (("stock", True), ("dropin", False)):
+      config.model_kwargs = {"mode": mode}
+      lines = []
+      train.train_and_evaluate(config, tmp_path / mode, print_fn=lines.append)
+      warned_lines = [line for line in lines if line.startswith("warning:")]
+      assert len(warned_lines) == warned, lines
+      if warned:
+        assert "stock flax.nnx.Conv layers (conv1, conv2)" in warned_lines[0]
+        assert "flax_mnist.nn.Conv" in warned_lines[0]
+  finally:
+    sys.path.remove(str(EXAMPLES))

@@ -8,8 +8,9 @@ uses it for the table that decides which layouts the project keeps.
 
 from __future__ import annotations
 
+import functools
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -45,6 +46,45 @@ def time_impls(
   """
   if not candidates:
     raise ValueError("time_impls: no candidate implementations")
+  builders = {
+    impl: functools.partial(
+      models.init_model,
+      model_name,
+      seed,
+      impl=impl,
+      dropout_rng_impl=dropout_rng_impl,
+      **({"model_kwargs": model_kwargs} if model_kwargs else {}),
+    )
+    for impl in candidates
+  }
+  return time_models(
+    builders,
+    batch_size=batch_size,
+    steps=steps,
+    repeats=repeats,
+    seed=seed,
+    tx=tx,
+    images=images,
+    labels=labels,
+  )
+
+
+def time_models(
+  builders: Mapping[str, Callable[[], nnx.Module]],
+  *,
+  batch_size: int = 512,
+  steps: int = 5,
+  repeats: int = 3,
+  seed: int = 0,
+  tx: optax.GradientTransformation | None = None,
+  images: jax.Array | None = None,
+  labels: jax.Array | None = None,
+  python_loop: Sequence[str] = (),
+) -> dict[str, float]:
+  """Seconds per training step of each model ``builders[name]()`` builds, as ``time_impls``
+  times them: the trainer's compiled epoch (a ``lax.scan`` over the batches) over ``steps``
+  batches, interleaved, the fastest of ``repeats`` runs. The names in ``python_loop`` run as a
+  Python loop of one jitted step per batch instead (the same ``steps.train_step``)."""
   count = batch_size * steps
   if images is None:
     keys = jax.random.split(jax.random.key(seed), 2)
@@ -52,26 +92,48 @@ def time_impls(
     labels = jax.random.randint(keys[1], (count,), 0, 10)
   images, labels = images[:count], labels[:count]
   tx = tx if tx is not None else optax.adam(1e-3)
-  runs = {}
-  for impl in candidates:
-    model = models.init_model(
-      model_name,
-      seed,
-      impl=impl,
-      dropout_rng_impl=dropout_rng_impl,
-      **({"model_kwargs": model_kwargs} if model_kwargs else {}),
-    )
-    graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
+  runs = {
+    name: _compiled_epoch(build(), tx, batch_size, images, labels, seed, name in python_loop)
+    for name, build in builders.items()
+  }
+  best = dict.fromkeys(builders, float("inf"))
+  for _ in range(repeats):
+    for name, run in runs.items():
+      started = time.perf_counter()
+      jax.block_until_ready(run())
+      best[name] = min(best[name], (time.perf_counter() - started) / steps)
+  return best
+
+
+def _compiled_epoch(
+  model: nnx.Module,
+  tx: optax.GradientTransformation,
+  batch_size: int,
+  images: jax.Array,
+  labels: jax.Array,
+  seed: int,
+  python_loop: bool,
+) -> Callable[[], Any]:
+  """A call that trains ``model`` for one epoch over ``images``, compiled and warmed up."""
+  graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
+  state = steps_lib.TrainState(params, model_state, tx.init(params))
+  if python_loop:
+    step = jax.jit(functools.partial(steps_lib.train_step, graphdef, tx))
+    batches = [
+      (images[start : start + batch_size], labels[start : start + batch_size], None)
+      for start in range(0, images.shape[0], batch_size)
+    ]
+
+    def run():
+      carry = (state, steps_lib.zero_metrics())
+      for batch in batches:
+        carry = step(carry, batch)
+      return carry
+
+  else:
     epoch = steps_lib.make_train_epoch(graphdef, tx, batch_size, shuffle=False)
-    state = steps_lib.TrainState(params, model_state, tx.init(params))
     arguments = (state, images, labels, jax.random.key(seed))
     compiled = epoch.lower(*arguments).compile()
-    jax.block_until_ready(compiled(*arguments))  # Warm up.
-    runs[impl] = (compiled, arguments)
-  best = dict.fromkeys(candidates, float("inf"))
-  for _ in range(repeats):
-    for impl, (compiled, arguments) in runs.items():
-      started = time.perf_counter()
-      jax.block_until_ready(compiled(*arguments))
-      best[impl] = min(best[impl], (time.perf_counter() - started) / steps)
-  return best
+    run = functools.partial(compiled, *arguments)
+  jax.block_until_ready(run())  # Warm up (and, for the loop, compile).
+  return run

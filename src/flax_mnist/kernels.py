@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def _stacked_slices(images: jax.Array, kernel_h: int, kernel_w: int) -> jax.Array:
+def stacked_slices(images: jax.Array, kernel_h: int, kernel_w: int) -> jax.Array:
   """The valid shifted slices of NHWC ``images``, stacked on the channel axis in (row, column,
   channel) order: the order of a row-major reshape of an HWIO kernel."""
   out_h = images.shape[1] - kernel_h + 1
@@ -30,7 +30,7 @@ def _stacked_slices(images: jax.Array, kernel_h: int, kernel_w: int) -> jax.Arra
 def im2col_conv(images: jax.Array, kernel: jax.Array) -> jax.Array:
   """Valid, stride-1 convolution as one matmul over the stacked shifted slices (NHWC, HWIO)."""
   kernel_h, kernel_w, in_features, out_features = kernel.shape
-  patches = _stacked_slices(images, kernel_h, kernel_w)
+  patches = stacked_slices(images, kernel_h, kernel_w)
   return jnp.dot(patches, kernel.reshape(kernel_h * kernel_w * in_features, out_features))
 
 

@@ -9,7 +9,7 @@ import jax
 import optax
 from flax import nnx
 
-from flax_mnist import models, optim, registry, sharding, steps
+from flax_mnist import models, nn, optim, registry, sharding, steps
 from flax_mnist.config import RunConfig
 from flax_mnist.errors import ConfigError
 from flax_mnist.log import Say
@@ -75,6 +75,13 @@ class Programs:
       shuffle_key = registry.seed_keys(seed, run.dropout_rng_impl).shuffle
       self.shuffle_keys.append(sharding.replicate(shuffle_key, mesh))
     say(models.describe(model, run.input_shape))
+    stock = nn.stock_convs(model) if jax.default_backend() == "cpu" else []
+    if stock:
+      say(
+        f"warning: model {run.model!r} holds stock flax.nnx.Conv layers ({', '.join(stock)}): on "
+        f"CPU they train {nn.STOCK_CONV_SLOWDOWN_CPU} slower per step than flax_mnist.nn.Conv, a "
+        "drop-in with the same arguments and parameters (benchmarks/README.md)"
+      )
     model.eval()
     self.eval_graphdef = nnx.graphdef(model)
     check_logits(run.model, self.eval_graphdef, self.templates[0], run.input_shape, run.num_classes)
