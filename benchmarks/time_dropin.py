@@ -11,7 +11,6 @@ batch; in flax_mnist.nn's drop-ins (mode "dropin": ``nn.Conv`` + ``nn.max_pool``
 """
 
 import functools
-import json
 import sys
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import jax
 from absl import app, flags
 from flax import nnx
 
-from flax_mnist import autotune, data, log, models, optim
+from flax_mnist import autotune, benchmark, data, log, models, optim
 from flax_mnist import config as config_lib
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
@@ -68,20 +67,9 @@ def main(argv: list[str]) -> None:
   family = ms["family cnn_pool, s2d"]
   rows = ["| cnn_pool built with | ms/step | x family (s2d) |", "| --- | ---: | ---: |"]
   rows += [f"| {name} | {value:.1f} | {value / family:.2f} |" for name, value in ms.items()]
-  table = "\n".join(rows) + (
-    f"\n\nms per training step of 512 (the fastest of {_REPEATS.value} interleaved runs of "
-    f"{_STEPS.value} steps); {log.describe_hardware(environment)}; jax "
-    f"{environment['versions']['jax']}.\n"
-  )
-  print(table)
-  if _JSON.value:
-    with open(_JSON.value, "w") as file:
-      json.dump(
-        {"environment": environment, "steps": _STEPS.value, "ms_per_step": ms}, file, indent=1
-      )
-  if _MARKDOWN.value:
-    with open(_MARKDOWN.value, "w") as file:
-      file.write(table)
+  result = {"environment": environment, "steps": _STEPS.value, "ms_per_step": ms}
+  paths = {"json_path": _JSON.value, "markdown_path": _MARKDOWN.value}
+  benchmark.save_step_table(rows, result, repeats=_REPEATS.value, steps=_STEPS.value, **paths)
 
 
 if __name__ == "__main__":

@@ -10,12 +10,10 @@ interleaved so that the machine's drift hits them alike; each keeps its fastest 
 meanwhile.
 """
 
-import json
-
 import jax
 from absl import app, flags
 
-from flax_mnist import autotune, data, layers, log, models, optim
+from flax_mnist import autotune, benchmark, data, layers, log, models, optim
 from flax_mnist import config as config_lib
 
 _MODELS = flags.DEFINE_list("models", models.model_names(), "Models to time.")
@@ -54,18 +52,8 @@ def main(argv: list[str]) -> None:
   rows = [header, "|" + " --- |" * (len(_IMPLS.value) + 1)]
   for name, timings in result["ms_per_step"].items():
     rows.append(f"| {name} | " + " | ".join(f"{timings[impl]:.2f}" for impl in _IMPLS.value) + " |")
-  table = "\n".join(rows) + (
-    f"\n\nms per training step of 512 (the fastest of {_REPEATS.value} interleaved runs of "
-    f"{_STEPS.value} steps); {log.describe_hardware(environment)}; jax "
-    f"{environment['versions']['jax']}.\n"
-  )
-  print(table)
-  if _JSON.value:
-    with open(_JSON.value, "w") as file:
-      json.dump(result, file, indent=1)
-  if _MARKDOWN.value:
-    with open(_MARKDOWN.value, "w") as file:
-      file.write(table)
+  paths = {"json_path": _JSON.value, "markdown_path": _MARKDOWN.value}
+  benchmark.save_step_table(rows, result, repeats=_REPEATS.value, steps=_STEPS.value, **paths)
 
 
 if __name__ == "__main__":

@@ -26,47 +26,29 @@ def time_impls(
   model_name: str,
   candidates: Sequence[str],
   *,
-  batch_size: int = 512,
-  steps: int = 5,
-  repeats: int = 3,
   seed: int = 0,
-  tx: optax.GradientTransformation | None = None,
   dropout_rng_impl: str = "threefry2x32",
   model_kwargs: Mapping[str, Any] | None = None,
-  images: jax.Array | None = None,
-  labels: jax.Array | None = None,
+  **timing: Any,
 ) -> dict[str, float]:
   """Seconds per training step of ``model_name`` under each impl of ``candidates``.
 
   Each candidate's epoch over ``steps`` batches (``images``/``labels``, default random
   uint8 images) is compiled and run once to warm up; then the candidates run in turn
   ``repeats`` times (interleaved, so that a drift of the machine hits them alike), and each
-  keeps its fastest run. ``tx`` defaults to Adam; pass the run's optimizer and
-  ``dropout_rng_impl`` to time exactly its step.
+  keeps its fastest run. ``timing``: ``time_models``'s keywords (``batch_size``, ``steps``,
+  ``repeats``, ``tx``, ``images``, ``labels``); ``tx`` defaults to Adam; pass the run's optimizer
+  and ``dropout_rng_impl`` to time exactly its step.
   """
   if not candidates:
     raise ValueError("time_impls: no candidate implementations")
+  kwargs = {"model_kwargs": model_kwargs} if model_kwargs else {}
+  build = functools.partial(models.init_model, model_name, seed, **kwargs)
   builders = {
-    impl: functools.partial(
-      models.init_model,
-      model_name,
-      seed,
-      impl=impl,
-      dropout_rng_impl=dropout_rng_impl,
-      **({"model_kwargs": model_kwargs} if model_kwargs else {}),
-    )
+    impl: functools.partial(build, impl=impl, dropout_rng_impl=dropout_rng_impl)
     for impl in candidates
   }
-  return time_models(
-    builders,
-    batch_size=batch_size,
-    steps=steps,
-    repeats=repeats,
-    seed=seed,
-    tx=tx,
-    images=images,
-    labels=labels,
-  )
+  return time_models(builders, seed=seed, **timing)
 
 
 def time_models(

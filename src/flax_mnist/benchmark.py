@@ -359,3 +359,28 @@ def to_markdown(result: dict[str, Any]) -> str:
       if flops:
         lines.append(f"| {name} | {layer} | {flops / 1e6:.3f} |")
   return "\n".join(lines) + "\n"
+
+
+def save_step_table(
+  rows: Sequence[str],
+  result: Mapping[str, Any],
+  *,
+  repeats: int,
+  steps: int,
+  json_path: str | None,
+  markdown_path: str | None,
+) -> str:
+  """A ms-per-step table (its Markdown ``rows``) with the footer saying how it was timed and on
+  what; printed, and written to ``json_path`` (``result``) and ``markdown_path`` if given."""
+  environment = result["environment"]
+  table = "\n".join(rows) + (
+    f"\n\nms per training step of 512 (the fastest of {repeats} interleaved runs of "
+    f"{steps} steps); {log.describe_hardware(environment)}; jax "
+    f"{environment['versions']['jax']}.\n"
+  )
+  print(table)
+  if json_path:
+    Path(json_path).write_text(json.dumps(result, indent=1))
+  if markdown_path:
+    Path(markdown_path).write_text(table)
+  return table
