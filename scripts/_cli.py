@@ -38,7 +38,7 @@ from absl import app, flags, logging
 from ml_collections.config_flags import config_flags
 
 from flax_mnist import FlaxMnistError, models
-from flax_mnist.config import config_file_raised, load_config_file
+from flax_mnist.config import config_file_raised, kind_of, load_config_file
 from flax_mnist.errors import ConfigError, Interrupted
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -366,7 +366,7 @@ def _check_field(flag: str, path: str, config: Any, field: str) -> None:
         expected = f"{where} has no fields: set it whole, --{where}=\"{{'{part}': ...}}\""
       raise ConfigError(f"--{flag}.{field}: {path} has no field {where}.{part}; {expected}")
     raise ConfigError(
-      f"--{flag}.{field}: {'.'.join([flag, *parts[:depth]])} in {path} is {_kind(node)}, "
+      f"--{flag}.{field}: {'.'.join([flag, *parts[:depth]])} in {path} is {kind_of(node)}, "
       "not a config with fields"
     )
 
@@ -395,7 +395,7 @@ def _flag_error(error: flags.Error, configs: Mapping[str, Any]) -> str:
         default = configs[flag]
         for part in field.split("."):
           default = default[part]
-        expected = f"; expected {_kind(default)} (the config file has {default!r})"
+        expected = f"; expected {kind_of(default)} (the config file has {default!r})"
       except (KeyError, TypeError):
         pass
     elif name in flags.FLAGS:
@@ -404,21 +404,6 @@ def _flag_error(error: flags.Error, configs: Mapping[str, Any]) -> str:
       expected = f"; expected {kind}" if kind else ""
     return f"--{name}={value}: {reason}{expected}"
   return f"{message} (see --helpshort)"
-
-
-def _kind(value: Any) -> str:
-  """What a config field's value is, in words, for "expected ..."."""
-  if isinstance(value, bool):
-    return "true or false"
-  if isinstance(value, int):
-    return "an integer"
-  if isinstance(value, float):
-    return "a number"
-  if isinstance(value, str):
-    return "a string"
-  if isinstance(value, (tuple, list)):
-    return "a tuple such as '(0, 1)'"
-  return f"a {type(value).__name__}"
 
 
 def _nearest(name: str, choices: Sequence[str], prefix: str = "") -> str:

@@ -128,6 +128,9 @@ def test_a_bad_metrics_fn_is_named_before_anything_compiles(idx_dir, tmp_path):
     "metric name 'loss': expected an identifier other than": (
       lambda logits, labels: {"loss": labels}
     ),
+    "metric name 'count': expected an identifier other than": (
+      lambda logits, labels: {"count": labels}
+    ),
   }
   for message, metrics_fn in cases.items():
     with pytest.raises(ConfigError, match=f"metrics_fn <lambda>: .*{message}"):

@@ -52,7 +52,9 @@ def test_conv_is_nnx_conv_in_parameters_values_and_gradients(case):
 def test_conv_falls_back_to_nnx_where_the_matmul_path_does_not_apply():
   dilated = nn.Conv(3, 4, (3, 3), kernel_dilation=2, rngs=nnx.Rngs(0))
   grouped = nn.Conv(4, 4, (3, 3), feature_group_count=2, rngs=nnx.Rngs(0))
-  for conv, channels in ((dilated, 3), (grouped, 4)):
+  cropped = nn.Conv(3, 4, (3, 3), padding=((-1, 2), (0, 0)), rngs=nnx.Rngs(0))
+  wide = nn.Conv(3, 4, (3, 3), preferred_element_type=jnp.float32, rngs=nnx.Rngs(0))
+  for conv, channels in ((dilated, 3), (grouped, 4), (cropped, 3), (wide, 3)):
     images = jnp.ones((1, 9, 9, channels))
     assert conv._matmul_padding(images) is None
     assert conv(images).shape == nnx.Conv.__call__(conv, images).shape

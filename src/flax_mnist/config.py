@@ -419,13 +419,9 @@ def load_config_file(
   ``--config=path:argument``). A missing or broken file, a raise or exit while it loads, and
   anything but a ConfigDict back are one-line ConfigErrors (the file's own error chained)."""
   path = os.fspath(path)
-  if not os.path.isfile(path):
-    raise ConfigError(f"{path}: no such config file (expected a file like configs/cnn.py)")
-  spec = importlib.util.spec_from_file_location(f"_flax_mnist_config_{abs(hash(path))}", path)
-  module = importlib.util.module_from_spec(spec)
+  module = _config_module(path)
   what = "loading it"
   try:
-    spec.loader.exec_module(module)
     if not callable(getattr(module, "get_config", None)):
       raise ConfigError(f"{path}: defines no get_config() (expected one returning a ConfigDict)")
     if argument is None:
@@ -450,6 +446,34 @@ def load_config_file(
   return config
 
 
+def _config_module(path: str) -> Any:
+  """The config file at ``path``, run as a module; a one-line ConfigError if it cannot be."""
+  if not os.path.isfile(path):
+    raise ConfigError(f"{path}: no such config file (expected a file like configs/cnn.py)")
+  spec = importlib.util.spec_from_file_location(f"_flax_mnist_config_{abs(hash(path))}", path)
+  module = importlib.util.module_from_spec(spec)
+  try:
+    spec.loader.exec_module(module)
+  except SyntaxError as error:
+    raise ConfigError(f"{path}:{error.lineno}: syntax error ({error.msg})") from error
+  except (Exception, SystemExit) as error:  # noqa: BLE001 (a config file may raise anything)
+    raise ConfigError(config_file_raised(path, error, "loading it")) from error
+  return module
+
+
+def load_sweep(path: str | os.PathLike) -> list[dict[str, Any]] | None:
+  """The override dicts ``{field: value}`` that a config file's ``sweep()`` yields (kauldron's
+  convention, for sweeps that are not products), or None when it defines none."""
+  path = os.fspath(path)
+  sweep = getattr(_config_module(path), "sweep", None)
+  if sweep is None:
+    return None
+  try:
+    return [dict(overrides) for overrides in sweep()]
+  except (Exception, SystemExit) as error:  # noqa: BLE001 (a config file may raise anything)
+    raise ConfigError(config_file_raised(path, error, "sweep()")) from error
+
+
 def config_file_raised(path: str, error: BaseException, what: str) -> str:
   """The one line for a config file at ``path`` whose ``what`` (loading it, ``get_config(arg)``)
   raised ``error``: SystemExit and KeyboardInterrupt raised by the file are broken files too."""
@@ -463,3 +487,18 @@ def config_file_raised(path: str, error: BaseException, what: str) -> str:
   text = str(error).strip()
   reason = f": {text.splitlines()[0]}" if text else ""
   return f"{path}: {what} raised {type(error).__name__}{reason}"
+
+
+def kind_of(value: Any) -> str:
+  """What a config field's value is, in words, for "expected ..."."""
+  if isinstance(value, bool):
+    return "true or false"
+  if isinstance(value, int):
+    return "an integer"
+  if isinstance(value, float):
+    return "a number"
+  if isinstance(value, str):
+    return "a string"
+  if isinstance(value, (tuple, list)):
+    return "a tuple such as '(0, 1)'"
+  return f"a {type(value).__name__}"

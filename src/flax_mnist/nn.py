@@ -55,6 +55,11 @@ class Conv(nnx.Conv):
     ones = (1, 1)
     if not _on_cpu() or inputs.ndim != 4 or len(self.kernel_size) != 2:
       return None
+    if getattr(self, "preferred_element_type", None) is not None:
+      return None
+    own_conv = getattr(self, "conv_general_dilated", jax.lax.conv_general_dilated)
+    if own_conv is not jax.lax.conv_general_dilated:
+      return None
     if _pairs(self.input_dilation, 2) != ones or _pairs(self.kernel_dilation, 2) != ones:
       return None
     if self.feature_group_count != 1 or self.mask is not None:
@@ -69,9 +74,12 @@ class Conv(nnx.Conv):
         inputs.shape[1:3], self.kernel_size, _pairs(self.strides, 2), padding.upper()
       )
     if isinstance(padding, int):
-      return [(padding, padding)] * 2
-    pads = [(p, p) if isinstance(p, int) else tuple(p) for p in padding]
-    return pads if len(pads) == 2 else None
+      pads = [(padding, padding)] * 2
+    else:
+      pads = [(p, p) if isinstance(p, int) else tuple(p) for p in padding]
+    if len(pads) != 2 or min(min(pair) for pair in pads) < 0:  # (nnx crops for a negative pad.)
+      return None
+    return pads
 
   def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
     pads = None if out_sharding is not None else self._matmul_padding(inputs)

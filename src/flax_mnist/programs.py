@@ -119,7 +119,7 @@ def check_logits(
 
 
 # Names a metrics_fn may not take: the record's own figures (train_<name>, val_<name>).
-_RECORDED_METRICS = ("loss", "accuracy", "seconds")
+_RECORDED_METRICS = ("loss", "accuracy", "correct", "count", "seconds", "learning_rate")
 
 
 def metric_names(metrics_fn: steps.MetricsFn | None, num_classes: int) -> tuple[str, ...]:

@@ -249,6 +249,7 @@ def make_train_epoch(
   """
   if over_seeds and progress is not None:
     raise ValueError("progress is not supported over seeds (the callback would run per seed)")
+  _check_metric_names(metrics_fn, metric_names)
 
   def step(carry, batch):
     carry = train_step(graphdef, tx, carry, batch, loss_fn, metrics_fn)
@@ -299,6 +300,8 @@ def make_evaluate(
   ``mesh``, ``metrics_fn``, ``metric_names``: as ``make_train_epoch``.
   """
 
+  _check_metric_names(metrics_fn, metric_names)
+
   def evaluate(params, model_state, images, labels):
     step = functools.partial(
       eval_step, graphdef, params, model_state, loss_fn=loss_fn, metrics_fn=metrics_fn
@@ -318,6 +321,13 @@ def make_evaluate(
       evaluate, in_axes=(0, 0, None, None), spmd_axis_name=sharding.seed_axis(mesh)
     )
   return jax.jit(evaluate)
+
+
+def _check_metric_names(metrics_fn: MetricsFn | None, metric_names: Sequence[str]) -> None:
+  if (metrics_fn is None) != (not metric_names):
+    raise ValueError(
+      "metrics_fn and metric_names go together (programs.metric_names(metrics_fn, classes))"
+    )
 
 
 def summarize(metrics: Metrics) -> dict[str, float]:

@@ -14,7 +14,7 @@ import math
 import os
 import time
 from collections.abc import Sequence
-from typing import Any, TypedDict, Unpack
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +31,9 @@ from flax_mnist.log import Say
 from flax_mnist.programs import Custom, Programs
 from flax_mnist.seed_run import SeedRun
 from flax_mnist.steps import TrainState
+
+if TYPE_CHECKING:  # (typing.Unpack is Python 3.11's; the floor is 3.10.)
+  from typing_extensions import Unpack
 
 
 def _stack(trees: Sequence[Any]) -> Any:
@@ -98,7 +101,6 @@ class _Trainer:
       run.eval_batch_size,
       over_seeds=self.over_seeds,
       mesh=self.mesh,
-      loss_fn=programs.loss_fn,
       metrics_fn=programs.metrics_fn,
       metric_names=programs.metric_names,
     )
@@ -430,7 +432,9 @@ class Options(TypedDict, total=False):
   data: data_lib.Dataset
   print_fn: Say | None  # Where the progress lines go: print by default, None for none.
   optimizer: optax.GradientTransformation  # Any optax transformation.
-  loss_fn: steps.LossFn  # (logits, labels) -> per-example losses: training and the val loss.
+  # (logits, labels) -> per-example losses, for training; the val loss stays cross-entropy (as
+  # with label smoothing), comparable between runs.
+  loss_fn: steps.LossFn
   # (logits, labels) -> {name: one value per example}, computed inside the compiled programs:
   # the epoch's mean over the train and test images is recorded as train_<name> and val_<name>
   # in the history and as epoch_<name> in TensorBoard.

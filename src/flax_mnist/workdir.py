@@ -30,6 +30,7 @@ SEEDS_FILE = "seeds.json"  # A multi-seed workdir's aggregate over seeds.
 # Beside a study model's seed workdirs: the wall time of the invocation that trained them
 # (re-running the report later, with nothing left to train, does not lose it).
 WALL_FILE = "wall_seconds.json"
+TRIAL_FILE = "trial.json"  # A sweep trial's overrides, and the process that last ran it.
 SEED_DIR = "seed_{}"  # Each seed's workdir inside a multi-seed workdir.
 TENSORBOARD_DIR = "tensorboard"
 LOCK_FILE = ".lock"  # Held (flock) by the run training in the workdir.
@@ -139,6 +140,11 @@ def write_seeds(workdir: PathLike, record: Mapping[str, Any]) -> None:
 def write_wall_seconds(workdir: PathLike, record: Mapping[str, Any]) -> None:
   """wall_seconds.json: how long a study's invocation took to train a model's seeds."""
   write_json(path(workdir) / WALL_FILE, record)
+
+
+def write_trial(workdir: PathLike, record: Mapping[str, Any]) -> None:
+  """trial.json: a sweep trial's name and overrides, and which process ran it, from when to when."""
+  write_json(path(workdir) / TRIAL_FILE, record)
 
 
 def read_json(file: PathLike, hint: str = "move it away to resume") -> Any:

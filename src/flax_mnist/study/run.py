@@ -60,13 +60,13 @@ def _run_facts(model_dir: Path, seeds: Sequence[int]) -> dict[str, Any]:
   return {"compile_seconds": None, "seed_parallelism": None}
 
 
-def _train_model(
-  name: str,
+def train_model(
   config: ml_collections.ConfigDict,
   model_dir: Path,
   print_fn: Callable[[str], None] | None,
 ) -> dict[str, Any]:
-  """Trains (or resumes) ``config``'s seeds into ``model_dir``; returns the model's results."""
+  """Trains (or resumes) ``config``'s seeds into ``model_dir``; returns ``read_model``'s results.
+  One model of a comparison, one trial of a sweep."""
   seeds, num_epochs = list(config.seeds), config.num_epochs
   pending = any(
     len(workdir_lib.read_history(workdir_lib.seed_dir(model_dir, seed), num_epochs)) < num_epochs
@@ -75,13 +75,30 @@ def _train_model(
   started = time.perf_counter()
   histories = train.train_seeds(config, model_dir, print_fn=print_fn)
   wall_seconds = time.perf_counter() - started
-  wall_file = model_dir / workdir_lib.WALL_FILE
   if pending:
     record = {"wall_seconds": wall_seconds, "seeds": seeds, "num_epochs": num_epochs}
     workdir_lib.write_wall_seconds(model_dir, record)
+  return read_model(config, model_dir, histories)
+
+
+def read_model(
+  config: ml_collections.ConfigDict,
+  model_dir: Path,
+  histories: Mapping[int, Sequence[Mapping[str, Any]]] | None = None,
+) -> dict[str, Any]:
+  """A trained model's results from its workdirs: its parameter facts, config, compile and wall
+  seconds, and per-seed ``histories`` (default: each seed's history.json, to config.num_epochs)."""
+  seeds, num_epochs = list(config.seeds), config.num_epochs
+  if histories is None:
+    histories = {
+      seed: workdir_lib.read_history(workdir_lib.seed_dir(model_dir, seed), num_epochs)
+      for seed in seeds
+    }
+  wall_file = model_dir / workdir_lib.WALL_FILE
   recorded = workdir_lib.read_record(wall_file, dict) if wall_file.is_file() else {}
+  kwargs = config_lib.config_to_dict(config)["model_kwargs"]
   return {
-    "facts": stats.model_facts(name),
+    "facts": stats.model_facts(config.model, kwargs),
     "config": config_lib.config_to_dict(config),
     **_run_facts(model_dir, seeds),
     "wall_seconds": recorded.get("wall_seconds"),
@@ -113,5 +130,5 @@ def run_comparison(
   for name, config in configs.items():
     say(f"== {name}: seeds {', '.join(map(str, seeds))}, {num_epochs} epochs")
     model_dir = Path(workdir) / name
-    results["models"][name] = _train_model(name, config, model_dir, print_fn)
+    results["models"][name] = train_model(config, model_dir, print_fn)
   return stats.build_results(results, seeds=seeds, num_epochs=num_epochs)

@@ -187,9 +187,10 @@ def _layer_facts(row: Mapping[str, Any]) -> dict[str, Any]:
   }
 
 
-def model_facts(name: str) -> dict[str, Any]:
-  """Parameter counts of model ``name``: total, per layer (with the formula), the largest layer."""
-  model = models.create_model(name, rngs=nnx.Rngs(0))
+def model_facts(name: str, model_kwargs: Mapping[str, Any] | None = None) -> dict[str, Any]:
+  """Parameter counts of model ``name`` (built with ``model_kwargs``): total, per layer (with the
+  formula), the largest layer."""
+  model = models.create_model(name, rngs=nnx.Rngs(0), **(model_kwargs or {}))
   trainable, non_trainable = models.count_params(model)
   layers = [_layer_facts(row) for row in models.layer_rows(model)]
   largest = max(layers, key=lambda layer: layer["trainable"])
