@@ -37,11 +37,16 @@ DOWNLOAD_URLS = {
 PROBE_TIMEOUT_S = 5.0
 
 
+def _shown(dataset: str) -> str:
+  """How a message names ``dataset``: MNIST by its name, the others as config.dataset does."""
+  return "MNIST" if dataset == "mnist" else dataset
+
+
 def data_hint(dataset: str = "mnist") -> str:
   """The ways to give ``dataset``'s files instead, said by every failure to download them."""
   hint = (
-    f"give a directory of the four {dataset} IDX files with --config.data_dir=DIR (--data_dir=DIR "
-    "to evaluate.py, compare.py, benchmark.py)"
+    f"give a directory of the four {_shown(dataset)} IDX files with --config.data_dir=DIR "
+    "(--data_dir=DIR to evaluate.py, compare.py, benchmark.py)"
   )
   return hint + (f" or {data.DATA_DIR_ENV}=DIR" if dataset == "mnist" else "")
 
@@ -167,8 +172,8 @@ def probe_download(dataset: str = "mnist", timeout: float = PROBE_TIMEOUT_S) -> 
     reason = getattr(error, "reason", None) or error
     reason = getattr(reason, "strerror", None) or str(reason) or type(error).__name__
     raise DatasetError(
-      f"no {dataset} files given, and {host} cannot be reached to download them ({reason}); "
-      f"{data_hint(dataset)}"
+      f"no {_shown(dataset)} files given, and {host} cannot be reached to download them "
+      f"({reason}); {data_hint(dataset)}"
     ) from None
 
 
