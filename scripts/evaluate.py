@@ -7,9 +7,13 @@ Prints test loss and accuracy of the best checkpoint (--which=latest for the las
 or one JSON object with --json. --report adds per-class accuracy and the confusion matrix
 (text), and writes confusion_matrix.png, mistakes.png and report.txt into --report_dir
 (default <workdir>/report). --predict FILE.png|FILE.npy prints the class probabilities of
-one 28x28 grey image (light digit on dark, as MNIST; other sizes are refused, not resized). An
-image with a light background gets a warning on stderr and is predicted as it is; --invert
-classifies 255 - image instead (a dark digit drawn on white).
+one 28x28 grey image, or of each image of a .npy batch (N, 28, 28[, 1]) (light digit on dark, as
+MNIST; other sizes are refused, not resized). An image with a light background gets a warning on
+stderr and is predicted as it is; --invert classifies 255 - image instead (a dark digit drawn on
+white). --exported model.jaxexport (scripts/export.py) predicts from that file instead of a
+workdir:
+
+  python scripts/evaluate.py --exported model.jaxexport --predict batch.npy
 
 A workdir is data: a model it names by import path is imported only with --trust_model_code.
 """
@@ -21,7 +25,7 @@ from pathlib import Path
 import _cli
 from absl import flags
 
-from flax_mnist import checkpoint, data, evaluation
+from flax_mnist import checkpoint, data, evaluation, export
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A workdir written by scripts/train.py.")
 _WHICH = flags.DEFINE_enum("which", "best", ["best", "latest"], "Which checkpoint to evaluate.")
@@ -41,19 +45,29 @@ _PREDICT = flags.DEFINE_string("predict", None, "A 28x28 .png or .npy image to c
 _INVERT = flags.DEFINE_bool(
   "invert", False, "--predict: classify 255 - image (for a dark digit on a light background)."
 )
+_EXPORTED = flags.DEFINE_string(
+  "exported", None, "--predict from this scripts/export.py file instead of --workdir."
+)
 _TRUST = flags.DEFINE_bool(
   "trust_model_code",
   False,
   "Import the model the workdir names by import path ('package.module:factory'): that runs its "
   "code, so only for a workdir you trust. Registered models need no opt-in.",
 )
-flags.mark_flag_as_required("workdir")
 
 
 def main() -> None:
   if _INVERT.value and not _PREDICT.value:
     _cli.fail("--invert applies to the --predict image; give --predict FILE")
+  if _EXPORTED.value and (_WORKDIR.value or not _PREDICT.value):
+    _cli.fail("--exported: predicts the --predict images alone; give --predict FILE, no --workdir")
+  if not _WORKDIR.value and not _EXPORTED.value:
+    _cli.fail("--workdir: required, not given (or --exported FILE with --predict)")
   image = _user_image() if _PREDICT.value else None  # A bad image fails before any loading.
+  if _EXPORTED.value:
+    exported = export.load_exported(_EXPORTED.value)
+    _print_predictions(export.predict_exported(exported, image), image)
+    return
   model, info = checkpoint.load_model(_WORKDIR.value, _WHICH.value, trust_model_code=_TRUST.value)
   if "fallback" in info:  # The asked-for checkpoint is damaged; the other one is intact.
     print(f"warning: {info['fallback']}", file=sys.stderr)
@@ -124,20 +138,37 @@ def _user_image():
   image = evaluation.load_user_image(_PREDICT.value)
   if _INVERT.value:
     image = 255 - image
-  level = evaluation.light_background(image)
-  if level is not None:
+  levels = [evaluation.light_background(one) for one in image]
+  light = [level for level in levels if level is not None]
+  if light:
     where = "after --invert " if _INVERT.value else ""
     remedy = "drop --invert" if _INVERT.value else "invert it (255 - x) or pass --invert"
+    which = "" if len(image) == 1 else f" in {len(light)} of {len(image)} images"
     _cli.warn(
-      f"{_PREDICT.value}: light background {where}(mean {level:.0f}/255 at the border, MNIST's is "
-      f"0): MNIST digits are light on dark, {remedy}; this prediction is likely meaningless"
+      f"{_PREDICT.value}: light background {where}(mean {light[0]:.0f}/255 at the border{which}, "
+      f"MNIST's is 0): MNIST digits are light on dark, {remedy}; this prediction is likely "
+      "meaningless"
     )
   return image
 
 
 def _predict(model, image) -> None:
-  """Prints the class probabilities of the --predict image."""
-  probabilities = evaluation.predict_probabilities(model, image)[0]
+  """Prints the class probabilities of the --predict image(s) through the checkpoint's model."""
+  _print_predictions(evaluation.predict_probabilities(model, image), image)
+
+
+def _print_predictions(probabilities, images) -> None:
+  """One image: its class probabilities; a batch: each image's prediction (all with --json)."""
+  if len(images) > 1:
+    predicted = probabilities.argmax(axis=1)
+    if _JSON.value:
+      record = {"file": _PREDICT.value, "predicted": predicted.tolist()}
+      print(json.dumps({**record, "probabilities": probabilities.tolist()}))
+      return
+    for index, (digit, row) in enumerate(zip(predicted, probabilities)):
+      print(f"{_PREDICT.value}[{index}]: predicted {digit} ({row[digit]:.4f})")
+    return
+  probabilities, image = probabilities[0], images[0]
   if _JSON.value:
     print(
       json.dumps(

@@ -433,7 +433,7 @@ class Checkpoints:
 
 
 def _load(
-  checkpoints: Checkpoints, which: str, trust_model_code: bool
+  checkpoints: Checkpoints, which: str, trust_model_code: bool, impl: str = "auto"
 ) -> tuple[nnx.Module, dict[str, Any]]:
   meta = checkpoints.restore_run_meta(which)
   config = meta["config"]
@@ -441,7 +441,7 @@ def _load(
     model = models.init_model(
       config["model"],
       config["seed"],
-      impl=resolve_impl("auto"),
+      impl=resolve_impl(impl),
       dropout_rng_impl=config["dropout_rng_impl"],
       model_kwargs=config["model_kwargs"],
       compute_dtype=config["compute_dtype"],
@@ -466,12 +466,14 @@ def load_model(
   *,
   fallback: bool = True,
   trust_model_code: bool = False,
+  impl: str = "auto",
 ) -> tuple[nnx.Module, dict[str, Any]]:
   """Loads the ``which`` ("best" or "latest") checkpoint of a training workdir.
 
   Returns ``(model, info)``: the model in eval mode, and the checkpoint's metadata: ``epoch``,
   ``val_accuracy``, ``val_loss``, ``model`` (its name), ``config`` (as trained). The layer
-  implementation is this platform's (all compute the same function); the dropout PRNG is the
+  implementation is ``impl`` ("auto": this platform's; all compute the same function); the
+  dropout PRNG is the
   recorded one, since its key is part of the checkpoint. Only the model is restored (params,
   BatchNorm statistics), whatever the optimizer was. If that checkpoint is damaged and the other
   one is intact (and ``fallback``), the other is loaded and ``info["fallback"]`` says so.
@@ -491,13 +493,13 @@ def load_model(
   checkpoints = Checkpoints(workdir, read_only=True)
   try:
     try:
-      return _load(checkpoints, which, trust_model_code)
+      return _load(checkpoints, which, trust_model_code, impl)
     except CheckpointError as damaged:
       other = next(kind for kind in KINDS if kind != which)
       if not fallback or checkpoints.epoch(other) is None or checkpoints.epoch(which) is None:
         raise
       try:
-        model, meta = _load(checkpoints, other, trust_model_code)
+        model, meta = _load(checkpoints, other, trust_model_code, impl)
       except CheckpointError:
         raise CheckpointError(
           f"{damaged}; {checkpoints.step_dir(other)} cannot be restored either: retrain "

@@ -45,6 +45,8 @@ def default_config() -> ml_collections.ConfigDict:
   config.lr_schedule = "constant"  # Or cosine, warmup_cosine, onecycle.
   config.warmup_epochs = 0.0  # warmup_cosine's warmup; onecycle's peak (0: at 30% of the run).
   config.adam_eps = 1e-7  # Keras's default (optax's is 1e-8).
+  config.adam_b1 = 0.9  # Adam's moment decays (keras_adam, adam, adamw), Keras's and optax's.
+  config.adam_b2 = 0.999
   config.momentum = 0.9  # sgd only.
   config.weight_decay = 0.0  # adamw only (decoupled, as optax.adamw).
   config.grad_clip_norm = 0.0  # Clip the gradient's global norm to this; 0: no clipping.
@@ -107,6 +109,8 @@ class RunConfig:
   lr_schedule: str
   warmup_epochs: float
   adam_eps: float
+  adam_b1: float
+  adam_b2: float
   momentum: float
   weight_decay: float
   grad_clip_norm: float
@@ -328,6 +332,8 @@ def _check_optimizer(config: Mapping[str, Any]) -> None:
   _check_choice("lr_schedule", config["lr_schedule"], optim.SCHEDULES)
   _check_number(config, "learning_rate", 0.0, low_open=True)
   _check_number(config, "adam_eps", 0.0, low_open=True)
+  _check_number(config, "adam_b1", 0.0, 1.0)
+  _check_number(config, "adam_b2", 0.0, 1.0)
   _check_number(config, "warmup_epochs", 0.0)
   _check_number(config, "momentum", 0.0, 1.0)
   _check_number(config, "weight_decay", 0.0)
@@ -464,14 +470,29 @@ def _config_module(path: str) -> Any:
 def load_sweep(path: str | os.PathLike) -> list[dict[str, Any]] | None:
   """The override dicts ``{field: value}`` that a config file's ``sweep()`` yields (kauldron's
   convention, for sweeps that are not products), or None when it defines none."""
+  overrides = _call_config_function(path, "sweep")
+  return None if overrides is None else [dict(changes) for changes in overrides]
+
+
+def load_ablations(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
+  """``{name: overrides}`` of a config file's ``ablations()`` (a speed run's recipe undone one
+  part at a time), or {} when it defines none."""
+  ablations = _call_config_function(path, "ablations")
+  return {} if ablations is None else {str(name): dict(o) for name, o in dict(ablations).items()}
+
+
+def _call_config_function(path: str | os.PathLike, name: str) -> Any:
+  """What the config file's function ``name()`` returns (lists of its generator's values), or
+  None when it has none; a raise is one line naming the file."""
   path = os.fspath(path)
-  sweep = getattr(_config_module(path), "sweep", None)
-  if sweep is None:
+  function = getattr(_config_module(path), name, None)
+  if function is None:
     return None
   try:
-    return [dict(overrides) for overrides in sweep()]
+    result = function()
+    return list(result) if not isinstance(result, Mapping) else result
   except (Exception, SystemExit) as error:  # noqa: BLE001 (a config file may raise anything)
-    raise ConfigError(config_file_raised(path, error, "sweep()")) from error
+    raise ConfigError(config_file_raised(path, error, f"{name}()")) from error
 
 
 def config_file_raised(path: str, error: BaseException, what: str) -> str:

@@ -166,7 +166,8 @@ _BORDER = 2
 
 
 def load_user_image(path: str | os.PathLike) -> np.ndarray:
-  """A user's image as uint8 (1, 28, 28, 1): a .png (converted to grey) or a .npy of 28x28 values.
+  """A user's images as uint8 (N, 28, 28, 1): a .png (one image, converted to grey) or a .npy
+  of 28x28 values, or of a batch of them, (N, 28, 28) or (N, 28, 28, 1).
 
   Images are not resized: another size is an error, since MNIST digits are centred in 28x28
   and a resize would quietly change what the model sees. Like MNIST, digits are light on dark
@@ -189,12 +190,12 @@ def load_user_image(path: str | os.PathLike) -> np.ndarray:
       raise DatasetError(f"{path}: not a readable PNG ({error})") from None
   else:
     raise DatasetError(f"{path}: unsupported file type {path.suffix!r}, expected .png or .npy")
-  if array.shape != data.IMAGE_SHAPE[:2]:
+  if array.shape[-2:] != data.IMAGE_SHAPE[:2] or array.ndim not in (2, 3):
     raise DatasetError(
       f"{path}: image is {'x'.join(map(str, array.shape)) or 'a single value'}, expected 28x28 "
-      "(grey, digit light on dark, not resized)"
+      "or a batch N x 28 x 28 (grey, digit light on dark, not resized)"
     )
-  return array.astype(np.uint8)[None, ..., None]
+  return array.astype(np.uint8).reshape(-1, *data.IMAGE_SHAPE)
 
 
 def _load_npy(path: Path) -> np.ndarray:

@@ -31,6 +31,8 @@ OPTIMIZER_FIELDS = (
   "lr_schedule",
   "warmup_epochs",
   "adam_eps",
+  "adam_b1",
+  "adam_b2",
   "momentum",
   "weight_decay",
   "grad_clip_norm",
@@ -100,17 +102,17 @@ def make_optimizer(
 ) -> optax.GradientTransformation:
   """The config's optimizer: Keras-form Adam (the notebook's), optax adam, adamw (decoupled
   ``weight_decay``) or sgd with ``momentum``; under ``lr_schedule``; the gradient clipped to
-  ``grad_clip_norm`` (global norm) first when it is set. Adam's b1 0.9, b2 0.999 and
-  ``adam_eps`` (Keras's 1e-7) as Keras."""
+  ``grad_clip_norm`` (global norm) first when it is set. Adam's ``adam_b1``, ``adam_b2`` and
+  ``adam_eps`` default to Keras's 0.9, 0.999 and 1e-7."""
   name = config.optimizer
   schedule = make_schedule(config, steps_per_epoch)
-  eps = config.adam_eps
+  eps, b1, b2 = config.adam_eps, config.adam_b1, config.adam_b2
   if name == "keras_adam":
-    tx = keras_adam(schedule, eps=eps)
+    tx = keras_adam(schedule, b1=b1, b2=b2, eps=eps)
   elif name == "adam":
-    tx = optax.adam(schedule, b1=0.9, b2=0.999, eps=eps)
+    tx = optax.adam(schedule, b1=b1, b2=b2, eps=eps)
   elif name == "adamw":
-    tx = optax.adamw(schedule, b1=0.9, b2=0.999, eps=eps, weight_decay=config.weight_decay)
+    tx = optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=config.weight_decay)
   else:
     tx = optax.sgd(schedule, momentum=config.momentum or None)
   clip = config.grad_clip_norm

@@ -236,7 +236,7 @@ def check_contained(workdir: PathLike) -> None:
 
 # What a run recorded before a result field existed computed: its value then (no augmentation),
 # so that such a workdir resumes under the same settings and is refused under others.
-RECORDED_BEFORE_THE_FIELD = {"augment": {"shift": 0}}
+RECORDED_BEFORE_THE_FIELD = {"augment": {"shift": 0}, "adam_b1": 0.9, "adam_b2": 0.999}
 
 
 def check_resumable(

@@ -152,10 +152,7 @@ def make_trials(
     if not isinstance(changes, Mapping):
       raise ConfigError(f"sweep trial {index}: {changes!r} is not a dict of field overrides")
     name = trial_name(changes)
-    config = copy.deepcopy(base)
-    for field, value in changes.items():
-      _field_value(base, field)  # Names an unknown field.
-      _set(config, field, value)
+    config = with_overrides(base, changes)
     try:
       config = study_run.study_config(config.model, config, seeds, num_epochs)
     except ConfigError as error:
@@ -168,6 +165,18 @@ def make_trials(
   if not trials:
     raise ConfigError("sweep: no trials (an empty sweep() or no --sweep values)")
   return trials
+
+
+def with_overrides(
+  base: ml_collections.ConfigDict, overrides: Mapping[str, Any]
+) -> ml_collections.ConfigDict:
+  """A copy of ``base`` with ``overrides`` ({dotted field: value}); a ConfigError names a field
+  it does not have."""
+  config = copy.deepcopy(base)
+  for field, value in overrides.items():
+    _field_value(base, field)  # Names an unknown field.
+    _set(config, field, value)
+  return config
 
 
 def _set(config: ml_collections.ConfigDict, field: str, value: Any) -> None:

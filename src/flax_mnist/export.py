@@ -1,0 +1,86 @@
+"""A trained model that leaves the package: ``jax.export`` of its eval-mode probabilities.
+
+``export_model`` serializes ``images -> softmax(model(images / 255))`` for uint8 NHWC images
+(N, H, W, C), N symbolic, with the parameters and BatchNorm statistics baked in as constants, for
+every platform asked for (an accelerator's lowering works on a CPU machine). The file needs only
+``jax`` and ``numpy`` to run, in a process that has never heard of flax or flax_mnist::
+
+    import jax, numpy as np
+    with open("model.jaxexport", "rb") as file:
+      exported = jax.export.deserialize(bytearray(file.read()))
+    probabilities = np.asarray(exported.call(images))  # uint8 (N, 28, 28, 1) -> (N, 10)
+
+(``load_exported`` and ``predict_exported`` below are exactly that.) The model is exported in
+the ``lax`` layout (XLA's convolution: every layout computes the same function, and inference
+needs no fast gradient).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from flax_mnist import data
+from flax_mnist.errors import DatasetError
+
+PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
+SUFFIX = ".jaxexport"
+
+
+def export_model(
+  model: nnx.Module, image_shape: Sequence[int], platforms: Sequence[str] = ("cpu",)
+) -> jax.export.Exported:
+  """``model`` (eval mode) as a ``jax.export.Exported`` from uint8 images ``(N, *image_shape)``,
+  N symbolic, to softmax probabilities, lowered for ``platforms`` (of ``PLATFORMS``)."""
+  unknown = [platform for platform in platforms if platform not in PLATFORMS]
+  if unknown or not platforms:
+    raise ValueError(f"platforms {list(platforms)}: expected some of {', '.join(PLATFORMS)}")
+  model.eval()
+  graphdef, state = nnx.split(model)
+
+  def probabilities(images: jax.Array) -> jax.Array:
+    logits = nnx.merge(graphdef, state)(data.normalize_images(images))
+    return jax.nn.softmax(logits.astype(jnp.float32))
+
+  (batch,) = jax.export.symbolic_shape("n")
+  images = jax.ShapeDtypeStruct((batch, *image_shape), jnp.uint8)
+  return jax.export.export(jax.jit(probabilities), platforms=tuple(platforms))(images)
+
+
+def save(exported: jax.export.Exported, path: str | os.PathLike) -> Path:
+  """Writes ``exported``'s serialization to ``path`` (atomically: a reader never sees half)."""
+  path = Path(path)
+  temporary = path.with_name(path.name + ".tmp")
+  temporary.write_bytes(exported.serialize())
+  os.replace(temporary, path)
+  return path
+
+
+def load_exported(path: str | os.PathLike) -> jax.export.Exported:
+  """The exported model in ``path``; a one-line DatasetError for a file that is not one."""
+  path = Path(path)
+  try:
+    return jax.export.deserialize(bytearray(path.read_bytes()))
+  except OSError as error:
+    raise DatasetError(f"{path}: cannot read ({error.strerror})") from None
+  except Exception as error:  # noqa: BLE001 (flatbuffers raises anything on a foreign file)
+    raise DatasetError(
+      f"{path}: not a jax.export file ({type(error).__name__}); expected one written by "
+      "scripts/export.py"
+    ) from None
+
+
+def predict_exported(exported: jax.export.Exported, images: np.ndarray) -> np.ndarray:
+  """Probabilities ``(N, classes)`` of uint8 images through ``exported``; a one-line
+  DatasetError when their shape is not the one it was exported for."""
+  expected = tuple(exported.in_avals[0].shape[1:])
+  if images.ndim != len(expected) + 1 or tuple(images.shape[1:]) != expected:
+    shape = ", ".join(map(str, expected))
+    raise DatasetError(f"images of shape {images.shape}: the exported model takes (N, {shape})")
+  return np.asarray(exported.call(np.asarray(images, np.uint8)))
