@@ -135,6 +135,7 @@ def test_registering_a_name_again_replaces_it_with_a_warning():
     ("label_smoothing", 1.5, r"config.label_smoothing 1.5: expected a number in \[0, 1\)"),
     ("warmup_epochs", 25.0, "config.warmup_epochs 25.0: expected fewer than config.num_epochs 20"),
     ("early_stopping_patience", -1, "config.early_stopping_patience -1: expected an integer >= 0"),
+    ("adam_b1", 1.0, r"config.adam_b1 1.0: expected a number in \[0, 1\)"),
   ],
 )
 def test_bad_optimizer_fields_are_named(field, value, message):
