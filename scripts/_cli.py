@@ -196,6 +196,16 @@ def _watch_signals(reader: socket.socket) -> None:
     os._exit(128 + signum)
 
 
+_REQUIRED: list[str] = []
+
+
+def require(*names: str) -> None:
+  """Flags the script cannot run without: checked once the command line is parsed, each missing
+  one a line of its own making (absl's ``mark_flag_as_required`` would be a validator whose
+  message had to be read back)."""
+  _REQUIRED.extend(names)
+
+
 def run(main: Callable[[], None]) -> None:
   """``app.run`` with the shared preamble: no positional arguments, WARNING-level logs (orbax
   logs every save at INFO), line-buffered stdout (epoch lines show at once through a pipe), flag
@@ -207,6 +217,9 @@ def run(main: Callable[[], None]) -> None:
     signal.signal(signal.SIGTERM, _terminated)
     if len(argv) > 1:
       fail(f"unexpected arguments: {' '.join(argv[1:])} (every option is a --flag)")
+    for name in _REQUIRED:
+      if flags.FLAGS[name].value is None:
+        fail(f"--{name}: required, not given (see --helpshort)")
     try:
       main()
     except FlaxMnistError as error:
@@ -374,11 +387,6 @@ def _check_field(flag: str, path: str, config: Any, field: str) -> None:
 def _flag_error(error: flags.Error, configs: Mapping[str, Any]) -> str:
   """absl's flag error as the message of one line: culprit first, then what was expected."""
   message = _one_line(str(error))
-  required = re.fullmatch(
-    r"flag --(\S+)=None: Flag --\S+ must have a value other than None\.", message
-  )
-  if required:
-    return f"--{required.group(1)}: required, not given (see --helpshort)"
   if isinstance(error, flags.UnrecognizedFlagError):
     known = [name for name in flags.FLAGS if len(name) > 1]
     return (

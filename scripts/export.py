@@ -32,8 +32,7 @@ _PLATFORMS = flags.DEFINE_list(
 _TRUST = flags.DEFINE_bool(
   "trust_model_code", False, "Import the model the workdir names by import path (runs its code)."
 )
-flags.mark_flag_as_required("workdir")
-flags.mark_flag_as_required("out")
+_cli.require("workdir", "out")
 
 
 def main() -> None:

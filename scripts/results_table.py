@@ -31,7 +31,7 @@ _TRUST = flags.DEFINE_bool(
   "Import a model a workdir names by import path ('package.module:factory'): that runs its code, "
   "so only for workdirs you trust. Registered models need no opt-in.",
 )
-flags.mark_flags_as_required(["workdirs", "out"])
+_cli.require("workdirs", "out")
 
 
 # What a row reads from each file: every history record's figures, and the config's settings.

@@ -30,8 +30,7 @@ _OUT = flags.DEFINE_string("out", None, "Directory for results.json and report.m
 _TARGET = flags.DEFINE_float("target", 0.99, "The mean test accuracy the recipe aims at.")
 _ABLATE = flags.DEFINE_bool("ablate", True, "Also run the config file's ablations().")
 _BASELINE = flags.DEFINE_bool("baseline", True, "Also run the notebook's cnn_pool recipe.")
-flags.mark_flag_as_required("config")
-flags.mark_flag_as_required("out")
+_cli.require("config", "out")
 
 
 def main() -> None:

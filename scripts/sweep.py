@@ -53,14 +53,12 @@ _DRY_RUN = flags.DEFINE_bool(
 _RENDER_ONLY = flags.DEFINE_bool(
   "render_only", False, "Rewrite report.md and the plots from --out's results.json."
 )
-flags.mark_flag_as_required("out")
+_cli.require("config", "out")
 
 
 def _trials() -> tuple[list, list[str]]:
   """The sweep's trials and the fields it varies, checked before anything trains."""
   config = _CONFIG.value
-  if config is None:
-    _cli.fail("--config: required, not given (the base config of every trial)")
   from_file = load_sweep(flags.FLAGS["config"].config_filename)
   if from_file is not None and _SWEEP.value:
     _cli.fail("--sweep: the config file defines sweep(); give one or the other")

@@ -59,7 +59,7 @@ _TIMEOUT = flags.DEFINE_integer(
   "long counts as dead. Either ends every process, with one line.",
   lower_bound=2,
 )
-flags.mark_flags_as_required(["config", "workdir"])
+_cli.require("config", "workdir")
 
 _KEYS = "flax_mnist"  # This script's keys in the coordination service's key-value store.
 _SIGNAL_GRACE_S = 10  # After SIGTERM, the time a process has to save and exit (MNIST's: ~1 s).
