@@ -143,6 +143,17 @@ class RunConfig:
   num_classes: int | None = None  # The data's, for the model's last layer.
   loss: str | None = None  # "custom: <name>" for a loss_fn passed from Python.
 
+  def with_data(self, dataset: data.Dataset) -> RunConfig:
+    """This run on ``dataset``: its name, identity, source, image shape and classes recorded."""
+    return dataclasses.replace(
+      self,
+      dataset=dataset.name,
+      data=dataset.identity(),
+      data_source=dataset.source,
+      input_shape=dataset.image_shape,
+      num_classes=dataset.num_classes,
+    )
+
   def for_seed(self, seed: int) -> RunConfig:
     """This run as one seed's run of it (what that seed's config.json and checkpoints hold)."""
     return dataclasses.replace(self, seed=seed, num_seeds=1, seeds=(seed,))

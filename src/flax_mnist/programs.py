@@ -4,6 +4,7 @@ each seed's initial state and shuffle key, and the model's train and eval graphd
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import optax
@@ -87,6 +88,22 @@ class Programs:
     check_logits(run.model, self.eval_graphdef, self.templates[0], run.input_shape, run.num_classes)
     self.metrics_fn = custom.metrics_fn
     self.metric_names = metric_names(custom.metrics_fn, run.num_classes)
+
+  def train_epoch(self, run: RunConfig, mesh: jax.sharding.Mesh | None, **options: Any) -> Any:
+    """The jitted epoch of these programs under ``run`` (``steps.make_train_epoch``);
+    ``options``: its ``progress``, ``over_seeds``, ``step_losses``."""
+    return steps.make_train_epoch(
+      self.train_graphdef,
+      self.tx,
+      run.batch_size,
+      shuffle=run.shuffle,
+      mesh=mesh,
+      loss_fn=self.loss_fn,
+      max_shift=run.augment["shift"],
+      metrics_fn=self.metrics_fn,
+      metric_names=self.metric_names,
+      **options,
+    )
 
 
 def check_logits(

@@ -14,7 +14,6 @@ its 2x2 max-pool (one s2d block on CPU), optionally BatchNorm, and a one-hidden-
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -78,32 +77,18 @@ def run(
   run_config = resolve(config)
   if dataset is None:
     dataset = data_lib.load(run_config.dataset, run_config.data_dir)
-  run_config = dataclasses.replace(
-    run_config,
-    dataset=dataset.name,
-    data=dataset.identity(),
-    data_source=dataset.source,
-    input_shape=dataset.image_shape,
-    num_classes=dataset.num_classes,
-  )
+  run_config = run_config.with_data(dataset)
   host = (dataset.train.images, dataset.train.labels, dataset.test.images, dataset.test.labels)
   mesh = sharding.training_mesh(run_config.seed_devices, run_config.data_devices)
   steps_per_epoch = math.ceil(len(dataset.train) / run_config.batch_size)
   programs = Programs(run_config, mesh, steps_per_epoch, Custom(), lambda line: None)
   started = time.perf_counter()
   arrays = sharding.place(host, mesh)
-  train_epoch = steps.make_train_epoch(
-    programs.train_graphdef,
-    programs.tx,
-    run_config.batch_size,
-    shuffle=run_config.shuffle,
-    mesh=mesh,
-    loss_fn=programs.loss_fn,
-    max_shift=run_config.augment["shift"],
+  train_epoch = (
+    programs.train_epoch(run_config, mesh)
+    .lower(programs.templates[0], arrays[0], arrays[1], programs.shuffle_keys[0])
+    .compile()
   )
-  train_epoch = train_epoch.lower(
-    programs.templates[0], arrays[0], arrays[1], programs.shuffle_keys[0]
-  ).compile()
   evaluate = steps.make_evaluate(programs.eval_graphdef, run_config.eval_batch_size, mesh=mesh)
   template = programs.templates[0]
   evaluate = evaluate.lower(template.params, template.model_state, arrays[2], arrays[3]).compile()

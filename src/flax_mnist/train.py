@@ -82,18 +82,11 @@ class _Trainer:
     """Compiles the train epoch and evaluation for the pending seeds' shapes; returns seconds."""
     run, programs, pending = self.run, self.programs, self.pending
     progress = self.progress.update if self.progress.enabled else None
-    train_epoch = steps.make_train_epoch(
-      programs.train_graphdef,
-      programs.tx,
-      run.batch_size,
-      shuffle=run.shuffle,
+    train_epoch = programs.train_epoch(
+      run,
+      self.mesh,
       progress=progress,
       over_seeds=self.over_seeds,
-      mesh=self.mesh,
-      loss_fn=programs.loss_fn,
-      max_shift=run.augment["shift"],
-      metrics_fn=programs.metrics_fn,
-      metric_names=programs.metric_names,
       step_losses=run.log_every_steps > 0,
     )
     evaluate = steps.make_evaluate(
@@ -341,14 +334,7 @@ def _train(
   say(f"data: {dataset.source}: {len(dataset.train):,} train, {len(dataset.test):,} test images")
   arrays = (dataset.train.images, dataset.train.labels, dataset.test.images, dataset.test.labels)
   arrays = sharding.place(arrays, mesh)
-  run = dataclasses.replace(
-    run,
-    dataset=dataset.name,
-    data=dataset.identity(),
-    data_source=dataset.source,
-    input_shape=dataset.image_shape,
-    num_classes=dataset.num_classes,
-  )
+  run = run.with_data(dataset)
   steps_per_epoch = math.ceil(arrays[0].shape[0] / run.batch_size)
   run = _applied_compute_dtype(run, say)
   recorded = custom.record(run)
