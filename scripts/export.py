@@ -8,7 +8,8 @@ from uint8 images (N, 28, 28, 1), N symbolic, to softmax probabilities, lowered 
 --platforms (an accelerator's lowering works on a CPU machine). Load it without flax or
 flax_mnist (README "Export"):
 
-  exported = jax.export.deserialize(bytearray(open("model.jaxexport", "rb").read()))
+  from jax import export
+  exported = export.deserialize(bytearray(open("model.jaxexport", "rb").read()))
   probabilities = np.asarray(exported.call(images))
 
 or predict with it: python scripts/evaluate.py --exported model.jaxexport --predict batch.npy.

@@ -5,9 +5,10 @@
 every platform asked for (an accelerator's lowering works on a CPU machine). The file needs only
 ``jax`` and ``numpy`` to run, in a process that has never heard of flax or flax_mnist::
 
-    import jax, numpy as np
+    import numpy as np
+    from jax import export
     with open("model.jaxexport", "rb") as file:
-      exported = jax.export.deserialize(bytearray(file.read()))
+      exported = export.deserialize(bytearray(file.read()))
     probabilities = np.asarray(exported.call(images))  # uint8 (N, 28, 28, 1) -> (N, 10)
 
 (``load_exported`` and ``predict_exported`` below are exactly that.) The model is exported in
@@ -25,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax import export as jax_export  # (Not an attribute of jax before it is imported: 0.7.)
 
 from flax_mnist import data
 from flax_mnist.errors import DatasetError
@@ -35,7 +37,7 @@ SUFFIX = ".jaxexport"
 
 def export_model(
   model: nnx.Module, image_shape: Sequence[int], platforms: Sequence[str] = ("cpu",)
-) -> jax.export.Exported:
+) -> jax_export.Exported:
   """``model`` (eval mode) as a ``jax.export.Exported`` from uint8 images ``(N, *image_shape)``,
   N symbolic, to softmax probabilities, lowered for ``platforms`` (of ``PLATFORMS``)."""
   unknown = [platform for platform in platforms if platform not in PLATFORMS]
@@ -48,12 +50,12 @@ def export_model(
     logits = nnx.merge(graphdef, state)(data.normalize_images(images))
     return jax.nn.softmax(logits.astype(jnp.float32))
 
-  (batch,) = jax.export.symbolic_shape("n")
+  (batch,) = jax_export.symbolic_shape("n")
   images = jax.ShapeDtypeStruct((batch, *image_shape), jnp.uint8)
-  return jax.export.export(jax.jit(probabilities), platforms=tuple(platforms))(images)
+  return jax_export.export(jax.jit(probabilities), platforms=tuple(platforms))(images)
 
 
-def save(exported: jax.export.Exported, path: str | os.PathLike) -> Path:
+def save(exported: jax_export.Exported, path: str | os.PathLike) -> Path:
   """Writes ``exported``'s serialization to ``path`` (atomically: a reader never sees half)."""
   path = Path(path)
   temporary = path.with_name(path.name + ".tmp")
@@ -62,11 +64,11 @@ def save(exported: jax.export.Exported, path: str | os.PathLike) -> Path:
   return path
 
 
-def load_exported(path: str | os.PathLike) -> jax.export.Exported:
+def load_exported(path: str | os.PathLike) -> jax_export.Exported:
   """The exported model in ``path``; a one-line DatasetError for a file that is not one."""
   path = Path(path)
   try:
-    return jax.export.deserialize(bytearray(path.read_bytes()))
+    return jax_export.deserialize(bytearray(path.read_bytes()))
   except OSError as error:
     raise DatasetError(f"{path}: cannot read ({error.strerror})") from None
   except Exception as error:  # noqa: BLE001 (flatbuffers raises anything on a foreign file)
@@ -76,7 +78,7 @@ def load_exported(path: str | os.PathLike) -> jax.export.Exported:
     ) from None
 
 
-def predict_exported(exported: jax.export.Exported, images: np.ndarray) -> np.ndarray:
+def predict_exported(exported: jax_export.Exported, images: np.ndarray) -> np.ndarray:
   """Probabilities ``(N, classes)`` of uint8 images through ``exported``; a one-line
   DatasetError when their shape is not the one it was exported for."""
   expected = tuple(exported.in_avals[0].shape[1:])
