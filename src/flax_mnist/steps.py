@@ -96,7 +96,6 @@ def accumulate(
   """Adds a batch's summed loss and correct count (and the sums of ``metrics_fn``'s per-example
   values); rows where ``mask`` is False are padding."""
   hits = jnp.argmax(logits, axis=-1) == labels
-  real = (lambda values: values) if mask is None else (lambda values: jnp.where(mask, values, 0))
   if mask is None:
     loss_sum, correct, count = losses.sum(), jnp.sum(hits, dtype=jnp.int32), labels.shape[0]
   else:
@@ -111,10 +110,11 @@ def accumulate(
   }
   if metrics_fn is not None:
     values = metrics_fn(logits, labels)
-    summed["extra"] = {
-      name: total + real(jnp.asarray(values[name], jnp.float32)).sum()
-      for name, total in metrics["extra"].items()
-    }
+    extra = {}
+    for name, total in metrics["extra"].items():
+      value = jnp.asarray(values[name], jnp.float32)
+      extra[name] = total + (value if mask is None else jnp.where(mask, value, 0.0)).sum()
+    summed["extra"] = extra
   return summed
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ast
 import concurrent.futures
+import contextlib
 import copy
 import dataclasses
 import difflib
@@ -184,16 +185,8 @@ def _set(config: ml_collections.ConfigDict, field: str, value: Any) -> None:
   node = config
   for part in parents:
     node = node[part]
-  with node.unlocked() if hasattr(node, "unlocked") else _nothing():
+  with node.unlocked() if hasattr(node, "unlocked") else contextlib.nullcontext():
     node[last] = value
-
-
-class _nothing:
-  def __enter__(self) -> None:
-    return None
-
-  def __exit__(self, *exc: Any) -> None:
-    return None
 
 
 def _check_model(name: str, config: ml_collections.ConfigDict) -> None:
