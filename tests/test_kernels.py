@@ -167,7 +167,7 @@ def test_s2d_block_on_real_activations_routes_each_window_to_one_maximum(real_da
     _assert_close_to_the_array(got_grad, want_grad)
 
 
-@pytest.mark.parametrize("name", ["cnn_pool", "cnn_pool_bn"])
+@pytest.mark.parametrize("name", ["cnn", "cnn_pool", "cnn_pool_bn"])
 def test_the_s2d_layout_trains_the_same_function_as_im2col(name):
   # Train mode (the same dropout masks), on images with all-zero borders as digits have.
   images = jax.random.uniform(jax.random.key(12), (16, 28, 28, 1))
@@ -193,3 +193,52 @@ def test_the_s2d_layout_trains_the_same_function_as_im2col(name):
     if jnp.issubdtype(want_leaf.dtype, jax.dtypes.prng_key):
       got_leaf, want_leaf = jax.random.key_data(got_leaf), jax.random.key_data(want_leaf)
     np.testing.assert_allclose(np.asarray(got_leaf), np.asarray(want_leaf), atol=1e-5, rtol=1e-5)
+
+
+def test_space_to_depth_and_back():
+  images = jax.random.normal(jax.random.key(20), (2, 6, 4, 3))
+  blocks = kernels.space_to_depth(images, 2)
+  assert blocks.shape == (2, 3, 2, 12)
+  # Block (1, 0) holds pixels (2, 0), (2, 1), (3, 0), (3, 1), channels innermost.
+  want = jnp.concatenate([images[0, 2, 0], images[0, 2, 1], images[0, 3, 0], images[0, 3, 1]])
+  np.testing.assert_array_equal(np.asarray(blocks[0, 1, 0]), np.asarray(want))
+  np.testing.assert_array_equal(np.asarray(kernels.depth_to_space(blocks, 2)), np.asarray(images))
+
+
+@pytest.mark.parametrize(
+  "height, width, kernel_size, fits",
+  [(28, 28, 3, True), (26, 26, 3, True), (27, 28, 3, False), (12, 12, 5, True), (3, 3, 3, False)],
+)
+def test_blocks_fit_where_the_outputs_tile_into_blocks(height, width, kernel_size, fits):
+  assert kernels.blocks_fit(height, width, kernel_size, 2) is fits
+
+
+@pytest.mark.parametrize(
+  "shape, features, kernel_size",
+  [
+    ((3, 28, 28, 1), 8, 3),  # The cnn's conv1 (the transposed-patches path, 4C < O).
+    ((3, 26, 26, 8), 16, 3),  # Its conv2.
+    ((2, 12, 10, 3), 5, 5),  # Three blocks per patch.
+  ],
+)
+@pytest.mark.parametrize("blocked", [False, True])
+def test_the_blocked_convolution_and_its_gradients_equal_lax(shape, features, kernel_size, blocked):
+  keys = jax.random.split(jax.random.key(21), 3)
+  images = jax.random.normal(keys[0], shape)
+  kernel = jax.random.normal(keys[1], (kernel_size, kernel_size, shape[-1], features))
+  out_shape = (shape[0], shape[1] - kernel_size + 1, shape[2] - kernel_size + 1, features)
+  cotangent = jax.random.normal(keys[2], out_shape)
+
+  def blocked_loss(x, k):
+    inputs = kernels.space_to_depth(x, 2) if blocked else x
+    outputs = kernels.blocked_conv(inputs, k, 2, blocked=blocked)
+    return jnp.vdot(kernels.depth_to_space(outputs, 2), cotangent)
+
+  def reference_loss(x, k):
+    return jnp.vdot(layers.lax_conv(x, k), cotangent)
+
+  got = jax.jit(jax.value_and_grad(blocked_loss, argnums=(0, 1)))(images, kernel)
+  want = jax.jit(jax.value_and_grad(reference_loss, argnums=(0, 1)))(images, kernel)
+  np.testing.assert_allclose(float(got[0]), float(want[0]), rtol=1e-5)
+  for got_grad, want_grad in zip(got[1], want[1], strict=True):
+    _assert_close_to_the_array(got_grad, want_grad, relative=1e-6)

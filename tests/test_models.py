@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from flax_mnist import models
+from flax_mnist import layers, models
 from flax_mnist.errors import ConfigError
 
 EXPECTED_PARAMS = {  # From the notebook's Keras model.summary(): (trainable, non-trainable).
@@ -381,3 +381,54 @@ def test_the_fast_cpu_layouts_hold_at_every_width_and_shape(name):
     model.eval()
     outputs[impl] = model(images)
   _assert_close_to_the_array(outputs["s2d"], outputs["lax"], LOGITS_ACROSS_IMPLS)
+
+
+def _stack(kind: str) -> list[nnx.Module]:
+  rngs = nnx.Rngs(params=0, dropout=1)
+  conv = lambda c_in, c_out, **kw: layers.Conv(c_in, c_out, rngs=rngs, **kw)
+  dense = lambda c_in: layers.Dense(c_in, 10, rngs=rngs)
+  return {
+    # Blocked conv into blocked conv, the Dense reading the blocks (the cnn's path).
+    "conv_conv_dense": [conv(1, 4), conv(4, 6), layers.Flatten(), dense(6 * 6 * 6)],
+    # Back to NHWC before Dropout, BatchNorm and a fused conv + pool.
+    "conv_dropout_conv_pool": [
+      conv(1, 4),
+      layers.Dropout(0.3, rngs=rngs),
+      layers.BatchNorm(4, rngs=rngs),
+      conv(4, 6),
+      layers.MaxPool(),
+      layers.Flatten(),
+      dense(4 * 4 * 6),
+    ],
+    # A conv without activation last: its blocks leave the model as NHWC.
+    "conv_then_linear_conv": [conv(1, 4), conv(4, 3, activation=None)],
+    # Odd outputs (9 x 9) do not tile into blocks: the plain convolution.
+    "odd": [conv(1, 4), conv(4, 3), layers.Flatten(), dense(7 * 7 * 3)],
+  }[kind]
+
+
+@pytest.mark.parametrize(
+  "kind, size",
+  [("conv_conv_dense", 10), ("conv_dropout_conv_pool", 12), ("conv_then_linear_conv", 10)]
+  + [("odd", 11)],
+)
+def test_stacks_with_blocked_convolutions_compute_as_lax(kind, size):
+  images = jax.random.uniform(jax.random.key(3), (5, size, size, 1))
+
+  def logits_and_grads(impl):
+    model = models.Classifier(kind, _stack(kind), impl)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss(params):
+      logits = nnx.merge(graphdef, params, rest, copy=True)(images)
+      return jnp.sum(logits * jnp.arange(logits.shape[-1], dtype=jnp.float32)), logits
+
+    grads, logits = jax.jit(jax.grad(loss, has_aux=True))(params)
+    return logits, jax.tree.leaves(grads)
+
+  (want, want_grads), (got, got_grads) = logits_and_grads("lax"), logits_and_grads("s2d")
+  assert got.shape == want.shape
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
+  for got_grad, want_grad in zip(got_grads, want_grads, strict=True):
+    scale = float(jnp.abs(want_grad).max())
+    np.testing.assert_allclose(np.asarray(got_grad), np.asarray(want_grad), atol=1e-5 * scale)

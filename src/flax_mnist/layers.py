@@ -52,6 +52,9 @@ class Layout:
   convolve: Callable[[jax.Array, jax.Array], jax.Array] = lax_conv
   # Whether a Conv and the MaxPool right after it run as one block (``fused_conv_pools``).
   fuses_conv_pool: bool = False
+  # Whether a Conv not followed by a MaxPool runs on and into space-to-depth blocks
+  # (``blocks_conv``).
+  blocks_convs: bool = False
   # Mixed precision: activations and matmul operands in this dtype (e.g. bfloat16); params stay
   # float32, BatchNorm computes in float32, logits leave in float32. None: the inputs' (float32).
   dtype: jnp.dtype | None = None
@@ -102,6 +105,39 @@ class Layout:
     outputs = self.conv(images, kernel, bias)
     return max_pool(outputs if activation is None else activation(outputs), window)
 
+  def blocks_conv(self, layer: nnx.Module, shape: tuple[int, ...], blocked: bool) -> bool:
+    """Whether ``layer``, given activations of ``shape`` (in ``BLOCK`` x ``BLOCK`` blocks if
+    ``blocked``), runs as a blocked convolution (``Conv.blocked``): a Conv with an elementwise
+    activation of ours, not fused with a pool, whose outputs tile into blocks."""
+    if not self.blocks_convs or type(layer) is not Conv or layer.activation not in (nnx.relu, None):
+      return False
+    scale = BLOCK if blocked else 1
+    kernel_size = layer.kernel.shape[0]
+    return kernels.blocks_fit(shape[1] * scale, shape[2] * scale, kernel_size, BLOCK)
+
+  def conv_blocks(
+    self, inputs: jax.Array, kernel: jax.Array, bias: jax.Array, *, blocked: bool
+  ) -> jax.Array:
+    """``conv(inputs, kernel, bias)`` in ``BLOCK`` x ``BLOCK`` space-to-depth blocks, from NHWC
+    ``inputs`` or (``blocked``) from blocks (``kernels.blocked_conv``)."""
+    inputs, kernel, bias = self.cast(inputs, kernel, bias)
+    outputs = kernels.blocked_conv(inputs, kernel, BLOCK, blocked=blocked)
+    return outputs + jnp.tile(bias, BLOCK * BLOCK)
+
+  def unblock(self, blocks: jax.Array) -> jax.Array:
+    """NHWC activations from ``BLOCK`` x ``BLOCK`` blocks."""
+    return kernels.depth_to_space(blocks, BLOCK)
+
+  def dense_of_blocks(self, blocks: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+    """``dense(flatten(unblock(blocks)), kernel, bias)`` without moving the activations: the
+    kernel's rows are put in the blocks' (row, column, sub-row, sub-column, channel) order
+    instead (a transpose of the kernel, not of every batch's activations)."""
+    n, rows, columns, depth = blocks.shape
+    features = depth // (BLOCK * BLOCK)
+    kernel = kernel.reshape(rows, BLOCK, columns, BLOCK, features, -1)
+    kernel = kernel.transpose(0, 2, 1, 3, 4, 5).reshape(rows * columns * depth, -1)
+    return self.dense(blocks.reshape(n, -1), kernel, bias)
+
   def dense(self, inputs: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
     """``inputs @ kernel + bias``, as ``nnx.Linear`` computes it."""
     inputs, kernel, bias = self.cast(inputs, kernel, bias)
@@ -113,10 +149,13 @@ class Layout:
     return inputs.reshape(inputs.shape[0], -1)
 
 
+# The block side of the s2d layout's blocked convolutions (``Layout.blocks_conv``).
+BLOCK = 2
+
 LAYOUTS: dict[str, Layout] = {
   "lax": Layout("lax", lax_conv),
   "im2col": Layout("im2col", im2col_conv),
-  "s2d": Layout("s2d", im2col_conv, fuses_conv_pool=True),
+  "s2d": Layout("s2d", im2col_conv, fuses_conv_pool=True, blocks_convs=True),
 }
 IMPLS = tuple(LAYOUTS)
 NHWC = LAYOUTS["lax"]
@@ -164,6 +203,11 @@ class Conv(nnx.Module):
     outputs = self.layout.conv(images, self.kernel[...], self.bias[...])
     return outputs if self.activation is None else self.activation(outputs)
 
+  def blocked(self, inputs: jax.Array, *, blocked: bool) -> jax.Array:
+    """``self(inputs)`` in the layout's space-to-depth blocks (``Layout.conv_blocks``)."""
+    outputs = self.layout.conv_blocks(inputs, self.kernel[...], self.bias[...], blocked=blocked)
+    return outputs if self.activation is None else self.activation(outputs)
+
   def pooled(self, images: jax.Array, window: int) -> jax.Array:
     """``MaxPool(window)(self(images))``, fused into one block where the layout fuses them."""
     kernel, bias = self.kernel[...], self.bias[...]
@@ -195,6 +239,12 @@ class Dense(nnx.Module):
 
   def __call__(self, inputs: jax.Array) -> jax.Array:
     outputs = self.layout.dense(inputs, self.linear.kernel[...], self.linear.bias[...])
+    return outputs if self.activation is None else self.activation(outputs)
+
+  def of_blocks(self, blocks: jax.Array) -> jax.Array:
+    """``self(flatten(unblock(blocks)))`` (``Layout.dense_of_blocks``)."""
+    kernel, bias = self.linear.kernel[...], self.linear.bias[...]
+    outputs = self.layout.dense_of_blocks(blocks, kernel, bias)
     return outputs if self.activation is None else self.activation(outputs)
 
 

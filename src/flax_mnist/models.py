@@ -79,17 +79,30 @@ class Classifier(nnx.Module):
     """
     outputs = self.layout.enter(images)
     names = layer_names(self)
+    blocked = False  # Whether ``outputs`` are in the layout's space-to-depth blocks.
+    skip = set(index + 1 for index in self.fused)  # Each such MaxPool runs with its Conv.
     for index, layer in enumerate(self.layers):
-      if index - 1 in self.fused:  # This MaxPool ran with the Conv before it.
+      if index in skip:
+        continue
+      after = self.layers[index + 1] if index + 1 < len(self.layers) else None
+      if blocked and type(layer) is Flatten and type(after) is Dense:
+        with jax.named_scope(names[index + 1]):
+          outputs, blocked = after.of_blocks(outputs), False
+        skip.add(index + 1)
         continue
       # The layer's name in the metadata of every op it (and its gradient) compiles to, for
       # per-layer profiles (benchmarks/profile_ops.py --by_layer); it changes no computation.
       with jax.named_scope(names[index]):
+        if index not in self.fused and self.layout.blocks_conv(layer, outputs.shape, blocked):
+          outputs, blocked = layer.blocked(outputs, blocked=blocked), True
+          continue
+        if blocked:
+          outputs, blocked = self.layout.unblock(outputs), False
         if index in self.fused:
           outputs = layer.pooled(outputs, self.layers[index + 1].window)
         else:
           outputs = layer(outputs, mask) if isinstance(layer, BatchNorm) else layer(outputs)
-    return self.layout.leave(outputs)
+    return self.layout.leave(self.layout.unblock(outputs) if blocked else outputs)
 
 
 def _dense_head(
