@@ -52,3 +52,20 @@ def test_a_speed_run_is_reproducible_and_reports_every_seed(idx_dir, tmp_path):
   assert [e["test_accuracy"] for e in again["seeds"]] == [
     e["test_accuracy"] for e in recipe["seeds"]
   ]
+
+
+def test_the_second_recipe_is_the_first_trained_longer_on_shifted_images():
+  from flax_mnist.config import config_to_dict, resolve
+  from flax_mnist.study import sweep
+
+  first = load_config_file(REPO_ROOT / "configs" / "speedrun.py")
+  second = load_config_file(REPO_ROOT / "configs" / "speedrun_995.py")
+  changed = {
+    key for key, value in config_to_dict(second).items() if config_to_dict(first)[key] != value
+  }
+  assert changed == {"num_epochs", "augment"}
+  assert second.num_epochs > first.num_epochs and second.augment.shift > 0
+  resolve(second)
+  for name, overrides in load_ablations(REPO_ROOT / "configs" / "speedrun_995.py").items():
+    variant = resolve(sweep.with_overrides(second, overrides))
+    assert variant != resolve(second), name

@@ -190,13 +190,12 @@ _RESOLVED = (
 def resolve_impl(name: str) -> str:
   """The layer implementation ``config.impl`` stands for on this platform.
 
-  ``lax``: NHWC, XLA's convolution (GPU, TPU). ``s2d`` (CPU): NHWC, each convolution one matmul
-  over stacked shifted slices (im2col), and each conv + ReLU + 2x2 max-pool as one
-  space-to-depth matmul block (measured per step: cnn_pool 28 -> 12.5 ms, cnn_pool_bn 40 -> 25
-  ms; mlp and cnn have no such pair and run exactly the im2col ops); XLA:CPU's convolution
-  gradients inside a compiled loop are 5-10x slower. ``im2col``: without the block (the same
-  ops as s2d for mlp and cnn, 2x slower for the pooled models:
-  benchmarks/results/layouts_cpu_amd_2core.md).
+  ``lax``: NHWC, XLA's convolution (GPU, TPU). ``s2d`` (CPU): each conv + ReLU + 2x2 max-pool
+  as one space-to-depth matmul block, and each conv without a pool as one matmul into 2x2
+  blocks of outputs (measured per step: cnn_pool 28 -> 12.5 ms, cnn_pool_bn 40 -> 25 ms, cnn
+  82 -> 69 ms; mlp has no conv and runs the im2col ops); XLA:CPU's convolution gradients
+  inside a compiled loop are 5-10x slower. ``im2col``: each convolution one matmul over stacked
+  shifted slices (2x slower for the pooled models: benchmarks/results/layouts_cpu_amd_2core.md).
   """
   _check_choice("impl", name, IMPLS)
   if name == "auto":

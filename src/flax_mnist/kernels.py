@@ -1,5 +1,6 @@
-"""The layers' kernels: valid 3x3 convolutions two ways, max-pooling, and the fused
-convolution + activation + max-pool block of the ``s2d`` layout.
+"""The layers' kernels: valid 3x3 convolutions two ways, max-pooling, the fused
+convolution + activation + max-pool block of the ``s2d`` layout, and its blocked convolution
+(outputs in 2x2 space-to-depth blocks) for convolutions without a pool.
 
 Pure functions of arrays (no modules): ``flax_mnist.layers`` picks among them per layout. Every
 kernel equals its reference (XLA's convolution, ``lax.reduce_window`` max and its gradient) up to

@@ -15,7 +15,10 @@ function (tested); they differ in speed:
 - ``s2d``: ``im2col``, except that each Conv followed by a MaxPool runs with it as one block
   (``Layout.fused_conv_pools``, ``kernels.conv_pool``): one matmul per pooled output over its
   space-to-depth patch, the pool a max over the window's outputs on the channel axis, bias and
-  ReLU after it (fastest on CPU for the pooled models).
+  ReLU after it (fastest on CPU for the pooled models); and each Conv without a pool after it
+  whose outputs tile into 2x2 blocks runs as one matmul into those blocks
+  (``kernels.blocked_conv``): a Conv after it reads them as they are, a Dense after Flatten
+  through its kernel rows put in block order, any other layer after ``unblock`` (the cnn).
 
 Dropout masks are drawn the same way in every layout. "auto" is no layout: the config resolves
 it per platform before a model is built.
