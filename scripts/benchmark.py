@@ -9,13 +9,12 @@ Prints Markdown tables and writes every figure to --json. Run nothing else on th
 meanwhile: the figures are wall times.
 """
 
-import json
 from pathlib import Path
 
 import _cli
 from absl import flags
 
-from flax_mnist import benchmark, config, models
+from flax_mnist import benchmark, config, models, workdir
 
 _MODELS = flags.DEFINE_list("models", models.model_names(), "Models to benchmark.")
 _EPOCHS = flags.DEFINE_integer("epochs", 5, "Epochs per model; the median is over epochs 2..N.")
@@ -77,10 +76,10 @@ def main() -> None:
   print(markdown)
   if _JSON.value:
     Path(_JSON.value).parent.mkdir(parents=True, exist_ok=True)
-    Path(_JSON.value).write_text(json.dumps(result, indent=2) + "\n")
+    workdir.write_json(_JSON.value, result)
   if _MARKDOWN.value:
     Path(_MARKDOWN.value).parent.mkdir(parents=True, exist_ok=True)
-    Path(_MARKDOWN.value).write_text(markdown)
+    workdir.write_text(_MARKDOWN.value, markdown)
 
 
 if __name__ == "__main__":

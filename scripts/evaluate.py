@@ -25,7 +25,7 @@ from pathlib import Path
 import _cli
 from absl import flags
 
-from flax_mnist import checkpoint, data, evaluation, export
+from flax_mnist import checkpoint, data, evaluation, export, workdir
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A workdir written by scripts/train.py.")
 _WHICH = flags.DEFINE_enum("which", "best", ["best", "latest"], "Which checkpoint to evaluate.")
@@ -192,7 +192,7 @@ def _write_report(model, test: data.Split, batch_size: int, info: dict, director
   probabilities = evaluation.predict_probabilities(model, test.images, batch_size=batch_size)
   matrix = evaluation.confusion_matrix(test.labels, probabilities.argmax(axis=1))
   text = evaluation.format_report(matrix)
-  (directory / "report.txt").write_text(text)
+  workdir.write_text(directory / "report.txt", text)
   evaluation.plot_confusion(
     matrix,
     directory / "confusion_matrix.png",

@@ -155,7 +155,7 @@ def main() -> None:
     f"compilation excluded; {log.describe_hardware(log.environment())}; "
     f"jax {jax.__version__}.\n"
   )
-  (out / "table.md").write_text(to_markdown(rows) + footer)
+  workdir_lib.write_text(out / "table.md", to_markdown(rows) + footer)
   sys.stdout.write(to_markdown(rows) + footer)
 
 

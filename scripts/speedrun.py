@@ -58,7 +58,7 @@ def main() -> None:
     baseline.data_dir = recipe.data_dir
     results["baseline"] = speedrun.run(baseline, seeds)
   workdir.write_json(out / "results.json", results)
-  (out / "report.md").write_text(speedrun.render(results))
+  workdir.write_text(out / "report.md", speedrun.render(results))
   print(f"wrote {out / 'report.md'}")
 
 

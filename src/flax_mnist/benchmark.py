@@ -380,7 +380,7 @@ def save_step_table(
   )
   print(table)
   if json_path:
-    Path(json_path).write_text(json.dumps(result, indent=1))
+    workdir.write_json(json_path, result)
   if markdown_path:
-    Path(markdown_path).write_text(table)
+    workdir.write_text(markdown_path, table)
   return table

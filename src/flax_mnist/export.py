@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 from jax import export as jax_export  # (Not an attribute of jax before it is imported: 0.7.)
 
-from flax_mnist import data
+from flax_mnist import data, workdir
 from flax_mnist.errors import DatasetError
 
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
@@ -58,9 +58,7 @@ def export_model(
 def save(exported: jax_export.Exported, path: str | os.PathLike) -> Path:
   """Writes ``exported``'s serialization to ``path`` (atomically: a reader never sees half)."""
   path = Path(path)
-  temporary = path.with_name(path.name + ".tmp")
-  temporary.write_bytes(exported.serialize())
-  os.replace(temporary, path)
+  workdir.write_bytes(path, exported.serialize())
   return path
 
 

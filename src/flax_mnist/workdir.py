@@ -109,12 +109,23 @@ def lock(workdir: PathLike) -> Iterator[None]:
     file.close()
 
 
-def write_json(file: PathLike, value: Any) -> None:
-  """Writes JSON atomically: a reader never sees a half-written file."""
+def write_bytes(file: PathLike, data: bytes) -> None:
+  """Writes ``data`` atomically: a reader never sees a half-written file (a temporary beside it,
+  then renamed over it)."""
   file = path(file)
   temporary = file.parent / (file.name + ".tmp")
-  temporary.write_text(json.dumps(value, indent=2) + "\n")
+  temporary.write_bytes(data)
   temporary.replace(file)  # Atomic on a local filesystem; a copy + delete on GCS.
+
+
+def write_text(file: PathLike, text: str) -> None:
+  """Writes ``text`` (UTF-8) atomically, as ``write_bytes``."""
+  write_bytes(file, text.encode("utf-8"))
+
+
+def write_json(file: PathLike, value: Any) -> None:
+  """Writes JSON atomically: a reader never sees a half-written file."""
+  write_text(file, json.dumps(value, indent=2) + "\n")
 
 
 def write_config(workdir: PathLike, record: Mapping[str, Any]) -> None:

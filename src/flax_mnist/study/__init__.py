@@ -47,9 +47,7 @@ def write_report(results: Mapping[str, Any], out_dir: str | os.PathLike, *, comm
   results = {**results, "command": command, "plots": written}
   workdir.write_json(out_dir / RESULTS_FILE, results)
   path = out_dir / REPORT_FILE
-  temporary = path.with_name(path.name + ".tmp")
-  temporary.write_text(render.render_report(results))
-  os.replace(temporary, path)  # A reader never sees half a report.
+  workdir.write_text(path, render.render_report(results))
   return path
 
 

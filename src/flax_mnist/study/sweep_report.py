@@ -282,7 +282,5 @@ def write(results: Mapping[str, Any], out_dir: str | os.PathLike) -> Path:
   results = {**results, "plots": write_plots(results, out_dir)}
   workdir_lib.write_json(out_dir / "results.json", results)
   path = out_dir / "report.md"
-  temporary = path.with_name(path.name + ".tmp")
-  temporary.write_text(render(results))
-  os.replace(temporary, path)
+  workdir_lib.write_text(path, render(results))
   return path
