@@ -13,8 +13,9 @@ flax_mnist (README "Export"):
   probabilities = np.asarray(exported.call(images))
 
 or predict with it: python scripts/evaluate.py --exported model.jaxexport --predict batch.npy.
-An existing --out is not overwritten. A workdir is data: a model it names by import path is
-imported only with --trust_model_code.
+--format onnx writes the same function as ONNX (jax2onnx; the onnx extra) for onnxruntime and
+other ONNX runtimes; --platforms does not apply there. An existing --out is not overwritten. A
+workdir is data: a model it names by import path is imported only with --trust_model_code.
 """
 
 from pathlib import Path
@@ -29,6 +30,9 @@ _WHICH = flags.DEFINE_enum("which", "best", ["best", "latest"], "Which checkpoin
 _OUT = flags.DEFINE_string("out", None, f"The file to write (…{export.SUFFIX}).")
 _PLATFORMS = flags.DEFINE_list(
   "platforms", ["cpu"], f"Platforms to lower for, of {', '.join(export.PLATFORMS)}."
+)
+_FORMAT = flags.DEFINE_enum(
+  "format", "jax", ["jax", "onnx"], "jax.export (default) or ONNX (needs the onnx extra)."
 )
 _TRUST = flags.DEFINE_bool(
   "trust_model_code", False, "Import the model the workdir names by import path (runs its code)."
@@ -50,11 +54,16 @@ def main() -> None:
     _WORKDIR.value, _WHICH.value, trust_model_code=_TRUST.value, impl="lax"
   )
   shape = info["config"].get("input_shape") or (28, 28, 1)  # (MNIST's before it was recorded.)
-  exported = export.export_model(model, shape, _PLATFORMS.value)
-  export.save(exported, out)
+  if _FORMAT.value == "onnx":
+    export.save_onnx(export.export_onnx(model, shape), out)
+    where = "as ONNX"
+  else:
+    exported = export.export_model(model, shape, _PLATFORMS.value)
+    export.save(exported, out)
+    where = f"for {', '.join(exported.platforms)}"
   print(
     f"wrote {out}: {info['model']} ({_WHICH.value} checkpoint, epoch {info['epoch']}), uint8 "
-    f"(N, {', '.join(map(str, shape))}) -> probabilities, for {', '.join(exported.platforms)}"
+    f"(N, {', '.join(map(str, shape))}) -> probabilities, {where}"
   )
 
 

@@ -5,6 +5,7 @@ flax and flax_mnist cannot be imported."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -96,3 +97,60 @@ def test_an_exported_workdir_predicts_without_flax_as_its_checkpoint_does(idx_di
   assert json.loads(from_checkpoint.stdout)["predicted"] == want.argmax(axis=1).tolist()
   again = run_script("export.py", "--workdir", str(workdir), "--out", str(out))
   assert again.returncode == 2 and again.stderr.startswith(f"error: {out}: exists, not overwritten")
+
+
+# The ONNX export needs the onnx extra (jax2onnx pins orbax-checkpoint and jax apart from the main
+# stack): CI installs it in a stage of its own and sets FLAX_MNIST_ONNX=1 there, where a missing
+# jax2onnx fails instead of skipping.
+def _onnxruntime():
+  if os.environ.get("FLAX_MNIST_ONNX") != "1":
+    pytest.importorskip("jax2onnx", reason="the onnx extra (CI's onnx stage runs this)")
+  import onnxruntime
+
+  return onnxruntime
+
+
+@pytest.mark.parametrize("name", [*models.model_names(), "speedrun_net"])
+def test_every_model_exports_to_onnx_with_the_same_probabilities(name, tmp_path):
+  onnxruntime = _onnxruntime()
+  from flax import nnx
+
+  from flax_mnist import speedrun
+
+  if name == "speedrun_net":
+    model = speedrun.speedrun_net(rngs=nnx.Rngs(0), impl="lax", batch_norm=True)
+  else:
+    model = models.create_model(name, rngs=nnx.Rngs(0), impl="lax")
+  path = export.save_onnx(export.export_onnx(model, (28, 28, 1)), tmp_path / "model.onnx")
+  session = onnxruntime.InferenceSession(str(path))
+  [inputs] = session.get_inputs()
+  images = make_digits(6, seed=4)[0][..., None]
+  want = evaluation.predict_probabilities(model, images)
+  for count in (1, 6):  # The batch dimension is symbolic.
+    [got] = session.run(None, {inputs.name: images[:count]})
+    np.testing.assert_allclose(got, want[:count], **TOLERANCE)
+
+
+@pytest.mark.integration
+def test_a_workdir_exports_to_onnx_through_the_script(idx_dir, tmp_path):
+  onnxruntime = _onnxruntime()
+  workdir = tmp_path / "run"
+  train.train_and_evaluate(small_config(idx_dir, model="cnn", num_epochs=1), workdir, print_fn=None)
+  out = tmp_path / "model.onnx"
+  result = run_script("export.py", "--workdir", str(workdir), "--out", str(out), "--format=onnx")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "as ONNX" in result.stdout
+  images = make_digits(5, seed=5)[0][..., None]
+  model, _ = checkpoint.load_model(workdir)
+  session = onnxruntime.InferenceSession(str(out))
+  [got] = session.run(None, {session.get_inputs()[0].name: images})
+  np.testing.assert_allclose(got, evaluation.predict_probabilities(model, images), **TOLERANCE)
+
+
+def test_onnx_without_jax2onnx_is_one_line(monkeypatch):
+  monkeypatch.setitem(sys.modules, "jax2onnx", None)  # An import of it now fails.
+  from flax import nnx
+
+  model = models.create_model("mlp", rngs=nnx.Rngs(0), impl="lax")
+  with pytest.raises(export.ExportError, match=r"needs jax2onnx: pip install -e '\.\[onnx\]'"):
+    export.export_onnx(model, (28, 28, 1))

@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +30,12 @@ from flax import nnx
 from jax import export as jax_export  # (Not an attribute of jax before it is imported: 0.7.)
 
 from flax_mnist import data, workdir
-from flax_mnist.errors import DatasetError
+from flax_mnist.errors import DatasetError, FlaxMnistError
+
+
+class ExportError(FlaxMnistError):
+  """An export that cannot be made here (a missing optional dependency)."""
+
 
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 SUFFIX = ".jaxexport"
@@ -43,6 +49,14 @@ def export_model(
   unknown = [platform for platform in platforms if platform not in PLATFORMS]
   if unknown or not platforms:
     raise ValueError(f"platforms {list(platforms)}: expected some of {', '.join(PLATFORMS)}")
+  (batch,) = jax_export.symbolic_shape("n")
+  images = jax.ShapeDtypeStruct((batch, *image_shape), jnp.uint8)
+  return jax_export.export(jax.jit(_probabilities(model)), platforms=tuple(platforms))(images)
+
+
+def _probabilities(model: nnx.Module):
+  """``images -> softmax(model(images / 255))`` for uint8 images, ``model`` in eval mode and
+  closed over (its parameters become constants of whatever traces the function)."""
   model.eval()
   graphdef, state = nnx.split(model)
 
@@ -50,9 +64,29 @@ def export_model(
     logits = nnx.merge(graphdef, state)(data.normalize_images(images))
     return jax.nn.softmax(logits.astype(jnp.float32))
 
-  (batch,) = jax_export.symbolic_shape("n")
-  images = jax.ShapeDtypeStruct((batch, *image_shape), jnp.uint8)
-  return jax_export.export(jax.jit(probabilities), platforms=tuple(platforms))(images)
+  return probabilities
+
+
+def export_onnx(model: nnx.Module, image_shape: Sequence[int]) -> Any:
+  """``model`` (eval mode) as an ONNX ``ModelProto`` (jax2onnx), the same function as
+  ``export_model``'s: uint8 images ``(N, *image_shape)``, N symbolic, to softmax probabilities.
+  Needs the ``onnx`` extra (``pip install -e '.[onnx]'``: jax2onnx and onnxruntime); a
+  one-line ExportError without it. Checked against onnxruntime for the whole family (tests)."""
+  try:
+    import jax2onnx  # noqa: PLC0415 (an optional extra: imported only when asked for)
+  except ImportError:
+    raise ExportError(
+      "ONNX export needs jax2onnx: pip install -e '.[onnx]' (jax2onnx, onnxruntime)"
+    ) from None
+  images = jax.ShapeDtypeStruct(("N", *image_shape), jnp.uint8)
+  return jax2onnx.to_onnx(_probabilities(model), [images], model_name="flax_mnist")
+
+
+def save_onnx(proto: Any, path: str | os.PathLike) -> Path:
+  """Writes the ONNX ``proto`` to ``path`` (atomically)."""
+  path = Path(path)
+  workdir.write_bytes(path, proto.SerializeToString())
+  return path
 
 
 def save(exported: jax_export.Exported, path: str | os.PathLike) -> Path:
