@@ -408,12 +408,19 @@ def _stack(kind: str) -> list[nnx.Module]:
 
 
 @pytest.mark.parametrize(
-  "kind, size",
-  [("conv_conv_dense", 10), ("conv_dropout_conv_pool", 12), ("conv_then_linear_conv", 10)]
-  + [("odd", 11)],
+  "kind, size, blocked_convs",
+  [("conv_conv_dense", 10, 2), ("conv_dropout_conv_pool", 12, 1), ("conv_then_linear_conv", 10, 2)]
+  + [("odd", 11, 0)],
 )
-def test_stacks_with_blocked_convolutions_compute_as_lax(kind, size):
+def test_stacks_with_blocked_convolutions_compute_as_lax(kind, size, blocked_convs, monkeypatch):
   images = jax.random.uniform(jax.random.key(3), (5, size, size, 1))
+  calls = []
+  conv_blocks = layers.Layout.conv_blocks
+  monkeypatch.setattr(
+    layers.Layout,
+    "conv_blocks",
+    lambda self, *args, **kwargs: calls.append(1) or conv_blocks(self, *args, **kwargs),
+  )
 
   def logits_and_grads(impl):
     model = models.Classifier(kind, _stack(kind), impl)
@@ -427,8 +434,33 @@ def test_stacks_with_blocked_convolutions_compute_as_lax(kind, size):
     return logits, jax.tree.leaves(grads)
 
   (want, want_grads), (got, got_grads) = logits_and_grads("lax"), logits_and_grads("s2d")
+  assert len(calls) == blocked_convs  # The s2d stack ran its convs blocked (lax: none).
   assert got.shape == want.shape
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
   for got_grad, want_grad in zip(got_grads, want_grads, strict=True):
     scale = float(jnp.abs(want_grad).max())
     np.testing.assert_allclose(np.asarray(got_grad), np.asarray(want_grad), atol=1e-5 * scale)
+
+
+def test_the_s2d_cnn_runs_both_convs_blocked_and_its_dense_on_the_blocks(monkeypatch):
+  counts = {"conv_blocks": 0, "dense_of_blocks": 0, "unblock": 0}
+  for name in counts:
+    method = getattr(layers.Layout, name)
+
+    def counted(self, *args, _name=name, _method=method, **kwargs):
+      counts[_name] += 1
+      return _method(self, *args, **kwargs)
+
+    monkeypatch.setattr(layers.Layout, name, counted)
+  model = models.create_model("cnn", rngs=nnx.Rngs(0), impl="s2d")
+  assert model(jnp.zeros((2, 28, 28, 1))).shape == (2, 10)
+  assert counts == {"conv_blocks": 2, "dense_of_blocks": 1, "unblock": 0}
+
+
+def test_a_dense_of_the_wrong_size_after_blocks_fails_as_in_nhwc():
+  rngs = nnx.Rngs(0)
+  stack = [layers.Conv(1, 4, rngs=rngs), layers.Flatten(), layers.Dense(128, 2, rngs=rngs)]
+  images = jnp.zeros((2, 10, 10, 1))  # 8 x 8 x 4 = 256 features, not 128.
+  for impl in ("lax", "s2d"):
+    with pytest.raises(TypeError, match="dot_general requires contracting dimensions"):
+      models.Classifier("wrong", stack, impl)(images)

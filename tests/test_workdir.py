@@ -85,3 +85,15 @@ def test_a_multi_seed_workdir_and_a_single_seed_one_do_not_mix(tmp_path):
   workdir.write_json(single.mkdir() or single / "config.json", {"model": "mlp"})
   with pytest.raises(WorkdirError, match="single: holds a single-seed run"):
     workdir.check_multi_seed(single, [0, 1], run, ("model",))
+
+
+def test_write_text_is_atomic_and_names_the_file_it_could_not_write(tmp_path):
+  target = tmp_path / "report.md"
+  workdir.write_text(target, "first")
+  workdir.write_text(target, "second")
+  assert target.read_text() == "second" and sorted(tmp_path.iterdir()) == [target]
+  (tmp_path / "a_dir").mkdir()
+  with pytest.raises(IsADirectoryError) as raised:
+    workdir.write_text(tmp_path / "a_dir", "text")
+  assert raised.value.filename == str(tmp_path / "a_dir")  # _cli prints it as one line.
+  assert not list(tmp_path.rglob("*.tmp"))  # Nothing half-written left behind.

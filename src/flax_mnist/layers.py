@@ -136,6 +136,8 @@ class Layout:
     kernel's rows are put in the blocks' (row, column, sub-row, sub-column, channel) order
     instead (a transpose of the kernel, not of every batch's activations)."""
     n, rows, columns, depth = blocks.shape
+    if kernel.shape[0] != rows * columns * depth:  # The wrong Dense: the NHWC path's own error.
+      return self.dense(self.flatten(self.unblock(blocks)), kernel, bias)
     features = depth // (BLOCK * BLOCK)
     kernel = kernel.reshape(rows, BLOCK, columns, BLOCK, features, -1)
     kernel = kernel.transpose(0, 2, 1, 3, 4, 5).reshape(rows * columns * depth, -1)

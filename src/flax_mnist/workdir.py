@@ -12,6 +12,7 @@ otherwise), and no path under a workdir may lead out of it (``check_contained``)
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -113,9 +114,18 @@ def write_bytes(file: PathLike, data: bytes) -> None:
   """Writes ``data`` atomically: a reader never sees a half-written file (a temporary beside it,
   then renamed over it)."""
   file = path(file)
+  if file.is_dir():
+    raise IsADirectoryError(errno.EISDIR, "a directory, not a file", os.fspath(file))
   temporary = file.parent / (file.name + ".tmp")
-  temporary.write_bytes(data)
-  temporary.replace(file)  # Atomic on a local filesystem; a copy + delete on GCS.
+  try:
+    temporary.write_bytes(data)
+    temporary.replace(file)  # Atomic on a local filesystem; a copy + delete on GCS.
+  except OSError as error:
+    if temporary.exists():
+      temporary.unlink()  # Nothing half-written is left beside the file.
+    if error.filename is None:  # (epath's replace names no file.)
+      raise OSError(error.errno, error.strerror or str(error), os.fspath(file)) from error
+    raise
 
 
 def write_text(file: PathLike, text: str) -> None:
