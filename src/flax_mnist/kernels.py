@@ -141,13 +141,16 @@ def _expansion(kernel_size: int, window: int) -> np.ndarray:
   return expansion
 
 
-def expand_kernel(kernel: jax.Array, window: int) -> jax.Array:
+def expand_kernel(kernel: jax.Array, window: int, *, transposed: bool = False) -> jax.Array:
   """The (k, k, C, O) kernel as the (B^2 w^2 C, w^2 O) matrix of the s2d block: rows in (block
   row, block column, sub-row, sub-column, channel) order, columns in (output row, output column,
   feature) order. A linear map of ``kernel`` (an einsum with a constant): autodiff gives the
   gradient of the k x k kernel."""
   kernel_size, _, _, out_features = kernel.shape
   expansion = _expansion(kernel_size, window)
+  if transposed:  # The same matrix transposed, from its own einsum (no transpose to fold).
+    expanded = jnp.einsum("ijstabkl,klco->aboijstc", expansion, kernel)
+    return expanded.reshape(window * window * out_features, -1)
   expanded = jnp.einsum("ijstabkl,klco->ijstcabo", expansion, kernel)
   return expanded.reshape(-1, window * window * out_features)
 
@@ -294,35 +297,43 @@ def conv_pool(
   return pooled if activation is None else activation(pooled)
 
 
+def _materialized_transpose(matrix: jax.Array) -> jax.Array:
+  """``matrix.T`` written out in memory: a dynamic slice at a zero XLA cannot see is one, so the
+  transpose is not folded into the dot that reads it (which would make it a slow "TN" dot)."""
+  zero = (matrix[0, 0] * 0).astype(jnp.int32)
+  return jax.lax.dynamic_slice(matrix.T, (zero, zero), matrix.T.shape)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _blocks_matmul(blocks: jax.Array, expanded: jax.Array, count: int) -> jax.Array:
-  """``_block_patches(blocks) @ expanded`` for (count x count)-block patches, with the gradient
-  written out: the kernel gradient ``patches^T @ g`` from the stored patches, and the blocks'
-  gradient as one matmul per block of the patch (``g @ expanded_part^T``), each added at its
-  shift. Autodiff's form of the same (one ``g @ expanded^T`` into a patch gradient, then col2im)
-  ran conv2 of the cnn at 75.6 ms per step against 38.8 ms for this, in a scanned loop (AMD EPYC,
-  2 cores; the im2col convolution: 66.4 ms)."""
-  return _blocks_matmul_forward(blocks, expanded, count)[0]
+def _blocks_matmul(blocks: jax.Array, expanded_t: jax.Array, count: int) -> jax.Array:
+  """``_block_patches(blocks) @ expanded_t.T`` for (count x count)-block patches, with the
+  gradient written out. The expanded kernel is held transposed, (w^2 O, B^2 w^2 C), so that every
+  matmul of the gradient is a plain one: the kernel gradient ``g^T @ patches`` (g^T written out),
+  the blocks' gradient one ``g @ expanded_t_part`` per block of the patch, added at its shift.
+  Autodiff's form (one matmul into a patch gradient, then col2im) ran conv2 of the cnn at 75.6 ms
+  per step against 38.8 ms for this, in a scanned loop (AMD EPYC, 2 cores)."""
+  return _blocks_matmul_forward(blocks, expanded_t, count)[0]
 
 
-def _blocks_matmul_forward(blocks, expanded, count):
+def _blocks_matmul_forward(blocks, expanded_t, count):
   rows, columns = (size - count + 1 for size in blocks.shape[1:3])
   patches = [blocks[:, i : i + rows, j : j + columns] for i in range(count) for j in range(count)]
   patches = jnp.concatenate(patches, axis=-1)
-  return jnp.dot(patches, expanded), (blocks, expanded, patches)
+  outputs = jax.lax.dot_general(patches, expanded_t, (((3,), (1,)), ((), ())))
+  return outputs, (blocks, expanded_t, patches)
 
 
 def _blocks_matmul_backward(count, residuals, outputs_grad):
-  blocks, expanded, patches = residuals
+  blocks, expanded_t, patches = residuals
   depth = blocks.shape[-1]
   flat = lambda array: array.reshape(-1, array.shape[-1])
-  expanded_grad = jnp.dot(flat(patches).T, flat(outputs_grad))
+  expanded_t_grad = jnp.dot(_materialized_transpose(flat(outputs_grad)), flat(patches))
   blocks_grad = jnp.zeros_like(blocks)
   for part, (i, j) in enumerate(np.ndindex(count, count)):
-    part_grad = jnp.dot(outputs_grad, expanded[part * depth : (part + 1) * depth].T)
+    part_grad = jnp.dot(outputs_grad, expanded_t[:, part * depth : (part + 1) * depth])
     pad = ((0, 0), (i, count - 1 - i), (j, count - 1 - j), (0, 0))
     blocks_grad = blocks_grad + jnp.pad(part_grad, pad)
-  return blocks_grad, expanded_grad
+  return blocks_grad, expanded_t_grad
 
 
 _blocks_matmul.defvjp(_blocks_matmul_forward, _blocks_matmul_backward)
@@ -341,8 +352,8 @@ def blocked_conv(inputs: jax.Array, kernel: jax.Array, window: int, *, blocked: 
     outputs = window_outputs(inputs, kernel, window)
     return outputs.reshape(*outputs.shape[:3], -1)
   kernel_size = kernel.shape[0]
-  expanded = expand_kernel(kernel, window).astype(kernel.dtype)
-  return _blocks_matmul(inputs, expanded, _blocks_per_patch(kernel_size, window))
+  expanded_t = expand_kernel(kernel, window, transposed=True).astype(kernel.dtype)
+  return _blocks_matmul(inputs, expanded_t, _blocks_per_patch(kernel_size, window))
 
 
 def blocks_fit(height: int, width: int, kernel_size: int, window: int) -> bool:
