@@ -193,7 +193,7 @@ def resolve_impl(name: str) -> str:
   ``lax``: NHWC, XLA's convolution (GPU, TPU). ``s2d`` (CPU): each conv + ReLU + 2x2 max-pool
   as one space-to-depth matmul block, and each conv without a pool as one matmul into 2x2
   blocks of outputs (measured per step: cnn_pool 28 -> 12.5 ms, cnn_pool_bn 40 -> 25 ms, cnn
-  82 -> 69 ms; mlp has no conv and runs the im2col ops); XLA:CPU's convolution gradients
+  82 -> 68 ms; mlp has no conv and runs the im2col ops); XLA:CPU's convolution gradients
   inside a compiled loop are 5-10x slower. ``im2col``: each convolution one matmul over stacked
   shifted slices (2x slower for the pooled models: benchmarks/results/layouts_cpu_amd_2core.md).
   """
