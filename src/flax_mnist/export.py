@@ -19,7 +19,7 @@ needs no fast gradient).
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +54,7 @@ def export_model(
   return jax_export.export(jax.jit(_probabilities(model)), platforms=tuple(platforms))(images)
 
 
-def _probabilities(model: nnx.Module):
+def _probabilities(model: nnx.Module) -> Callable[[jax.Array], jax.Array]:
   """``images -> softmax(model(images / 255))`` for uint8 images, ``model`` in eval mode and
   closed over (its parameters become constants of whatever traces the function)."""
   model.eval()

@@ -187,11 +187,10 @@ def depth_to_space(blocks: jax.Array, window: int) -> jax.Array:
   return pixels.transpose(0, 1, 3, 2, 4, 5).reshape(n, rows * window, columns * window, -1)
 
 
-def _block_patches(blocks: jax.Array, kernel_size: int, window: int, out_h: int, out_w: int):
+def _block_patches(blocks: jax.Array, count: int, out_h: int, out_w: int) -> jax.Array:
   """(N, out_h, out_w, B^2 w^2 C): the patches of ``out_h x out_w`` block outputs, B^2 shifted
-  slices of the space-to-depth ``blocks``, in the expanded kernel's row order. Their gradient
-  (col2im) is B^2 shifted adds of blocks."""
-  count = _blocks_per_patch(kernel_size, window)
+  slices of the space-to-depth ``blocks`` (B = ``count``), in the expanded kernel's row order.
+  Their gradient (col2im) is B^2 shifted adds of blocks."""
   slices = [blocks[:, i : i + out_h, j : j + out_w] for i in range(count) for j in range(count)]
   return jnp.concatenate(slices, axis=-1)
 
@@ -201,7 +200,7 @@ def _patches(images: jax.Array, kernel_size: int, window: int) -> jax.Array:
   the expanded kernel's row order."""
   out_h, out_w = _pooled_size(images, kernel_size, window)
   blocks = space_to_depth(_fit(images, kernel_size, window), window)
-  return _block_patches(blocks, kernel_size, window, out_h, out_w)
+  return _block_patches(blocks, _blocks_per_patch(kernel_size, window), out_h, out_w)
 
 
 def _transposed_patches(images: jax.Array, kernel_size: int, window: int) -> jax.Array:
@@ -317,8 +316,7 @@ def _blocks_matmul(blocks: jax.Array, expanded_t: jax.Array, count: int) -> jax.
 
 def _blocks_matmul_forward(blocks, expanded_t, count):
   rows, columns = (size - count + 1 for size in blocks.shape[1:3])
-  patches = [blocks[:, i : i + rows, j : j + columns] for i in range(count) for j in range(count)]
-  patches = jnp.concatenate(patches, axis=-1)
+  patches = _block_patches(blocks, count, rows, columns)
   outputs = jax.lax.dot_general(patches, expanded_t, (((3,), (1,)), ((), ())))
   return outputs, (blocks, expanded_t, patches)
 

@@ -110,8 +110,9 @@ class Layout:
 
   def blocks_conv(self, layer: nnx.Module, shape: tuple[int, ...], blocked: bool) -> bool:
     """Whether ``layer``, given activations of ``shape`` (in ``BLOCK`` x ``BLOCK`` blocks if
-    ``blocked``), runs as a blocked convolution (``Conv.blocked``): a Conv with an elementwise
-    activation of ours, not fused with a pool, whose outputs tile into blocks."""
+    ``blocked``), can run as a blocked convolution (``Conv.blocked``): a Conv with ReLU or no
+    activation whose outputs tile into blocks. (A Conv fused with its pool is the caller's to
+    leave out: ``fused_conv_pools``.)"""
     if not self.blocks_convs or type(layer) is not Conv or layer.activation not in (nnx.relu, None):
       return False
     scale = BLOCK if blocked else 1
@@ -184,6 +185,11 @@ def get_layout(impl: str, compute_dtype: str = "float32") -> Layout:
   return dataclasses.replace(LAYOUTS[impl], dtype=jnp.dtype(compute_dtype))
 
 
+def _activated(outputs: jax.Array, activation: Activation | None) -> jax.Array:
+  """``activation(outputs)``, or ``outputs`` for a layer without one."""
+  return outputs if activation is None else activation(outputs)
+
+
 class Conv(nnx.Module):
   """Keras ``Conv2D(features, kernel_size, activation)``: valid padding, stride 1."""
 
@@ -206,12 +212,12 @@ class Conv(nnx.Module):
 
   def __call__(self, images: jax.Array) -> jax.Array:
     outputs = self.layout.conv(images, self.kernel[...], self.bias[...])
-    return outputs if self.activation is None else self.activation(outputs)
+    return _activated(outputs, self.activation)
 
   def blocked(self, inputs: jax.Array, *, blocked: bool) -> jax.Array:
     """``self(inputs)`` in the layout's space-to-depth blocks (``Layout.conv_blocks``)."""
     outputs = self.layout.conv_blocks(inputs, self.kernel[...], self.bias[...], blocked=blocked)
-    return outputs if self.activation is None else self.activation(outputs)
+    return _activated(outputs, self.activation)
 
   def pooled(self, images: jax.Array, window: int) -> jax.Array:
     """``MaxPool(window)(self(images))``, fused into one block where the layout fuses them."""
@@ -244,13 +250,13 @@ class Dense(nnx.Module):
 
   def __call__(self, inputs: jax.Array) -> jax.Array:
     outputs = self.layout.dense(inputs, self.linear.kernel[...], self.linear.bias[...])
-    return outputs if self.activation is None else self.activation(outputs)
+    return _activated(outputs, self.activation)
 
   def of_blocks(self, blocks: jax.Array) -> jax.Array:
     """``self(flatten(unblock(blocks)))`` (``Layout.dense_of_blocks``)."""
     kernel, bias = self.linear.kernel[...], self.linear.bias[...]
     outputs = self.layout.dense_of_blocks(blocks, kernel, bias)
-    return outputs if self.activation is None else self.activation(outputs)
+    return _activated(outputs, self.activation)
 
 
 class MaxPool(nnx.Module):
